@@ -474,19 +474,11 @@ async fn read_reply<R: AsyncRead + Unpin>(socket: &mut R, shared: &Shared, info:
         }
         ReplyHeader::Chunk { flags, kind, cookie, length } => {
             let mut pending = shared.take(cookie)?;
-            if kind == chunk::OFFSET_DATA {
-                let offset = socket.read_u64().await?;
-                let data_len = u64::from(length - 8);
-                let PendingState::Read { buffer, covered } = &mut pending.state else {
-                    return Err(Error::Protocol("OFFSET_DATA chunk for a request that is not a READ".into()));
-                };
-                let start = chunk_start(pending.offset, pending.length, offset, data_len)?;
-                socket.read_exact(&mut buffer[start..start + data_len as usize]).await?;
-                *covered += data_len;
-            } else {
-                let mut payload = vec![0u8; length as usize];
-                socket.read_exact(&mut payload).await?;
-                apply_chunk(&mut pending, parse_chunk_payload(kind, &payload)?)?;
+            if let Err(error) = read_chunk(socket, &mut pending, kind, length).await {
+                // Back into the table, so that closing the connection fails
+                // it with the reason.
+                shared.put_back(cookie, pending);
+                return Err(error);
             }
             if flags & chunk::FLAG_DONE != 0 {
                 complete(pending, info);
@@ -495,6 +487,23 @@ async fn read_reply<R: AsyncRead + Unpin>(socket: &mut R, shared: &Shared, info:
             }
         }
     }
+    Ok(())
+}
+
+async fn read_chunk<R: AsyncRead + Unpin>(socket: &mut R, pending: &mut Pending, kind: u16, length: u32) -> Result<()> {
+    if kind != chunk::OFFSET_DATA {
+        let mut payload = vec![0u8; length as usize];
+        socket.read_exact(&mut payload).await?;
+        return apply_chunk(pending, parse_chunk_payload(kind, &payload)?);
+    }
+    let offset = socket.read_u64().await?;
+    let data_len = u64::from(length - 8);
+    let PendingState::Read { buffer, covered } = &mut pending.state else {
+        return Err(Error::Protocol("OFFSET_DATA chunk for a request that is not a READ".into()));
+    };
+    let start = chunk_start(pending.offset, pending.length, offset, data_len)?;
+    socket.read_exact(&mut buffer[start..start + data_len as usize]).await?;
+    *covered += data_len;
     Ok(())
 }
 
