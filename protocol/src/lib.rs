@@ -1,1 +1,13 @@
-//! placeholder
+//! What the blockgate server and its clients must agree on, without I/O:
+//! byte ranges and `Content-Range`, extents, the PATCH body, and the JSON
+//! of OPTIONS and `/info/`. Every parser here has property tests.
+
+pub mod extents;
+pub mod options;
+pub mod patch;
+pub mod range;
+
+pub use extents::{Coalescer, DirtyState, Extent, ZeroState};
+pub use options::{ImageOptions, ServerInfo};
+pub use patch::{parse_patch, PatchError, PatchRequest, MAX_PATCH_BODY};
+pub use range::{parse_content_range, parse_range, ByteRange, ContentRange, RangeError};
