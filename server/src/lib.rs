@@ -1,1 +1,17 @@
-//! placeholder
+//! blockgate-server: an HTTPS disk-image transfer server in the mould of
+//! ovirt-imageio. An HTTP request flows through one straight line of
+//! modules: [`server`] (TLS, HTTP) → [`routes`] (parse, authorize) →
+//! [`tickets`] → [`backend`] (NBD pool, qemu-nbd child) → the
+//! `blockgate-nbd` crate → qemu-nbd, and back as a stream ([`transfer`],
+//! [`extents`]).
+
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod extents;
+pub mod qemu_nbd;
+pub mod routes;
+pub mod server;
+pub mod tickets;
+pub mod tls;
+pub mod transfer;

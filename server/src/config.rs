@@ -1,0 +1,195 @@
+//! The server's command line: listeners, TLS files, the state directory,
+//! and the `--image ID=SOURCE[,OPTION]...` specs that become tickets.
+//! Parsing only; nothing here opens a file or starts a process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use blockgate_nbd::Address;
+use clap::Parser;
+
+/// Command-line arguments of `blockgate-server`.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "blockgate-server",
+    version,
+    about = "HTTPS disk-image transfer server backed by qemu-nbd (imageio-compatible)",
+    after_help = "Example:\n  blockgate-server --image demo=./demo.qcow2,size=1G\n  curl --cacert ~/.local/state/blockgate/ca.pem https://localhost:54322/images/demo -o demo.raw"
+)]
+pub struct Args {
+    /// Address of the TLS listener.
+    #[arg(long, default_value = "[::]:54322")]
+    pub listen: SocketAddr,
+    /// PEM certificate chain; without it a self-signed CA and certificate
+    /// are made (and reused) in the state directory.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Directory for generated certificates
+    /// [default: $XDG_STATE_HOME/blockgate, else ~/.local/state/blockgate].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// An image to serve: ID=SOURCE[,ro][,bitmap=NAME][,size=SIZE][,sparse][,format=raw|qcow2].
+    /// SOURCE is a file path (served through a qemu-nbd child) or an NBD URI
+    /// (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH,
+    /// nbd:unix:PATH[:exportname=NAME]). Repeatable.
+    #[arg(long = "image", value_name = "ID=SOURCE[,OPTION]...", value_parser = parse_image_spec)]
+    pub images: Vec<ImageSpec>,
+    /// NBD connections per image; each one carries many requests at once.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub nbd_connections: u32,
+    /// Log filter (error, warn, info, debug, trace, or a tracing filter).
+    #[arg(long, default_value = "info", env = "BLOCKGATE_LOG")]
+    pub log: String,
+}
+
+impl Args {
+    /// The state directory, resolved from the flag or the environment.
+    pub fn state_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.state_dir {
+            return dir.clone();
+        }
+        match std::env::var_os("XDG_STATE_HOME").filter(|value| !value.is_empty()) {
+            Some(state) => PathBuf::from(state).join("blockgate"),
+            None => {
+                let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+                home.join(".local/state/blockgate")
+            }
+        }
+    }
+}
+
+/// Image format of a local file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// Raw bytes.
+    Raw,
+    /// qcow2.
+    Qcow2,
+}
+
+impl ImageFormat {
+    /// The name qemu uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        }
+    }
+
+    fn parse(name: &str) -> Result<ImageFormat, String> {
+        match name {
+            "raw" => Ok(ImageFormat::Raw),
+            "qcow2" => Ok(ImageFormat::Qcow2),
+            other => Err(format!("unknown format {other:?}: expected raw or qcow2")),
+        }
+    }
+}
+
+/// Where an image's data comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageSource {
+    /// A local file the server exports through its own qemu-nbd child.
+    File(PathBuf),
+    /// An NBD export that is already running.
+    Nbd(Address),
+}
+
+/// One `--image` argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageSpec {
+    /// Ticket id in URLs.
+    pub id: String,
+    /// Data source.
+    pub source: ImageSource,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Dirty bitmap for `context=dirty`.
+    pub bitmap: Option<String>,
+    /// Create the file with this size if it is missing.
+    pub create_size: Option<u64>,
+    /// Zeroing may deallocate.
+    pub sparse: bool,
+    /// Format of the local file (detected when absent).
+    pub format: Option<ImageFormat>,
+}
+
+/// Parses `ID=SOURCE[,OPTION]...`.
+pub fn parse_image_spec(text: &str) -> Result<ImageSpec, String> {
+    let (id, rest) = text.split_once('=').ok_or("expected ID=SOURCE[,OPTION]...")?;
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
+        return Err(format!("image id {id:?} must be non-empty letters, digits, '-', '_' or '.'"));
+    }
+    let mut parts = rest.split(',');
+    let source_text = parts.next().filter(|s| !s.is_empty()).ok_or("missing SOURCE after ID=")?;
+    let source = if source_text.starts_with("nbd:") || source_text.starts_with("nbd+unix:") || source_text.starts_with("nbd://") {
+        ImageSource::Nbd(Address::parse(source_text).map_err(|error| error.to_string())?)
+    } else {
+        ImageSource::File(PathBuf::from(source_text))
+    };
+    let mut spec = ImageSpec { id: id.to_string(), source, read_only: false, bitmap: None, create_size: None, sparse: false, format: None };
+    for option in parts {
+        match option.split_once('=') {
+            None if option == "ro" => spec.read_only = true,
+            None if option == "sparse" => spec.sparse = true,
+            Some(("bitmap", name)) if !name.is_empty() => spec.bitmap = Some(name.to_string()),
+            Some(("size", size)) => spec.create_size = Some(parse_size(size)?),
+            Some(("format", format)) => spec.format = Some(ImageFormat::parse(format)?),
+            _ => return Err(format!("unknown image option {option:?}: expected ro, sparse, bitmap=NAME, size=SIZE or format=raw|qcow2")),
+        }
+    }
+    if matches!(spec.source, ImageSource::Nbd(_)) && (spec.create_size.is_some() || spec.format.is_some()) {
+        return Err("size= and format= apply to local files, not NBD URIs".into());
+    }
+    Ok(spec)
+}
+
+/// Parses a size with an optional K, M, G or T suffix (powers of 1024).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let invalid = || format!("invalid size {text:?}: expected a number with an optional K, M, G or T suffix");
+    let (digits, shift) = match text.as_bytes().last().map(u8::to_ascii_uppercase) {
+        Some(b'K') => (&text[..text.len() - 1], 10),
+        Some(b'M') => (&text[..text.len() - 1], 20),
+        Some(b'G') => (&text[..text.len() - 1], 30),
+        Some(b'T') => (&text[..text.len() - 1], 40),
+        _ => (text, 0),
+    };
+    let number: u64 = digits.parse().map_err(|_| invalid())?;
+    number.checked_mul(1 << shift).filter(|&size| size > 0).ok_or_else(invalid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_image_specs() {
+        let spec = parse_image_spec("demo=./demo.qcow2,size=1G,bitmap=b0,sparse").unwrap();
+        assert_eq!(spec.id, "demo");
+        assert_eq!(spec.source, ImageSource::File("./demo.qcow2".into()));
+        assert_eq!(spec.create_size, Some(1 << 30));
+        assert_eq!(spec.bitmap.as_deref(), Some("b0"));
+        assert!(spec.sparse && !spec.read_only);
+        let spec = parse_image_spec("x=nbd:unix:/run/s:exportname=e,ro").unwrap();
+        assert_eq!(spec.source, ImageSource::Nbd(Address::unix("/run/s", "e")));
+        assert!(spec.read_only);
+    }
+
+    #[test]
+    fn rejects_bad_specs() {
+        for text in ["demo", "=x", "a b=x", "d=", "d=x,colour=red", "d=x,size=1Q", "d=x,format=vmdk", "d=nbd://h/e,size=1G"] {
+            assert!(parse_image_spec(text).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn parses_sizes() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("2T"), Ok(2 << 40));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

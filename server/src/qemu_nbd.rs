@@ -1,0 +1,147 @@
+//! A qemu-nbd child the server owns for an image given as a local file:
+//! created with `qemu-img` when asked, exported on a private unix socket
+//! (`-t -e N --discard=unmap -A`, `-B` for a bitmap), started without
+//! `--fork` so we can wait for it and reap it, and stopped with SIGTERM so
+//! qcow2 metadata and persistent bitmaps are written back cleanly.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::config::ImageFormat;
+
+/// How long qemu-nbd may take to open its socket.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long qemu-nbd may take to exit after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What qemu-nbd should export and how.
+#[derive(Debug, Clone)]
+pub struct ExportSettings<'a> {
+    /// Image file.
+    pub path: &'a Path,
+    /// Format of the file.
+    pub format: &'a str,
+    /// Export read-only.
+    pub read_only: bool,
+    /// Persistent bitmap to export.
+    pub bitmap: Option<&'a str>,
+    /// Number of client connections to allow (`-e`).
+    pub shared: u32,
+}
+
+/// A running qemu-nbd child.
+pub struct QemuNbd {
+    child: Child,
+    socket: PathBuf,
+    _socket_dir: tempfile::TempDir,
+}
+
+impl QemuNbd {
+    /// Starts qemu-nbd and waits until its socket accepts connections.
+    pub async fn start(settings: &ExportSettings<'_>) -> Result<QemuNbd> {
+        let socket_dir = tempfile::Builder::new().prefix("blockgate-nbd-").tempdir().context("creating a socket directory")?;
+        let socket = socket_dir.path().join("nbd.sock");
+        let mut command = Command::new("qemu-nbd");
+        command
+            .arg("--persistent")
+            .arg(format!("--shared={}", settings.shared))
+            .arg("--discard=unmap")
+            .arg("--allocation-depth")
+            .args(["--format", settings.format, "--socket"])
+            .arg(&socket);
+        if settings.read_only {
+            command.arg("--read-only");
+        }
+        if let Some(bitmap) = settings.bitmap {
+            command.args(["--bitmap", bitmap]);
+        }
+        command.arg(settings.path).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
+        let mut child = command.spawn().context("starting qemu-nbd (is qemu-utils installed?)")?;
+        let stderr_lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let lines = stderr_lines.clone();
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    tracing::warn!(target: "qemu-nbd", "{line}");
+                    lines.lock().expect("stderr lock").push(line);
+                }
+            });
+        }
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        loop {
+            if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+                break;
+            }
+            if let Some(status) = child.try_wait()? {
+                // Let the stderr task catch the last words.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let said = stderr_lines.lock().expect("stderr lock").join("; ");
+                bail!("qemu-nbd exited ({status}) while exporting {}: {said}", settings.path.display());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("qemu-nbd did not open its socket within {START_TIMEOUT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::info!(image = %settings.path.display(), socket = %socket.display(), "qemu-nbd started");
+        Ok(QemuNbd { child, socket, _socket_dir: socket_dir })
+    }
+
+    /// The unix socket it listens on.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Stops qemu-nbd: SIGTERM, then SIGKILL if it lingers.
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            if tokio::time::timeout(STOP_TIMEOUT, self.child.wait()).await.is_ok() {
+                tracing::info!(socket = %self.socket.display(), "qemu-nbd stopped");
+                return;
+            }
+            tracing::warn!("qemu-nbd ignored SIGTERM; killing it");
+        }
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Creates an image file with qemu-img.
+pub async fn create_image(path: &Path, format: ImageFormat, size: u64) -> Result<()> {
+    let output = Command::new("qemu-img")
+        .args(["create", "-q", "-f", format.as_str()])
+        .arg(path)
+        .arg(size.to_string())
+        .output()
+        .await
+        .context("running qemu-img (is qemu-utils installed?)")?;
+    if !output.status.success() {
+        bail!("qemu-img create {} failed: {}", path.display(), String::from_utf8_lossy(&output.stderr).trim());
+    }
+    tracing::info!(image = %path.display(), format = format.as_str(), size, "created image");
+    Ok(())
+}
+
+/// The format qemu-img detects for a file.
+pub async fn detect_format(path: &Path) -> Result<String> {
+    let output = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(path)
+        .output()
+        .await
+        .context("running qemu-img (is qemu-utils installed?)")?;
+    if !output.status.success() {
+        bail!("qemu-img info {} failed: {}", path.display(), String::from_utf8_lossy(&output.stderr).trim());
+    }
+    let info: serde_json::Value = serde_json::from_slice(&output.stdout).context("parsing qemu-img info")?;
+    info["format"].as_str().map(str::to_string).context("qemu-img info gave no format")
+}

@@ -1,0 +1,201 @@
+//! `/images/{ticket}`: OPTIONS, HEAD, GET (whole or one range), PUT (at the
+//! `Content-Range` start) and PATCH (zero, flush), with imageio's status
+//! codes and headers. Everything about a request is checked before its
+//! body is read, so `Expect: 100-continue` clients get the refusal instead
+//! of a 100.
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use blockgate_protocol::{parse_content_range, parse_patch, parse_range, ByteRange, ImageOptions, PatchRequest, MAX_PATCH_BODY};
+
+use super::query::{flag, Params};
+use super::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::tickets::Ticket;
+use crate::transfer::{read_stream, write_body};
+
+const ALLOW_WRITABLE: &str = "OPTIONS,GET,PUT,PATCH";
+const ALLOW_READ_ONLY: &str = "OPTIONS,GET";
+
+fn features(writable: bool) -> Vec<String> {
+    let features: &[&str] = if writable { &["extents", "flush", "zero"] } else { &["extents"] };
+    features.iter().map(|feature| feature.to_string()).collect()
+}
+
+/// `OPTIONS /images/{ticket}`; `OPTIONS /images/*` answers for the server.
+pub async fn options(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    if id == "*" {
+        return Ok(server_options(&state));
+    }
+    let ticket = state.tickets.get(&id)?;
+    let body = ImageOptions {
+        features: features(ticket.writable),
+        max_readers: state.limits.max_readers,
+        max_writers: state.limits.max_writers,
+        unix_socket: state.local_socket.clone(),
+        size: Some(ticket.backend.size()),
+        dirty: Some(ticket.backend.dirty_context().is_some()),
+    };
+    let allow = if ticket.writable { ALLOW_WRITABLE } else { ALLOW_READ_ONLY };
+    Ok(([(header::ALLOW, allow)], Json(body)).into_response())
+}
+
+fn server_options(state: &AppState) -> Response {
+    let body = ImageOptions {
+        features: features(true),
+        max_readers: state.limits.max_readers,
+        max_writers: state.limits.max_writers,
+        unix_socket: state.local_socket.clone(),
+        size: None,
+        dirty: None,
+    };
+    ([(header::ALLOW, "OPTIONS")], Json(body)).into_response()
+}
+
+pub async fn head(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let ticket = state.tickets.get(&id)?;
+    let mut response = Response::new(Body::empty());
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(ticket.backend.size()));
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    Ok(response)
+}
+
+pub async fn get(State(state): State<AppState>, Path(id): Path<String>, Query(params): Query<Params>, headers: HeaderMap) -> ApiResult<Response> {
+    let ticket = state.tickets.get(&id)?;
+    reject_format(&params)?;
+    let close = flag(&params, "close", false)?;
+    let size = ticket.backend.size();
+    let (status, range) = match headers.get(header::RANGE) {
+        None => (StatusCode::OK, ByteRange { start: 0, end: size }),
+        Some(value) => {
+            let value = value.to_str().map_err(|_| ApiError::BadRequest("Range header is not ASCII".into()))?;
+            (StatusCode::PARTIAL_CONTENT, parse_range(value, size).map_err(|error| ApiError::from_range(error, size))?)
+        }
+    };
+    let mut response = Response::new(Body::from_stream(read_stream(ticket.backend.clone(), range)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(range.len()));
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if status == StatusCode::PARTIAL_CONTENT {
+        headers.insert(header::CONTENT_RANGE, HeaderValue::from_str(&range.content_range(size)).expect("ASCII"));
+    }
+    if close {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(response)
+}
+
+pub async fn put(State(state): State<AppState>, Path(id): Path<String>, Query(params): Query<Params>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+    let ticket = state.tickets.get(&id)?;
+    ticket.require_write()?;
+    reject_format(&params)?;
+    let flush = flag(&params, "flush", true)?;
+    let size = ticket.backend.size();
+    let content_range = match headers.get(header::CONTENT_RANGE) {
+        None => None,
+        Some(value) => {
+            let value = value.to_str().map_err(|_| ApiError::BadRequest("Content-Range header is not ASCII".into()))?;
+            Some(parse_content_range(value).map_err(|error| ApiError::from_range(error, size))?)
+        }
+    };
+    let content_length = match headers.get(header::CONTENT_LENGTH) {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|value| value.parse::<u64>().ok())
+                .ok_or_else(|| ApiError::BadRequest("invalid Content-Length".into()))?,
+        ),
+    };
+    let start = content_range.map_or(0, |range| range.start);
+    let range_length = content_range.and_then(|range| range.end).map(|end| end - start);
+    if let (Some(range_length), Some(content_length)) = (range_length, content_length) {
+        if range_length != content_length {
+            return Err(ApiError::BadRequest(format!(
+                "Content-Range covers {range_length} bytes but Content-Length is {content_length}"
+            )));
+        }
+    }
+    let expected = range_length.or(content_length);
+    let end = start.checked_add(expected.unwrap_or(0));
+    if start > size || end.is_none_or(|end| end > size) {
+        return Err(ApiError::range(
+            format!("writing {} bytes at offset {start} would pass the end of the image ({size} bytes)", expected.unwrap_or(0)),
+            size,
+        ));
+    }
+    let limit = expected.unwrap_or(size - start);
+    let over_limit = |received: u64| match expected {
+        Some(expected) => ApiError::BadRequest(format!("request body is longer than the {expected} bytes announced (at least {received})")),
+        None => ApiError::range(format!("request body passes the end of the image ({size} bytes) at offset {}", start + received), size),
+    };
+    let written = write_body(ticket.backend.clone(), start, limit, body, over_limit).await.map_err(|failure| {
+        tracing::warn!(written = failure.written, error = %failure.error, "PUT failed");
+        with_written(failure.error, failure.written)
+    })?;
+    if let Some(expected) = expected {
+        if written != expected {
+            return Err(ApiError::BadRequest(format!(
+                "request body has {written} bytes but {expected} were announced; the {written} bytes at offset {start} were written"
+            )));
+        }
+    }
+    if flush {
+        ticket.backend.flush().await?;
+    }
+    Ok(StatusCode::OK.into_response())
+}
+
+/// Adds how much of a failed write landed to its message.
+fn with_written(error: ApiError, written: u64) -> ApiError {
+    let note = format!(" ({written} bytes were written before the failure)");
+    match error {
+        ApiError::BadRequest(message) => ApiError::BadRequest(message + &note),
+        ApiError::RangeNotSatisfiable { message, size } => ApiError::RangeNotSatisfiable { message: message + &note, size },
+        other => other,
+    }
+}
+
+pub async fn patch(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+    let ticket = state.tickets.get(&id)?;
+    ticket.require_write()?;
+    let too_large = || ApiError::PayloadTooLarge(format!("PATCH body is larger than {MAX_PATCH_BODY} bytes"));
+    let announced = headers.get(header::CONTENT_LENGTH).and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|length| length > MAX_PATCH_BODY as u64) {
+        return Err(too_large());
+    }
+    let body = axum::body::to_bytes(body, MAX_PATCH_BODY).await.map_err(|_| too_large())?;
+    match parse_patch(&body).map_err(|error| ApiError::BadRequest(error.0))? {
+        PatchRequest::Zero { offset, size, flush } => zero(&ticket, offset, size, flush).await?,
+        PatchRequest::Flush => ticket.backend.flush().await?,
+    }
+    Ok(StatusCode::OK.into_response())
+}
+
+async fn zero(ticket: &Ticket, offset: u64, length: u64, flush: bool) -> ApiResult<()> {
+    let size = ticket.backend.size();
+    if offset.checked_add(length).is_none_or(|end| end > size) {
+        return Err(ApiError::range(format!("zeroing {length} bytes at offset {offset} would pass the end of the image ({size} bytes)"), size));
+    }
+    ticket.backend.zero(offset, length, ticket.sparse).await?;
+    if flush {
+        ticket.backend.flush().await?;
+    }
+    Ok(())
+}
+
+/// Only raw transfers exist so far; refuse other formats plainly.
+fn reject_format(params: &Params) -> ApiResult<()> {
+    match params.get("format").map(String::as_str) {
+        None | Some("raw") => Ok(()),
+        Some(other) => Err(ApiError::BadRequest(format!("unsupported format={other:?}: expected raw"))),
+    }
+}

@@ -1,0 +1,115 @@
+//! The HTTP routes of the data API and the router that ties them together,
+//! with CORS for browser consoles and a request id on every request's log
+//! span. Each submodule owns one family of routes; handlers parse and
+//! authorize, then hand the work to the ticket's backend.
+
+mod cors;
+mod extents;
+mod images;
+mod info;
+mod query;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::http::{header, Method, Request};
+use axum::routing::{get, options};
+use axum::Router;
+use tower_http::trace::TraceLayer;
+
+use crate::error::ApiError;
+use crate::tickets::Tickets;
+
+/// Connection limits advertised in OPTIONS.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Readers per ticket.
+    pub max_readers: u32,
+    /// Writers per ticket.
+    pub max_writers: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_readers: 8, max_writers: 8 }
+    }
+}
+
+/// What every handler may use.
+#[derive(Clone)]
+pub struct AppState {
+    /// The tickets this server serves.
+    pub tickets: Arc<Tickets>,
+    /// Connection limits.
+    pub limits: Limits,
+    /// Path of the local listener, when it is on.
+    pub local_socket: Option<String>,
+}
+
+/// Every (path, methods) pair the router serves, as the OpenAPI check and
+/// the `Allow` headers see them.
+pub const ROUTES: &[(&str, &[&str])] = &[
+    ("/images/{ticket}", &["OPTIONS", "HEAD", "GET", "PUT", "PATCH"]),
+    ("/images/*", &["OPTIONS"]),
+    ("/images/{ticket}/extents", &["GET"]),
+    ("/info/", &["GET"]),
+];
+
+/// The data API router.
+pub fn router(state: AppState) -> Router {
+    let request_ids = Arc::new(AtomicU64::new(1));
+    let trace = TraceLayer::new_for_http().make_span_with(move |request: &Request<_>| {
+        let id = request_ids.fetch_add(1, Ordering::Relaxed);
+        tracing::info_span!("request", id, method = %request.method(), path = %request.uri().path())
+    });
+    Router::new()
+        .route(
+            "/images/{ticket}",
+            options(images::options).head(images::head).get(images::get).put(images::put).patch(images::patch),
+        )
+        .route("/images/{ticket}/extents", get(extents::get))
+        .route("/info/", get(info::get))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(cors::cors))
+        .layer(axum::middleware::from_fn(drop_connection_header_on_h2))
+        .layer(trace)
+        .with_state(state)
+}
+
+/// `Connection: close` (on 403 and `?close=y`) means something only to
+/// HTTP/1; HTTP/2 forbids the header and resets a stream that carries it.
+async fn drop_connection_header_on_h2(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let version = request.version();
+    let mut response = next.run(request).await;
+    if version >= axum::http::Version::HTTP_2 {
+        response.headers_mut().remove(header::CONNECTION);
+    }
+    response
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!("no route for {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let path = uri.path();
+    let allowed = ROUTES
+        .iter()
+        .find(|(pattern, _)| route_matches(pattern, path))
+        .map(|(_, methods)| methods.join(","))
+        .unwrap_or_default();
+    let mut response = ApiError::MethodNotAllowed(format!("{method} is not allowed on {path}; allowed: {allowed}")).into_response();
+    if let Ok(value) = header::HeaderValue::from_str(&allowed) {
+        response.headers_mut().insert(header::ALLOW, value);
+    }
+    response
+}
+
+/// Whether a concrete path matches a route pattern with `{param}` segments.
+fn route_matches(pattern: &str, path: &str) -> bool {
+    let pattern: Vec<_> = pattern.split('/').collect();
+    let path: Vec<_> = path.split('/').collect();
+    pattern.len() == path.len() && pattern.iter().zip(&path).all(|(p, s)| p.starts_with('{') || p == s)
+}

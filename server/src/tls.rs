@@ -1,0 +1,101 @@
+//! TLS for the remote listener: rustls with TLS 1.2 and 1.3 only and ALPN
+//! for h2 and http/1.1. Certificates come from `--tls-cert/--tls-key`, or
+//! from a CA and leaf this module makes once in the state directory and
+//! reuses afterwards, so that `curl --cacert STATE/ca.pem` keeps working.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
+
+/// Files of the generated certificate set.
+#[derive(Debug, Clone)]
+pub struct GeneratedFiles {
+    /// The CA certificate clients should trust.
+    pub ca: PathBuf,
+    /// The server certificate, signed by the CA.
+    pub cert: PathBuf,
+    /// The server key (mode 0600).
+    pub key: PathBuf,
+}
+
+impl GeneratedFiles {
+    /// The file names inside `state_dir`.
+    pub fn in_dir(state_dir: &Path) -> GeneratedFiles {
+        GeneratedFiles { ca: state_dir.join("ca.pem"), cert: state_dir.join("cert.pem"), key: state_dir.join("key.pem") }
+    }
+}
+
+/// Makes a CA and a leaf certificate for localhost and this host in
+/// `state_dir`, unless all three files are already there.
+pub fn ensure_self_signed(state_dir: &Path) -> Result<GeneratedFiles> {
+    let files = GeneratedFiles::in_dir(state_dir);
+    if files.ca.exists() && files.cert.exists() && files.key.exists() {
+        return Ok(files);
+    }
+    fs::create_dir_all(state_dir).with_context(|| format!("creating state directory {}", state_dir.display()))?;
+
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.distinguished_name.push(DnType::CommonName, "blockgate local CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    if let Some(host) = hostname::get().ok().and_then(|h| h.into_string().ok()).filter(|h| !h.is_empty() && h != "localhost") {
+        names.push(host);
+    }
+    let mut leaf_params = CertificateParams::new(names)?;
+    leaf_params.distinguished_name.push(DnType::CommonName, "blockgate server");
+    leaf_params.use_authority_key_identifier_extension = true;
+    leaf_params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let leaf_key = KeyPair::generate()?;
+    let leaf_cert = leaf_params.signed_by(&leaf_key, &ca_cert, &ca_key)?;
+
+    write_file(&files.key, leaf_key.serialize_pem().as_bytes(), 0o600)?;
+    write_file(&files.cert, leaf_cert.pem().as_bytes(), 0o644)?;
+    write_file(&files.ca, ca_cert.pem().as_bytes(), 0o644)?;
+    Ok(files)
+}
+
+fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    let temporary = path.with_extension("tmp");
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&temporary)
+        .with_context(|| format!("writing {}", temporary.display()))?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// A rustls server configuration from PEM files: TLS 1.2+, ALPN h2 and
+/// http/1.1.
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>> {
+    let chain = rustls_pemfile::certs(&mut fs::read(cert).with_context(|| format!("reading {}", cert.display()))?.as_slice())
+        .collect::<Result<Vec<CertificateDer<'static>>, _>>()
+        .with_context(|| format!("parsing certificates in {}", cert.display()))?;
+    anyhow::ensure!(!chain.is_empty(), "no certificate in {}", cert.display());
+    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut fs::read(key).with_context(|| format!("reading {}", key.display()))?.as_slice())
+        .with_context(|| format!("parsing {}", key.display()))?
+        .with_context(|| format!("no private key in {}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
