@@ -1,0 +1,208 @@
+//! Shared fixtures: the built server binary started on an ephemeral port
+//! with images in a temporary directory, an HTTPS client that trusts its
+//! generated CA, and the qemu tools that give the image as qemu sees it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+pub const MIB: u64 = 1 << 20;
+
+/// A built binary of the workspace, next to the test executable's `deps/`.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target directory");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first (tests/run does)", path.display());
+    path
+}
+
+/// Runs a command and panics with its stderr if it fails.
+pub fn run(program: &str, args: &[&str]) -> Vec<u8> {
+    let output = Command::new(program).args(args).output().unwrap_or_else(|error| panic!("{program}: {error}"));
+    assert!(output.status.success(), "{program} {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    output.stdout
+}
+
+/// Creates an image with qemu-img.
+pub fn create_image(path: &Path, format: &str, size: &str) {
+    run("qemu-img", &["create", "-q", "-f", format, path.to_str().unwrap(), size]);
+}
+
+/// Runs qemu-io commands on an image that no one has open.
+pub fn qemu_io(path: &Path, format: &str, commands: &[&str]) {
+    let mut args = vec!["-f", format];
+    for command in commands {
+        args.extend(["-c", command]);
+    }
+    args.push(path.to_str().unwrap());
+    run("qemu-io", &args);
+}
+
+/// The image's guest-visible bytes, as qemu reads them (works while the
+/// server has it open).
+pub fn raw_view(path: &Path) -> Vec<u8> {
+    let out = path.with_extension("view.raw");
+    run("qemu-img", &["convert", "-U", "-O", "raw", path.to_str().unwrap(), out.to_str().unwrap()]);
+    let bytes = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    bytes
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn random_bytes(length: usize, seed: u64) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut bytes = vec![0u8; length];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut bytes);
+    bytes
+}
+
+/// A running `blockgate-server`.
+pub struct Server {
+    child: Option<Child>,
+    pub port: u16,
+    pub state_dir: PathBuf,
+}
+
+impl Server {
+    /// Starts the server with `--image` specs and waits until it answers.
+    pub async fn start(dir: &Path, images: &[String]) -> Server {
+        Self::try_start(dir, images, &[]).await.unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// Starts the server with extra arguments; an error holds what it said
+    /// if it exited instead of serving.
+    pub async fn try_start(dir: &Path, images: &[String], extra: &[&str]) -> Result<Server, String> {
+        let state_dir = dir.join("state");
+        let port = free_port();
+        let mut command = Command::new(binary("blockgate-server"));
+        command.arg("--listen").arg(format!("127.0.0.1:{port}")).arg("--state-dir").arg(&state_dir).args(extra);
+        for image in images {
+            command.arg("--image").arg(image);
+        }
+        let log = std::fs::File::create(dir.join(format!("server-{port}.log"))).unwrap();
+        let mut child = command.current_dir(dir).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        let mut server = Server { child: None, port, state_dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let said = std::fs::read_to_string(dir.join(format!("server-{port}.log"))).unwrap_or_default();
+                return Err(format!("blockgate-server exited ({status}): {said}"));
+            }
+            if server.state_dir.join("ca.pem").exists() {
+                server.child = Some(child);
+                if let Ok(response) = server.client().get(server.url("/info/")).send().await {
+                    if response.status().is_success() {
+                        return Ok(server);
+                    }
+                }
+                child = server.child.take().unwrap();
+            }
+            assert!(Instant::now() < deadline, "blockgate-server did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.state_dir.join("ca.pem")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.port)
+    }
+
+    pub fn image_url(&self, ticket: &str) -> String {
+        self.url(&format!("/images/{ticket}"))
+    }
+
+    /// A client trusting the server's CA; HTTP/2 or HTTP/1.1 by ALPN.
+    pub fn client(&self) -> reqwest::Client {
+        self.client_builder().build().unwrap()
+    }
+
+    pub fn client_builder(&self) -> reqwest::ClientBuilder {
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(self.ca()).unwrap()).unwrap();
+        reqwest::Client::builder().use_rustls_tls().tls_built_in_root_certs(false).add_root_certificate(ca)
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("blockgate-server ignored SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The PIDs of a process's children.
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        children.extend(list.split_whitespace().filter_map(|pid| pid.parse::<u32>().ok()));
+    }
+    children
+}
+
+/// A qemu-nbd this test owns, for NBD-URI images.
+pub struct QemuNbd {
+    pub child: Child,
+    pub socket: PathBuf,
+}
+
+impl QemuNbd {
+    pub fn start(image: &Path, format: &str, socket: &Path) -> QemuNbd {
+        let child = Command::new("qemu-nbd")
+            .args(["-t", "-e", "8", "-A", "-f", format, "-k"])
+            .arg(socket)
+            .arg(image)
+            .spawn()
+            .unwrap();
+        for _ in 0..500 {
+            if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+                return QemuNbd { child, socket: socket.to_path_buf() };
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("qemu-nbd did not start");
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,10 @@
+//! End-to-end tests: the built `blockgate-server` binary, a real qemu-nbd,
+//! and clients (reqwest, curl) doing what users do.
+
+mod common;
+mod data;
+mod errors;
+mod lifecycle;
+mod openapi;
+mod protocols;
+mod readme;
