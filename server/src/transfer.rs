@@ -26,15 +26,26 @@ enum ReadStep {
     Read(u64, usize),
 }
 
-/// The bytes of `range` as a body stream. A failure after the response
-/// started ends the stream with an error, which makes hyper abort the
-/// connection (HTTP/1) or reset the stream (HTTP/2) instead of ending the
-/// body as if it were complete.
-pub fn read_stream(backend: Arc<Backend>, range: ByteRange) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send {
+/// The bytes of `range` as a response body. The first piece is fetched
+/// before this returns, so a backend that is already gone is a plain 502
+/// rather than a body that fails at once. A failure after that ends the
+/// stream with an error, which makes hyper abort the connection (HTTP/1)
+/// or reset the stream (HTTP/2) instead of ending the body as if it were
+/// complete.
+pub async fn read_body(backend: Arc<Backend>, range: ByteRange) -> Result<Body, ApiError> {
+    let mut pieces = Box::pin(read_pieces(backend, range).peekable());
+    if let Some(Err(_)) = pieces.as_mut().peek().await {
+        let Some(Err(error)) = pieces.next().await else { unreachable!("peeked an error") };
+        return Err(error);
+    }
+    Ok(Body::from_stream(exact_length(pieces, range.len())))
+}
+
+fn read_pieces(backend: Arc<Backend>, range: ByteRange) -> impl Stream<Item = Result<Bytes, ApiError>> + Send {
     let steps = extents::extents::<ZeroState>(backend.clone(), range)
         .map_ok(|extent| stream::iter(split_extent(extent).map(Ok::<_, ApiError>)))
         .try_flatten();
-    let data = steps
+    steps
         .map(move |step| {
             let backend = backend.clone();
             async move {
@@ -44,8 +55,7 @@ pub fn read_stream(backend: Arc<Backend>, range: ByteRange) -> impl Stream<Item 
                 }
             }
         })
-        .buffered(PIPELINE_DEPTH);
-    exact_length(data, range.len())
+        .buffered(PIPELINE_DEPTH)
 }
 
 fn split_extent(extent: Extent<ZeroState>) -> impl Iterator<Item = ReadStep> {

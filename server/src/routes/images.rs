@@ -15,7 +15,7 @@ use super::query::{flag, Params};
 use super::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::tickets::Ticket;
-use crate::transfer::{read_stream, write_body};
+use crate::transfer::{read_body, write_body};
 
 const ALLOW_WRITABLE: &str = "OPTIONS,GET,PUT,PATCH";
 const ALLOW_READ_ONLY: &str = "OPTIONS,GET";
@@ -77,7 +77,7 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>, Query(pa
             (StatusCode::PARTIAL_CONTENT, parse_range(value, size).map_err(|error| ApiError::from_range(error, size))?)
         }
     };
-    let mut response = Response::new(Body::from_stream(read_stream(ticket.backend.clone(), range)));
+    let mut response = Response::new(read_body(ticket.backend.clone(), range).await?);
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(range.len()));
