@@ -7,8 +7,10 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::body::Body;
+use axum::body::{Body, BodyDataStream};
+use axum::http::{header, HeaderMap};
 use blockgate_protocol::{ByteRange, Extent, ZeroState};
 use bytes::{Bytes, BytesMut};
 use futures::stream::{self, Stream, StreamExt, TryStreamExt};
@@ -93,6 +95,39 @@ fn exact_length(
     })
 }
 
+/// Most of an unwanted request body that is read and thrown away, and for
+/// how long, so that the client reads the refusal instead of a connection
+/// reset (the lingering close of other HTTP servers).
+const DISCARD_LIMIT: u64 = 64 << 20;
+const DISCARD_TIME: Duration = Duration::from_secs(10);
+
+/// Reads and drops what a refused request still sends, in the background,
+/// after the response went out. A client that asked `Expect: 100-continue`
+/// got its answer instead of a 100 and sends nothing, so its body is left
+/// alone (reading it would invite the body after all).
+pub fn discard_body(headers: &HeaderMap, body: Body) {
+    let expects_continue = headers
+        .get(header::EXPECT)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.eq_ignore_ascii_case("100-continue"));
+    if !expects_continue {
+        tokio::spawn(discard(body.into_data_stream()));
+    }
+}
+
+async fn discard(mut frames: BodyDataStream) {
+    let _ = tokio::time::timeout(DISCARD_TIME, async {
+        let mut read = 0u64;
+        while let Some(Ok(frame)) = frames.next().await {
+            read += frame.len() as u64;
+            if read > DISCARD_LIMIT {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// Why writing a body stopped.
 #[derive(Debug)]
 pub struct WriteFailure {
@@ -119,6 +154,7 @@ pub async fn write_body(backend: Arc<Backend>, start: u64, limit: u64, body: Bod
         };
         received += frame.len() as u64;
         if received > limit {
+            tokio::spawn(discard(frames));
             return Err(pipeline.fail(over_limit(received)).await);
         }
         while !frame.is_empty() {
@@ -133,6 +169,7 @@ pub async fn write_body(backend: Arc<Backend>, start: u64, limit: u64, body: Bod
                 buffer.split().freeze()
             };
             if let Err(error) = pipeline.push(request).await {
+                tokio::spawn(discard(frames));
                 return Err(pipeline.fail(error).await);
             }
         }

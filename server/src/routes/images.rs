@@ -4,6 +4,8 @@
 //! body is read, so `Expect: 100-continue` clients get the refusal instead
 //! of a 100.
 
+use std::sync::Arc;
+
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -15,7 +17,7 @@ use super::query::{flag, Params};
 use super::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::tickets::Ticket;
-use crate::transfer::{read_body, write_body};
+use crate::transfer::{discard_body, read_body, write_body};
 
 const ALLOW_WRITABLE: &str = "OPTIONS,GET,PUT,PATCH";
 const ALLOW_READ_ONLY: &str = "OPTIONS,GET";
@@ -92,11 +94,52 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>, Query(pa
     Ok(response)
 }
 
+/// What a PUT will do, decided before its body is read.
+struct PutPlan {
+    ticket: Arc<Ticket>,
+    start: u64,
+    /// Body length from Content-Range or Content-Length, if announced.
+    expected: Option<u64>,
+    flush: bool,
+}
+
 pub async fn put(State(state): State<AppState>, Path(id): Path<String>, Query(params): Query<Params>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
-    let ticket = state.tickets.get(&id)?;
+    let plan = match plan_put(&state, &id, &params, &headers) {
+        Ok(plan) => plan,
+        Err(error) => {
+            discard_body(&headers, body);
+            return Err(error);
+        }
+    };
+    let PutPlan { ticket, start, expected, flush } = plan;
+    let size = ticket.backend.size();
+    let limit = expected.unwrap_or(size - start);
+    let over_limit = |received: u64| match expected {
+        Some(expected) => ApiError::BadRequest(format!("request body is longer than the {expected} bytes announced (at least {received})")),
+        None => ApiError::range(format!("request body passes the end of the image ({size} bytes) at offset {}", start + received), size),
+    };
+    let written = write_body(ticket.backend.clone(), start, limit, body, over_limit).await.map_err(|failure| {
+        tracing::warn!(written = failure.written, error = %failure.error, "PUT failed");
+        with_written(failure.error, failure.written)
+    })?;
+    if let Some(expected) = expected {
+        if written != expected {
+            return Err(ApiError::BadRequest(format!(
+                "request body has {written} bytes but {expected} were announced; the {written} bytes at offset {start} were written"
+            )));
+        }
+    }
+    if flush {
+        ticket.backend.flush().await?;
+    }
+    Ok(StatusCode::OK.into_response())
+}
+
+fn plan_put(state: &AppState, id: &str, params: &Params, headers: &HeaderMap) -> ApiResult<PutPlan> {
+    let ticket = state.tickets.get(id)?;
     ticket.require_write()?;
-    reject_format(&params)?;
-    let flush = flag(&params, "flush", true)?;
+    reject_format(params)?;
+    let flush = flag(params, "flush", true)?;
     let size = ticket.backend.size();
     let content_range = match headers.get(header::CONTENT_RANGE) {
         None => None,
@@ -132,26 +175,7 @@ pub async fn put(State(state): State<AppState>, Path(id): Path<String>, Query(pa
             size,
         ));
     }
-    let limit = expected.unwrap_or(size - start);
-    let over_limit = |received: u64| match expected {
-        Some(expected) => ApiError::BadRequest(format!("request body is longer than the {expected} bytes announced (at least {received})")),
-        None => ApiError::range(format!("request body passes the end of the image ({size} bytes) at offset {}", start + received), size),
-    };
-    let written = write_body(ticket.backend.clone(), start, limit, body, over_limit).await.map_err(|failure| {
-        tracing::warn!(written = failure.written, error = %failure.error, "PUT failed");
-        with_written(failure.error, failure.written)
-    })?;
-    if let Some(expected) = expected {
-        if written != expected {
-            return Err(ApiError::BadRequest(format!(
-                "request body has {written} bytes but {expected} were announced; the {written} bytes at offset {start} were written"
-            )));
-        }
-    }
-    if flush {
-        ticket.backend.flush().await?;
-    }
-    Ok(StatusCode::OK.into_response())
+    Ok(PutPlan { ticket, start, expected, flush })
 }
 
 /// Adds how much of a failed write landed to its message.
@@ -165,13 +189,20 @@ fn with_written(error: ApiError, written: u64) -> ApiError {
 }
 
 pub async fn patch(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
-    let ticket = state.tickets.get(&id)?;
-    ticket.require_write()?;
     let too_large = || ApiError::PayloadTooLarge(format!("PATCH body is larger than {MAX_PATCH_BODY} bytes"));
     let announced = headers.get(header::CONTENT_LENGTH).and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
-    if announced.is_some_and(|length| length > MAX_PATCH_BODY as u64) {
-        return Err(too_large());
-    }
+    let ticket = state.tickets.get(&id).and_then(|ticket| ticket.require_write().map(|()| ticket));
+    let ticket = match (ticket, announced) {
+        (Err(error), _) => {
+            discard_body(&headers, body);
+            return Err(error);
+        }
+        (Ok(_), Some(length)) if length > MAX_PATCH_BODY as u64 => {
+            discard_body(&headers, body);
+            return Err(too_large());
+        }
+        (Ok(ticket), _) => ticket,
+    };
     let body = axum::body::to_bytes(body, MAX_PATCH_BODY).await.map_err(|_| too_large())?;
     match parse_patch(&body).map_err(|error| ApiError::BadRequest(error.0))? {
         PatchRequest::Zero { offset, size, flush } => zero(&ticket, offset, size, flush).await?,

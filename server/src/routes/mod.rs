@@ -46,11 +46,10 @@ pub struct AppState {
     pub local_socket: Option<String>,
 }
 
-/// Every (path, methods) pair the router serves, as the OpenAPI check and
-/// the `Allow` headers see them.
+/// Every route and the methods it serves, for the `Allow` header of a 405
+/// (`OPTIONS /images/*` is the `{ticket}` route with ticket `*`).
 pub const ROUTES: &[(&str, &[&str])] = &[
     ("/images/{ticket}", &["OPTIONS", "HEAD", "GET", "PUT", "PATCH"]),
-    ("/images/*", &["OPTIONS"]),
     ("/images/{ticket}/extents", &["GET"]),
     ("/info/", &["GET"]),
 ];
