@@ -1,11 +1,14 @@
 //! What the blockgate server and its clients must agree on, without I/O:
 //! byte ranges and `Content-Range`, extents, the PATCH body, and the JSON
-//! of OPTIONS and `/info/`. Every parser here has property tests.
+//! of OPTIONS and `/info/`, the sparse stream codec and blkhash. Every
+//! parser here has property tests.
 
+pub mod blkhash;
 pub mod extents;
 pub mod options;
 pub mod patch;
 pub mod range;
+pub mod sparse;
 
 pub use extents::{Coalescer, DirtyState, Extent, ZeroState};
 pub use options::{ImageOptions, ServerInfo};
