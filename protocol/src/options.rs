@@ -22,6 +22,9 @@ pub struct ImageOptions {
     /// True if the ticket has a dirty bitmap (extension).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dirty: Option<bool>,
+    /// `format=sparse` is served (extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparse_stream: Option<bool>,
 }
 
 /// The body of `GET /info/`.

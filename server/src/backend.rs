@@ -31,10 +31,20 @@ pub struct Backend {
     child: tokio::sync::Mutex<Option<QemuNbd>>,
 }
 
+/// The one bitmap of a `dirty` image, or why there is not exactly one.
+fn only_bitmap(mut names: Vec<String>, image: &str) -> Result<String> {
+    match names.len() {
+        1 => Ok(names.remove(0)),
+        0 => bail!("{image} has no dirty bitmap; add one (qemu-img bitmap --add) or drop dirty"),
+        _ => bail!("{image} has several dirty bitmaps ({}); name one with bitmap=NAME", names.join(", ")),
+    }
+}
+
 impl Backend {
     /// Opens the source of an `--image` spec: creates and exports a local
     /// file, or connects to a URI, and checks what the spec asks for.
     pub async fn open(spec: &ImageSpec, connections: u32) -> Result<Backend> {
+        let mut bitmap = spec.bitmap.clone();
         let (address, child) = match &spec.source {
             ImageSource::Nbd(address) => (address.clone(), None),
             ImageSource::File(path) => {
@@ -49,28 +59,36 @@ impl Backend {
                     });
                     qemu_nbd::create_image(path, format, size).await?;
                 }
-                let format = match spec.format {
-                    Some(format) => format.as_str().to_string(),
-                    None => qemu_nbd::detect_format(path).await?,
-                };
+                let info = qemu_nbd::image_info(path).await?;
+                let format = spec.format.map_or(info.format, |format| format.as_str().to_string());
+                if spec.dirty && spec.bitmap.is_none() {
+                    bitmap = Some(only_bitmap(info.bitmaps, &path.display().to_string())?);
+                }
                 let settings = ExportSettings {
                     path,
                     format: &format,
                     read_only: spec.read_only,
-                    bitmap: spec.bitmap.as_deref(),
+                    bitmap: bitmap.as_deref(),
                     shared: connections + 4,
                 };
                 let child = QemuNbd::start(&settings).await?;
                 (Address::unix(child.socket(), ""), Some(child))
             }
         };
-        let dirty_context = spec.bitmap.as_ref().map(|name| format!("{DIRTY_BITMAP_PREFIX}{name}"));
+        if spec.dirty && bitmap.is_none() {
+            let listing = ConnectOptions { list_meta_contexts: vec![DIRTY_BITMAP_PREFIX.to_string()], ..Default::default() };
+            let probe = Client::connect(&address, &listing).await.with_context(|| format!("connecting to {address}"))?;
+            let names = probe.info().listed_contexts.iter().filter_map(|c| c.strip_prefix(DIRTY_BITMAP_PREFIX)).map(str::to_string).collect();
+            probe.disconnect().await;
+            bitmap = Some(only_bitmap(names, &address.to_string())?);
+        }
+        let dirty_context = bitmap.as_ref().map(|name| format!("{DIRTY_BITMAP_PREFIX}{name}"));
         let mut wanted = vec![BASE_ALLOCATION.to_string(), ALLOCATION_DEPTH.to_string()];
         wanted.extend(dirty_context.clone());
         let options = ConnectOptions { meta_contexts: wanted, ..Default::default() };
         let first = Client::connect(&address, &options).await.with_context(|| format!("connecting to {address}"))?;
         let contexts: Vec<String> = first.info().contexts.iter().map(|(_, name)| name.clone()).collect();
-        if let (Some(context), Some(name)) = (&dirty_context, &spec.bitmap) {
+        if let (Some(context), Some(name)) = (&dirty_context, &bitmap) {
             if !contexts.contains(context) {
                 bail!("the NBD export {address} has no dirty bitmap {name:?} (is it exported with -B {name}?)");
             }
@@ -113,6 +131,11 @@ impl Backend {
     /// The dirty bitmap context, when the image has one.
     pub fn dirty_context(&self) -> Option<&str> {
         self.dirty_context.as_deref()
+    }
+
+    /// The dirty bitmap's name, when the image has one.
+    pub fn bitmap(&self) -> Option<&str> {
+        self.dirty_context.as_deref().and_then(|context| context.strip_prefix(DIRTY_BITMAP_PREFIX))
     }
 
     /// A live connection, reconnecting a broken one.

@@ -31,7 +31,8 @@ pub struct Args {
     /// [default: $XDG_STATE_HOME/blockgate, else ~/.local/state/blockgate].
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    /// An image to serve: ID=SOURCE[,ro][,bitmap=NAME][,size=SIZE][,sparse][,format=raw|qcow2].
+    /// An image to serve: ID=SOURCE[,ro][,bitmap=NAME|,dirty][,size=SIZE][,sparse][,format=raw|qcow2].
+    /// `dirty` uses the one dirty bitmap the image has.
     /// SOURCE is a file path (served through a qemu-nbd child) or an NBD URI
     /// (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH,
     /// nbd:unix:PATH[:exportname=NAME]). Repeatable.
@@ -108,6 +109,8 @@ pub struct ImageSpec {
     pub read_only: bool,
     /// Dirty bitmap for `context=dirty`.
     pub bitmap: Option<String>,
+    /// Use the one bitmap the image has (when `bitmap` names none).
+    pub dirty: bool,
     /// Create the file with this size if it is missing.
     pub create_size: Option<u64>,
     /// Zeroing may deallocate.
@@ -129,15 +132,16 @@ pub fn parse_image_spec(text: &str) -> Result<ImageSpec, String> {
     } else {
         ImageSource::File(PathBuf::from(source_text))
     };
-    let mut spec = ImageSpec { id: id.to_string(), source, read_only: false, bitmap: None, create_size: None, sparse: false, format: None };
+    let mut spec = ImageSpec { id: id.to_string(), source, read_only: false, bitmap: None, dirty: false, create_size: None, sparse: false, format: None };
     for option in parts {
         match option.split_once('=') {
             None if option == "ro" => spec.read_only = true,
             None if option == "sparse" => spec.sparse = true,
+            None if option == "dirty" => spec.dirty = true,
             Some(("bitmap", name)) if !name.is_empty() => spec.bitmap = Some(name.to_string()),
             Some(("size", size)) => spec.create_size = Some(parse_size(size)?),
             Some(("format", format)) => spec.format = Some(ImageFormat::parse(format)?),
-            _ => return Err(format!("unknown image option {option:?}: expected ro, sparse, bitmap=NAME, size=SIZE or format=raw|qcow2")),
+            _ => return Err(format!("unknown image option {option:?}: expected ro, sparse, dirty, bitmap=NAME, size=SIZE or format=raw|qcow2")),
         }
     }
     if matches!(spec.source, ImageSource::Nbd(_)) && (spec.create_size.is_some() || spec.format.is_some()) {

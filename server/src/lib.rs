@@ -3,13 +3,15 @@
 //! modules: [`server`] (TLS, HTTP) → [`routes`] (parse, authorize) →
 //! [`tickets`] → [`backend`] (NBD pool, qemu-nbd child) → the
 //! `blockgate-nbd` crate → qemu-nbd, and back as a stream ([`transfer`],
-//! [`extents`]).
+//! [`extents`]; the sparse stream: [`backup`] out, [`restore`] in).
 
 pub mod backend;
+pub mod backup;
 pub mod config;
 pub mod error;
 pub mod extents;
 pub mod qemu_nbd;
+pub mod restore;
 pub mod routes;
 pub mod server;
 pub mod tickets;

@@ -131,8 +131,16 @@ pub async fn create_image(path: &Path, format: ImageFormat, size: u64) -> Result
     Ok(())
 }
 
-/// The format qemu-img detects for a file.
-pub async fn detect_format(path: &Path) -> Result<String> {
+/// What `qemu-img info` says of a file.
+pub struct ImageInfo {
+    /// Detected format.
+    pub format: String,
+    /// Names of its persistent dirty bitmaps (qcow2).
+    pub bitmaps: Vec<String>,
+}
+
+/// Asks `qemu-img info` about a file (works while the file is exported).
+pub async fn image_info(path: &Path) -> Result<ImageInfo> {
     let output = Command::new("qemu-img")
         .args(["info", "-U", "--output=json"])
         .arg(path)
@@ -143,5 +151,10 @@ pub async fn detect_format(path: &Path) -> Result<String> {
         bail!("qemu-img info {} failed: {}", path.display(), String::from_utf8_lossy(&output.stderr).trim());
     }
     let info: serde_json::Value = serde_json::from_slice(&output.stdout).context("parsing qemu-img info")?;
-    info["format"].as_str().map(str::to_string).context("qemu-img info gave no format")
+    let format = info["format"].as_str().map(str::to_string).context("qemu-img info gave no format")?;
+    let bitmaps = info["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .map(|bitmaps| bitmaps.iter().filter_map(|bitmap| bitmap["name"].as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    Ok(ImageInfo { format, bitmaps })
 }

@@ -1,19 +1,22 @@
 //! Moving image bytes between HTTP bodies and the backend with bounded
-//! memory. A GET becomes a stream: extents first, zero ranges produced from
-//! a static zero buffer without touching storage, data ranges read in
-//! [`REQUEST_SIZE`] pieces with [`PIPELINE_DEPTH`] reads in flight. A PUT
-//! body is cut into requests of the same size and written with the same
-//! depth. Memory per transfer is a few requests, whatever the image size.
+//! memory. Reading is a stream of [`Piece`]s: extents first, zero ranges
+//! produced without touching storage, data ranges read in [`REQUEST_SIZE`]
+//! pieces with [`PIPELINE_DEPTH`] reads in flight. Writing goes through a
+//! [`Pipeline`] of the same depth. A PUT body is cut into requests of
+//! [`REQUEST_SIZE`]; what a refused request still sends is read and
+//! dropped. Memory per transfer is a few requests, whatever the image size.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, BodyDataStream};
 use axum::http::{header, HeaderMap};
-use blockgate_protocol::{ByteRange, Extent, ZeroState};
+use blockgate_protocol::{ByteRange, ZeroState};
 use bytes::{Bytes, BytesMut};
-use futures::stream::{self, Stream, StreamExt, TryStreamExt};
+use futures::stream::{self, Peekable, Stream, StreamExt, TryStreamExt};
 use tokio::task::JoinHandle;
 
 use crate::backend::{Backend, PIPELINE_DEPTH, REQUEST_SIZE};
@@ -22,51 +25,84 @@ use crate::extents;
 
 static ZEROS: [u8; REQUEST_SIZE] = [0; REQUEST_SIZE];
 
-/// One step of a read.
+/// Static zeros, for bodies that must carry zero bytes.
+pub fn zeros(length: usize) -> Bytes {
+    Bytes::from_static(&ZEROS[..length])
+}
+
+/// A piece of an image range, in image order.
+#[derive(Debug)]
+pub enum Piece {
+    /// This many bytes read as zeros (storage was not read).
+    Zeros(u64),
+    /// Bytes read from storage.
+    Data(Bytes),
+}
+
 enum ReadStep {
-    Zeros(usize),
+    Zeros(u64),
     Read(u64, usize),
 }
 
-/// The bytes of `range` as a response body. The first piece is fetched
-/// before this returns, so a backend that is already gone is a plain 502
-/// rather than a body that fails at once. A failure after that ends the
-/// stream with an error, which makes hyper abort the connection (HTTP/1)
-/// or reset the stream (HTTP/2) instead of ending the body as if it were
-/// complete.
-pub async fn read_body(backend: Arc<Backend>, range: ByteRange) -> Result<Body, ApiError> {
-    let mut pieces = Box::pin(read_pieces(backend, range).peekable());
-    if let Some(Err(_)) = pieces.as_mut().peek().await {
-        let Some(Err(error)) = pieces.next().await else { unreachable!("peeked an error") };
-        return Err(error);
-    }
-    Ok(Body::from_stream(exact_length(pieces, range.len())))
-}
-
-fn read_pieces(backend: Arc<Backend>, range: ByteRange) -> impl Stream<Item = Result<Bytes, ApiError>> + Send {
+/// The pieces of `range`: data read pipelined, zero ranges as lengths.
+pub fn read_pieces(backend: Arc<Backend>, range: ByteRange) -> impl Stream<Item = Result<Piece, ApiError>> + Send {
     let steps = extents::extents::<ZeroState>(backend.clone(), range)
-        .map_ok(|extent| stream::iter(split_extent(extent).map(Ok::<_, ApiError>)))
+        .map_ok(|extent| {
+            let steps: Box<dyn Iterator<Item = ReadStep> + Send> = if extent.flags.zero {
+                Box::new(std::iter::once(ReadStep::Zeros(extent.length)))
+            } else {
+                Box::new(read_steps(extent.start, extent.end()))
+            };
+            stream::iter(steps.map(Ok::<_, ApiError>))
+        })
         .try_flatten();
     steps
         .map(move |step| {
             let backend = backend.clone();
             async move {
                 match step? {
-                    ReadStep::Zeros(length) => Ok(Bytes::from_static(&ZEROS[..length])),
-                    ReadStep::Read(offset, length) => Ok(backend.read(offset, length).await?),
+                    ReadStep::Zeros(length) => Ok(Piece::Zeros(length)),
+                    ReadStep::Read(offset, length) => Ok(Piece::Data(backend.read(offset, length).await?)),
                 }
             }
         })
         .buffered(PIPELINE_DEPTH)
 }
 
-fn split_extent(extent: Extent<ZeroState>) -> impl Iterator<Item = ReadStep> {
-    let end = extent.end();
-    let zero = extent.flags.zero;
-    (extent.start..end).step_by(REQUEST_SIZE).map(move |offset| {
-        let length = (end - offset).min(REQUEST_SIZE as u64) as usize;
-        if zero { ReadStep::Zeros(length) } else { ReadStep::Read(offset, length) }
-    })
+fn read_steps(start: u64, end: u64) -> impl Iterator<Item = ReadStep> + Send {
+    (start..end).step_by(REQUEST_SIZE).map(move |offset| ReadStep::Read(offset, (end - offset).min(REQUEST_SIZE as u64) as usize))
+}
+
+/// Polls the first item of a stream before a response is committed, so a
+/// backend that is already gone is a plain error status rather than a body
+/// that fails at once.
+pub async fn started<S, T>(stream: S) -> Result<Peekable<Pin<Box<S>>>, ApiError>
+where
+    S: Stream<Item = Result<T, ApiError>>,
+{
+    let mut stream = Box::pin(stream).peekable();
+    if let Some(Err(_)) = Pin::new(&mut stream).peek().await {
+        let Some(Err(error)) = stream.next().await else { unreachable!("peeked an error") };
+        return Err(error);
+    }
+    Ok(stream)
+}
+
+/// The bytes of `range` as a response body. A failure after the response
+/// started ends the stream with an error, which makes hyper abort the
+/// connection (HTTP/1) or reset the stream (HTTP/2) instead of ending the
+/// body as if it were complete.
+pub async fn read_body(backend: Arc<Backend>, range: ByteRange) -> Result<Body, ApiError> {
+    let bytes = read_pieces(backend, range)
+        .map_ok(|piece| match piece {
+            Piece::Data(data) => stream::iter(vec![Ok(data)]),
+            Piece::Zeros(length) => {
+                let chunks = (0..length).step_by(REQUEST_SIZE).map(move |at| Ok(zeros((length - at).min(REQUEST_SIZE as u64) as usize)));
+                stream::iter(chunks.collect::<Vec<_>>())
+            }
+        })
+        .try_flatten();
+    Ok(Body::from_stream(exact_length(started(bytes).await?, range.len())))
 }
 
 /// Passes `stream` through, failing it if it produces more or less than
@@ -90,9 +126,15 @@ fn exact_length(
             None if sent == expected => return None,
             None => ApiError::Internal(format!("read ended after {sent} of {expected} bytes")),
         };
-        tracing::warn!(%error, sent, "aborting a response body");
-        Some((Err(std::io::Error::other(error.to_string())), (inner, sent, true)))
+        Some((Err(abort_body(error)), (inner, sent, true)))
     })
+}
+
+/// Logs why a response body is being cut off and turns the reason into the
+/// error that makes hyper abort it.
+pub fn abort_body(error: ApiError) -> std::io::Error {
+    tracing::warn!(%error, "aborting a response body");
+    std::io::Error::other(error.to_string())
 }
 
 /// Most of an unwanted request body that is read and thrown away, and for
@@ -115,6 +157,11 @@ pub fn discard_body(headers: &HeaderMap, body: Body) {
     }
 }
 
+/// Drops the rest of a body already being read.
+pub fn discard_rest(frames: BodyDataStream) {
+    tokio::spawn(discard(frames));
+}
+
 async fn discard(mut frames: BodyDataStream) {
     let _ = tokio::time::timeout(DISCARD_TIME, async {
         let mut read = 0u64;
@@ -128,11 +175,20 @@ async fn discard(mut frames: BodyDataStream) {
     .await;
 }
 
-/// Why writing a body stopped.
+/// Bytes that reached storage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Bytes written with data.
+    pub data: u64,
+    /// Bytes zeroed.
+    pub zeros: u64,
+}
+
+/// Why writing stopped, and what landed before.
 #[derive(Debug)]
 pub struct WriteFailure {
-    /// Bytes of the body known to be written before the failure.
-    pub written: u64,
+    /// What reached storage before the failure.
+    pub applied: Applied,
     /// What went wrong.
     pub error: ApiError,
 }
@@ -141,8 +197,9 @@ pub struct WriteFailure {
 /// `limit`. Returns the number of bytes written.
 pub async fn write_body(backend: Arc<Backend>, start: u64, limit: u64, body: Body, over_limit: impl Fn(u64) -> ApiError) -> Result<u64, WriteFailure> {
     let mut frames = body.into_data_stream();
-    let mut pipeline = Pipeline { backend, next_offset: start, in_flight: VecDeque::new(), completed: 0 };
+    let mut pipeline = Pipeline::default();
     let mut buffer = BytesMut::new();
+    let mut offset = start;
     let mut received = 0u64;
     while let Some(frame) = frames.next().await {
         let mut frame = match frame {
@@ -154,7 +211,7 @@ pub async fn write_body(backend: Arc<Backend>, start: u64, limit: u64, body: Bod
         };
         received += frame.len() as u64;
         if received > limit {
-            tokio::spawn(discard(frames));
+            discard_rest(frames);
             return Err(pipeline.fail(over_limit(received)).await);
         }
         while !frame.is_empty() {
@@ -168,63 +225,76 @@ pub async fn write_body(backend: Arc<Backend>, start: u64, limit: u64, body: Bod
                 }
                 buffer.split().freeze()
             };
-            if let Err(error) = pipeline.push(request).await {
-                tokio::spawn(discard(frames));
+            let at = offset;
+            offset += request.len() as u64;
+            if let Err(error) = pipeline.write(&backend, at, request).await {
+                discard_rest(frames);
                 return Err(pipeline.fail(error).await);
             }
         }
     }
     if !buffer.is_empty() {
-        if let Err(error) = pipeline.push(buffer.freeze()).await {
+        if let Err(error) = pipeline.write(&backend, offset, buffer.freeze()).await {
             return Err(pipeline.fail(error).await);
         }
     }
-    pipeline.finish().await
+    pipeline.finish().await.map(|applied| applied.data)
 }
 
-/// Writes in flight, oldest first, at most [`PIPELINE_DEPTH`].
-struct Pipeline {
-    backend: Arc<Backend>,
-    next_offset: u64,
-    in_flight: VecDeque<(u64, JoinHandle<Result<(), ApiError>>)>,
-    completed: u64,
+/// Writes in flight, oldest first, at most [`PIPELINE_DEPTH`]; each is a
+/// task, so it makes progress while the caller waits for more input.
+#[derive(Default)]
+pub struct Pipeline {
+    in_flight: VecDeque<(Applied, JoinHandle<Result<(), ApiError>>)>,
+    applied: Applied,
 }
 
 impl Pipeline {
-    /// Starts writing `data` after the previous write, first waiting for
-    /// the oldest write if the pipeline is full.
-    async fn push(&mut self, data: Bytes) -> Result<(), ApiError> {
+    /// Starts writing `data` at `offset`.
+    pub async fn write(&mut self, backend: &Arc<Backend>, offset: u64, data: Bytes) -> Result<(), ApiError> {
+        let work = Applied { data: data.len() as u64, zeros: 0 };
+        let backend = backend.clone();
+        self.push(work, async move { Ok(backend.write(offset, data).await?) }).await
+    }
+
+    /// Starts zeroing `length` bytes at `offset`.
+    pub async fn zero(&mut self, backend: &Arc<Backend>, offset: u64, length: u64, may_deallocate: bool) -> Result<(), ApiError> {
+        let work = Applied { data: 0, zeros: length };
+        let backend = backend.clone();
+        self.push(work, async move { Ok(backend.zero(offset, length, may_deallocate).await?) }).await
+    }
+
+    /// Starts `operation`, first waiting for the oldest one if the pipeline
+    /// is full.
+    async fn push(&mut self, work: Applied, operation: impl Future<Output = Result<(), ApiError>> + Send + 'static) -> Result<(), ApiError> {
         if self.in_flight.len() >= PIPELINE_DEPTH {
             self.wait_oldest().await?;
         }
-        let length = data.len() as u64;
-        let (backend, offset) = (self.backend.clone(), self.next_offset);
-        let write = tokio::spawn(async move { backend.write(offset, data).await.map_err(ApiError::from) });
-        self.in_flight.push_back((length, write));
-        self.next_offset += length;
+        self.in_flight.push_back((work, tokio::spawn(operation)));
         Ok(())
     }
 
     async fn wait_oldest(&mut self) -> Result<(), ApiError> {
-        let Some((length, handle)) = self.in_flight.pop_front() else { return Ok(()) };
+        let Some((work, handle)) = self.in_flight.pop_front() else { return Ok(()) };
         handle.await.map_err(|error| ApiError::Internal(format!("write task failed: {error}")))??;
-        self.completed += length;
+        self.applied.data += work.data;
+        self.applied.zeros += work.zeros;
         Ok(())
     }
 
-    /// Waits for every write; the total written, or the first failure.
-    async fn finish(mut self) -> Result<u64, WriteFailure> {
+    /// Waits for every operation; what was applied, or the first failure.
+    pub async fn finish(mut self) -> Result<Applied, WriteFailure> {
         while !self.in_flight.is_empty() {
             if let Err(error) = self.wait_oldest().await {
                 return Err(self.fail(error).await);
             }
         }
-        Ok(self.completed)
+        Ok(self.applied)
     }
 
-    /// Lets the writes already sent complete, then reports `error` with the
-    /// count of bytes that were written before it.
-    async fn fail(mut self, error: ApiError) -> WriteFailure {
+    /// Lets the operations already started complete, then reports `error`
+    /// with what was applied before it.
+    pub async fn fail(mut self, error: ApiError) -> WriteFailure {
         while !self.in_flight.is_empty() {
             if self.wait_oldest().await.is_err() {
                 break;
@@ -233,6 +303,6 @@ impl Pipeline {
         for (_, handle) in self.in_flight.drain(..) {
             let _ = handle.await;
         }
-        WriteFailure { written: self.completed, error }
+        WriteFailure { applied: self.applied, error }
     }
 }

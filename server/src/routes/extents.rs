@@ -35,7 +35,7 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>, Query(pa
     let body = match params.get("context").map(String::as_str).unwrap_or("zero") {
         "zero" => json_array(extents::<ZeroState>(backend, range)),
         "dirty" => {
-            if backend.dirty_context().is_none() {
+            if backend.bitmap().is_none() {
                 return Err(ApiError::NotFound(format!("ticket {id:?} has no dirty bitmap; context=dirty needs one")));
             }
             json_array(extents::<DirtyState>(backend, range))

@@ -11,11 +11,14 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use blockgate_protocol::sparse;
 use blockgate_protocol::{parse_content_range, parse_patch, parse_range, ByteRange, ImageOptions, PatchRequest, MAX_PATCH_BODY};
 
 use super::query::{flag, Params};
 use super::AppState;
+use crate::backup::{backup_body, Scope};
 use crate::error::{ApiError, ApiResult};
+use crate::restore::restore;
 use crate::tickets::Ticket;
 use crate::transfer::{discard_body, read_body, write_body};
 
@@ -23,7 +26,7 @@ const ALLOW_WRITABLE: &str = "OPTIONS,GET,PUT,PATCH";
 const ALLOW_READ_ONLY: &str = "OPTIONS,GET";
 
 fn features(writable: bool) -> Vec<String> {
-    let features: &[&str] = if writable { &["extents", "flush", "zero"] } else { &["extents"] };
+    let features: &[&str] = if writable { &["checksum", "extents", "flush", "zero"] } else { &["checksum", "extents"] };
     features.iter().map(|feature| feature.to_string()).collect()
 }
 
@@ -39,7 +42,8 @@ pub async fn options(State(state): State<AppState>, Path(id): Path<String>) -> A
         max_writers: state.limits.max_writers,
         unix_socket: state.local_socket.clone(),
         size: Some(ticket.backend.size()),
-        dirty: Some(ticket.backend.dirty_context().is_some()),
+        dirty: Some(ticket.backend.bitmap().is_some()),
+        sparse_stream: Some(true),
     };
     let allow = if ticket.writable { ALLOW_WRITABLE } else { ALLOW_READ_ONLY };
     Ok(([(header::ALLOW, allow)], Json(body)).into_response())
@@ -53,6 +57,7 @@ fn server_options(state: &AppState) -> Response {
         unix_socket: state.local_socket.clone(),
         size: None,
         dirty: None,
+        sparse_stream: Some(true),
     };
     ([(header::ALLOW, "OPTIONS")], Json(body)).into_response()
 }
@@ -69,8 +74,10 @@ pub async fn head(State(state): State<AppState>, Path(id): Path<String>) -> ApiR
 
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>, Query(params): Query<Params>, headers: HeaderMap) -> ApiResult<Response> {
     let ticket = state.tickets.get(&id)?;
-    reject_format(&params)?;
     let close = flag(&params, "close", false)?;
+    if transfer_format(&params)? == Format::Sparse {
+        return sparse_get(&ticket, &params, &headers, close).await;
+    }
     let size = ticket.backend.size();
     let (status, range) = match headers.get(header::RANGE) {
         None => (StatusCode::OK, ByteRange { start: 0, end: size }),
@@ -94,6 +101,28 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>, Query(pa
     Ok(response)
 }
 
+/// `GET ?format=sparse[&context=zero|dirty]`: a full or incremental backup.
+async fn sparse_get(ticket: &Ticket, params: &Params, headers: &HeaderMap, close: bool) -> ApiResult<Response> {
+    if headers.contains_key(header::RANGE) {
+        return Err(ApiError::BadRequest("Range does not apply to format=sparse; the stream covers the image".into()));
+    }
+    let scope = match params.get("context").map(String::as_str).unwrap_or("zero") {
+        "zero" => Scope::Full,
+        "dirty" => match ticket.backend.bitmap() {
+            Some(bitmap) => Scope::Dirty(bitmap.to_string()),
+            None => return Err(ApiError::NotFound(format!("ticket {:?} has no dirty bitmap; context=dirty needs one", ticket.id))),
+        },
+        other => return Err(ApiError::BadRequest(format!("invalid context={other:?}: expected zero or dirty"))),
+    };
+    let mut response = Response::new(backup_body(ticket.backend.clone(), scope).await?);
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(sparse::CONTENT_TYPE));
+    if close {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(response)
+}
+
 /// What a PUT will do, decided before its body is read.
 struct PutPlan {
     ticket: Arc<Ticket>,
@@ -101,6 +130,7 @@ struct PutPlan {
     /// Body length from Content-Range or Content-Length, if announced.
     expected: Option<u64>,
     flush: bool,
+    format: Format,
 }
 
 pub async fn put(State(state): State<AppState>, Path(id): Path<String>, Query(params): Query<Params>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
@@ -111,7 +141,11 @@ pub async fn put(State(state): State<AppState>, Path(id): Path<String>, Query(pa
             return Err(error);
         }
     };
-    let PutPlan { ticket, start, expected, flush } = plan;
+    let PutPlan { ticket, start, expected, flush, format } = plan;
+    if format == Format::Sparse {
+        let summary = restore(ticket.backend.clone(), body, ticket.sparse, flush).await?;
+        return Ok(Json(summary).into_response());
+    }
     let size = ticket.backend.size();
     let limit = expected.unwrap_or(size - start);
     let over_limit = |received: u64| match expected {
@@ -119,8 +153,8 @@ pub async fn put(State(state): State<AppState>, Path(id): Path<String>, Query(pa
         None => ApiError::range(format!("request body passes the end of the image ({size} bytes) at offset {}", start + received), size),
     };
     let written = write_body(ticket.backend.clone(), start, limit, body, over_limit).await.map_err(|failure| {
-        tracing::warn!(written = failure.written, error = %failure.error, "PUT failed");
-        with_written(failure.error, failure.written)
+        tracing::warn!(written = failure.applied.data, error = %failure.error, "PUT failed");
+        with_written(failure.error, failure.applied.data)
     })?;
     if let Some(expected) = expected {
         if written != expected {
@@ -138,8 +172,14 @@ pub async fn put(State(state): State<AppState>, Path(id): Path<String>, Query(pa
 fn plan_put(state: &AppState, id: &str, params: &Params, headers: &HeaderMap) -> ApiResult<PutPlan> {
     let ticket = state.tickets.get(id)?;
     ticket.require_write()?;
-    reject_format(params)?;
+    let format = transfer_format(params)?;
     let flush = flag(params, "flush", true)?;
+    if format == Format::Sparse {
+        if headers.contains_key(header::CONTENT_RANGE) {
+            return Err(ApiError::BadRequest("Content-Range does not apply to format=sparse; frames carry their offsets".into()));
+        }
+        return Ok(PutPlan { ticket, start: 0, expected: None, flush, format });
+    }
     let size = ticket.backend.size();
     let content_range = match headers.get(header::CONTENT_RANGE) {
         None => None,
@@ -175,7 +215,7 @@ fn plan_put(state: &AppState, id: &str, params: &Params, headers: &HeaderMap) ->
             size,
         ));
     }
-    Ok(PutPlan { ticket, start, expected, flush })
+    Ok(PutPlan { ticket, start, expected, flush, format })
 }
 
 /// Adds how much of a failed write landed to its message.
@@ -223,10 +263,19 @@ async fn zero(ticket: &Ticket, offset: u64, length: u64, flush: bool) -> ApiResu
     Ok(())
 }
 
-/// Only raw transfers exist so far; refuse other formats plainly.
-fn reject_format(params: &Params) -> ApiResult<()> {
+/// How a GET or PUT body carries the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// The bytes themselves.
+    Raw,
+    /// The sparse stream.
+    Sparse,
+}
+
+fn transfer_format(params: &Params) -> ApiResult<Format> {
     match params.get("format").map(String::as_str) {
-        None | Some("raw") => Ok(()),
-        Some(other) => Err(ApiError::BadRequest(format!("unsupported format={other:?}: expected raw"))),
+        None | Some("raw") => Ok(Format::Raw),
+        Some("sparse") => Ok(Format::Sparse),
+        Some(other) => Err(ApiError::BadRequest(format!("unsupported format={other:?}: expected raw or sparse"))),
     }
 }

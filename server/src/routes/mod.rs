@@ -3,6 +3,7 @@
 //! span. Each submodule owns one family of routes; handlers parse and
 //! authorize, then hand the work to the ticket's backend.
 
+mod checksum;
 mod cors;
 mod extents;
 mod images;
@@ -51,6 +52,8 @@ pub struct AppState {
 pub const ROUTES: &[(&str, &[&str])] = &[
     ("/images/{ticket}", &["OPTIONS", "HEAD", "GET", "PUT", "PATCH"]),
     ("/images/{ticket}/extents", &["GET"]),
+    ("/images/{ticket}/checksum", &["GET"]),
+    ("/images/{ticket}/checksum/algorithms", &["GET"]),
     ("/info/", &["GET"]),
 ];
 
@@ -67,6 +70,8 @@ pub fn router(state: AppState) -> Router {
             options(images::options).head(images::head).get(images::get).put(images::put).patch(images::patch),
         )
         .route("/images/{ticket}/extents", get(extents::get))
+        .route("/images/{ticket}/checksum", get(checksum::get))
+        .route("/images/{ticket}/checksum/algorithms", get(checksum::algorithms))
         .route("/info/", get(info::get))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -1,0 +1,211 @@
+//! The sparse stream out (`GET ?format=sparse`): a full backup tiles the
+//! image with data and zero frames; an incremental one (`context=dirty`)
+//! covers exactly the dirty ranges, dirty zero ranges as zero frames. The
+//! `meta` frame needs the data size up front, so the extents are walked
+//! twice (cheap: no data is read the first time) rather than held in
+//! memory. Data is read pipelined; the full stream's blkhash is computed
+//! from the frames as they go out and sent in the trailer. A failure after
+//! the first byte aborts the body without a `stop` frame.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use blockgate_protocol::blkhash::{BlockHasher, ALGORITHM, DEFAULT_BLOCK_SIZE};
+use blockgate_protocol::sparse::{self, Checksum, Kind, Meta, Trailer, DATA_SEGMENT};
+use blockgate_protocol::{ByteRange, DirtyState, Extent, ZeroState};
+use bytes::Bytes;
+use futures::stream::{self, Stream, StreamExt, TryStreamExt};
+
+use crate::backend::{Backend, PIPELINE_DEPTH, REQUEST_SIZE};
+use crate::error::ApiError;
+use crate::extents::extents;
+use crate::transfer::{abort_body, started};
+
+/// Which frames a stream carries.
+#[derive(Debug, Clone)]
+pub enum Scope {
+    /// The whole image.
+    Full,
+    /// The dirty ranges of this bitmap.
+    Dirty(String),
+}
+
+/// A range the stream carries as one frame.
+#[derive(Debug, Clone, Copy)]
+struct FrameRange {
+    start: u64,
+    length: u64,
+    zero: bool,
+}
+
+/// The frames of `scope`, in order; data frames at most [`DATA_SEGMENT`].
+fn frame_ranges(backend: Arc<Backend>, incremental: bool) -> impl Stream<Item = Result<FrameRange, ApiError>> + Send {
+    let range = ByteRange { start: 0, end: backend.size() };
+    let carried: std::pin::Pin<Box<dyn Stream<Item = Result<FrameRange, ApiError>> + Send>> = match incremental {
+        false => Box::pin(extents::<ZeroState>(backend, range).map_ok(|e: Extent<ZeroState>| FrameRange {
+            start: e.start,
+            length: e.length,
+            zero: e.flags.zero,
+        })),
+        true => Box::pin(
+            extents::<DirtyState>(backend, range)
+                .try_filter(|e| std::future::ready(e.flags.dirty))
+                .map_ok(|e| FrameRange { start: e.start, length: e.length, zero: e.flags.zero }),
+        ),
+    };
+    carried
+        .map_ok(|range| {
+            let frames: Vec<_> = if range.zero {
+                vec![Ok(range)]
+            } else {
+                (range.start..range.start + range.length)
+                    .step_by(DATA_SEGMENT as usize)
+                    .map(|start| Ok(FrameRange { start, length: (range.start + range.length - start).min(DATA_SEGMENT), zero: false }))
+                    .collect()
+            };
+            stream::iter(frames)
+        })
+        .try_flatten()
+}
+
+/// What goes out, in order.
+enum Step {
+    /// A data frame's header.
+    DataHeader(Bytes),
+    /// The CR LF that ends a data frame.
+    Terminator,
+    /// Image data to read.
+    Read(u64, usize),
+    /// A zero frame: its header, and the length to hash.
+    Zero(Bytes, u64),
+}
+
+enum Output {
+    DataHeader(Bytes),
+    Terminator,
+    Data(Bytes),
+    Zero(Bytes, u64),
+}
+
+/// The sparse stream of `scope` as a response body.
+pub async fn backup_body(backend: Arc<Backend>, scope: Scope) -> Result<Body, ApiError> {
+    let incremental = matches!(scope, Scope::Dirty(_));
+    let data_size = frame_ranges(backend.clone(), incremental)
+        .try_fold(0u64, |sum, frame| std::future::ready(Ok(sum + if frame.zero { 0 } else { frame.length })))
+        .await?;
+    let meta = Meta {
+        virtual_size: backend.size(),
+        data_size,
+        date: Some(now_rfc3339()),
+        incremental,
+        context: Some(if incremental { "dirty" } else { "zero" }.to_string()),
+        bitmap: match &scope {
+            Scope::Dirty(bitmap) => Some(bitmap.clone()),
+            Scope::Full => None,
+        },
+        generator: Some(format!("blockgate {}", env!("CARGO_PKG_VERSION"))),
+    };
+    let steps = frame_ranges(backend.clone(), incremental)
+        .map_ok(|frame| {
+            let header = sparse::header(if frame.zero { Kind::Zero } else { Kind::Data }, frame.start, frame.length);
+            let steps: Vec<Result<Step, ApiError>> = if frame.zero {
+                vec![Ok(Step::Zero(header, frame.length))]
+            } else {
+                let end = frame.start + frame.length;
+                let reads = (frame.start..end).step_by(REQUEST_SIZE).map(|at| Ok(Step::Read(at, (end - at).min(REQUEST_SIZE as u64) as usize)));
+                std::iter::once(Ok(Step::DataHeader(header))).chain(reads).chain(std::iter::once(Ok(Step::Terminator))).collect()
+            };
+            stream::iter(steps)
+        })
+        .try_flatten();
+    let outputs = steps
+        .map(move |step| {
+            let backend = backend.clone();
+            async move {
+                Ok(match step? {
+                    Step::DataHeader(header) => Output::DataHeader(header),
+                    Step::Terminator => Output::Terminator,
+                    Step::Zero(header, length) => Output::Zero(header, length),
+                    Step::Read(offset, length) => Output::Data(backend.read(offset, length).await?),
+                })
+            }
+        })
+        .buffered(PIPELINE_DEPTH);
+    let outputs = started(outputs).await?;
+    let state = Frames { outputs, hasher: (!incremental).then(|| BlockHasher::new(DEFAULT_BLOCK_SIZE)), frames: 0, data_size: 0, zero_size: 0, expected_data: data_size, ended: false };
+    let body = stream::once(async move { Ok(sparse::json_frame(Kind::Meta, &meta)) }).chain(stream::unfold(state, Frames::next));
+    Ok(Body::from_stream(body))
+}
+
+/// The running state of a stream going out.
+struct Frames<S> {
+    outputs: S,
+    hasher: Option<BlockHasher>,
+    frames: u64,
+    data_size: u64,
+    zero_size: u64,
+    expected_data: u64,
+    ended: bool,
+}
+
+impl<S: Stream<Item = Result<Output, ApiError>> + Unpin> Frames<S> {
+    async fn next(mut self) -> Option<(Result<Bytes, std::io::Error>, Self)> {
+        if self.ended {
+            return None;
+        }
+        let bytes = match self.outputs.next().await {
+            Some(Ok(Output::DataHeader(header))) => {
+                self.frames += 1;
+                header
+            }
+            Some(Ok(Output::Terminator)) => Bytes::from_static(sparse::CRLF),
+            Some(Ok(Output::Data(data))) => {
+                self.data_size += data.len() as u64;
+                if let Some(hasher) = &mut self.hasher {
+                    hasher.update(&data);
+                }
+                data
+            }
+            Some(Ok(Output::Zero(header, length))) => {
+                self.frames += 1;
+                self.zero_size += length;
+                if let Some(hasher) = &mut self.hasher {
+                    hasher.zero(length);
+                }
+                header
+            }
+            Some(Err(error)) => {
+                self.ended = true;
+                return Some((Err(abort_body(error)), self));
+            }
+            None => {
+                self.ended = true;
+                if self.data_size != self.expected_data {
+                    // The image changed between the two walks: the meta
+                    // frame would lie, so the stream must not look complete.
+                    let error = ApiError::Internal(format!(
+                        "the image changed during the backup ({} bytes of data, {} announced)",
+                        self.data_size, self.expected_data
+                    ));
+                    return Some((Err(abort_body(error)), self));
+                }
+                let checksum = self.hasher.take().map(|hasher| Checksum {
+                    algorithm: ALGORITHM.to_string(),
+                    block_size: hasher.block_size(),
+                    checksum: hasher.finish(),
+                });
+                let trailer = Trailer { frames: self.frames, data_size: self.data_size, zero_size: self.zero_size, checksum };
+                sparse::json_frame(Kind::Stop, &trailer)
+            }
+        };
+        Some((Ok(bytes), self))
+    }
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .ok()
+        .and_then(|now| now.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}

@@ -1,0 +1,106 @@
+//! The sparse stream in (`PUT ?format=sparse`): frames are decoded as the
+//! body arrives (at most one 8 MiB data segment held), data goes out as
+//! pipelined WRITEs and zero frames as WRITE_ZEROES. A full stream's zero
+//! frames cost nothing when the target already reads as zeros throughout.
+//! A bad frame stops everything after it; the error names the frame and
+//! how much was applied before it, because storage cannot undo what landed.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use blockgate_protocol::sparse::{Decoder, Event, Summary};
+use blockgate_protocol::{ByteRange, ZeroState};
+use bytes::BytesMut;
+use futures::{StreamExt, TryStreamExt};
+
+use crate::backend::{Backend, REQUEST_SIZE};
+use crate::error::ApiError;
+use crate::extents::extents;
+use crate::transfer::{discard_rest, Applied, Pipeline, WriteFailure};
+
+/// Applies a sparse stream; the stream's summary on success.
+pub async fn restore(backend: Arc<Backend>, body: Body, may_deallocate: bool, flush: bool) -> Result<Summary, ApiError> {
+    let mut frames = body.into_data_stream();
+    let mut decoder = Decoder::new(backend.size());
+    let mut buffer = BytesMut::new();
+    let mut pipeline = Pipeline::default();
+    let mut skip_zero_frames = false;
+    let mut input_done = false;
+    loop {
+        let event = match decoder.decode(&mut buffer) {
+            Ok(Some(event)) => event,
+            Ok(None) if input_done => {
+                let error = decoder.finish(&buffer).expect_err("no End event, so the stream is incomplete");
+                return Err(rejected(pipeline.fail(ApiError::BadRequest(error.to_string())).await));
+            }
+            Ok(None) => {
+                match frames.next().await {
+                    Some(Ok(chunk)) => buffer.extend_from_slice(&chunk),
+                    Some(Err(error)) => {
+                        let error = ApiError::BadRequest(format!("reading the stream failed: {error}"));
+                        return Err(rejected(pipeline.fail(error).await));
+                    }
+                    None => input_done = true,
+                }
+                continue;
+            }
+            Err(error) => {
+                discard_rest(frames);
+                return Err(rejected(pipeline.fail(ApiError::BadRequest(error.to_string())).await));
+            }
+        };
+        let applied = match event {
+            Event::Meta(meta) => {
+                skip_zero_frames = !meta.incremental && reads_as_zeros(&backend).await?;
+                Ok(())
+            }
+            Event::Data { offset, data } => {
+                let mut result = Ok(());
+                for at in (0..data.len()).step_by(REQUEST_SIZE) {
+                    let piece = data.slice(at..data.len().min(at + REQUEST_SIZE));
+                    result = pipeline.write(&backend, offset + at as u64, piece).await;
+                    if result.is_err() {
+                        break;
+                    }
+                }
+                result
+            }
+            Event::Zero { .. } if skip_zero_frames => Ok(()),
+            Event::Zero { offset, length } => pipeline.zero(&backend, offset, length, may_deallocate).await,
+            Event::End(summary) => {
+                let end = decoder.finish(&buffer);
+                if let Err(error) = end {
+                    return Err(rejected(pipeline.fail(ApiError::BadRequest(error.to_string())).await));
+                }
+                pipeline.finish().await.map_err(rejected)?;
+                if flush {
+                    backend.flush().await?;
+                }
+                return Ok(summary);
+            }
+        };
+        if let Err(error) = applied {
+            discard_rest(frames);
+            return Err(rejected(pipeline.fail(error).await));
+        }
+    }
+}
+
+/// True when the whole target reads as zeros (a fresh image).
+async fn reads_as_zeros(backend: &Arc<Backend>) -> Result<bool, ApiError> {
+    let range = ByteRange { start: 0, end: backend.size() };
+    extents::<ZeroState>(backend.clone(), range).try_all(|extent| std::future::ready(extent.flags.zero)).await
+}
+
+/// Adds what landed before a failure to its message.
+fn rejected(failure: WriteFailure) -> ApiError {
+    let Applied { data, zeros } = failure.applied;
+    let note = format!("; {data} bytes of data and {zeros} bytes of zeros were applied before it (restore again from a good stream)");
+    match failure.error {
+        ApiError::BadRequest(message) => ApiError::BadRequest(message + &note),
+        other => {
+            tracing::warn!(data, zeros, error = %other, "restore failed after applying part of the stream");
+            other
+        }
+    }
+}

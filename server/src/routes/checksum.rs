@@ -1,0 +1,43 @@
+//! `GET /images/{ticket}/checksum?algorithm=blake2b&block_size=N` and
+//! `GET /images/{ticket}/checksum/algorithms`: imageio's blkhash of the
+//! image, with zero ranges hashed from their extents instead of read.
+
+use axum::extract::{Path, Query, State};
+use axum::Json;
+use blockgate_protocol::blkhash::{check_block_size, BlockHasher, ALGORITHM, DEFAULT_BLOCK_SIZE};
+use blockgate_protocol::sparse::Checksum;
+use blockgate_protocol::ByteRange;
+use futures::TryStreamExt;
+use serde_json::{json, Value};
+
+use super::query::{number, Params};
+use super::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::transfer::{read_pieces, Piece};
+
+pub async fn get(State(state): State<AppState>, Path(id): Path<String>, Query(params): Query<Params>) -> ApiResult<Json<Checksum>> {
+    let ticket = state.tickets.get(&id)?;
+    match params.get("algorithm").map(String::as_str) {
+        None | Some(ALGORITHM) => {}
+        Some(other) => return Err(ApiError::BadRequest(format!("unsupported algorithm={other:?}: expected {ALGORITHM}"))),
+    }
+    let block_size = number(&params, "block_size")?.unwrap_or(DEFAULT_BLOCK_SIZE);
+    check_block_size(block_size).map_err(ApiError::BadRequest)?;
+    let backend = ticket.backend.clone();
+    let range = ByteRange { start: 0, end: backend.size() };
+    let hasher = read_pieces(backend, range)
+        .try_fold(BlockHasher::new(block_size), |mut hasher, piece| async move {
+            match piece {
+                Piece::Zeros(length) => hasher.zero(length),
+                Piece::Data(data) => hasher.update(&data),
+            }
+            Ok(hasher)
+        })
+        .await?;
+    Ok(Json(Checksum { algorithm: ALGORITHM.to_string(), block_size, checksum: hasher.finish() }))
+}
+
+pub async fn algorithms(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    state.tickets.get(&id)?;
+    Ok(Json(json!({ "algorithms": [ALGORITHM] })))
+}
