@@ -233,6 +233,9 @@ impl Decoder {
                     }
                     let raw = buffer.split_to(HEADER_LEN);
                     self.frame += 1;
+                    // Until the header parses, the frame is where the last
+                    // one ended.
+                    self.frame_start = self.position;
                     if let Some(event) = self.start_frame(&raw)? {
                         return Ok(Some(event));
                     }

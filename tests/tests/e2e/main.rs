@@ -2,6 +2,7 @@
 //! and clients (reqwest, curl) doing what users do.
 
 mod common;
+mod backup;
 mod data;
 mod errors;
 mod lifecycle;
