@@ -75,8 +75,9 @@ pub async fn head(State(state): State<AppState>, Path(id): Path<String>) -> ApiR
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>, Query(params): Query<Params>, headers: HeaderMap) -> ApiResult<Response> {
     let ticket = state.tickets.get(&id)?;
     let close = flag(&params, "close", false)?;
+    let scope = sparse_scope(&ticket, &params)?;
     if transfer_format(&params)? == Format::Sparse {
-        return sparse_get(&ticket, &params, &headers, close).await;
+        return sparse_get(&ticket, scope, &headers, close).await;
     }
     let size = ticket.backend.size();
     let (status, range) = match headers.get(header::RANGE) {
@@ -102,18 +103,10 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>, Query(pa
 }
 
 /// `GET ?format=sparse[&context=zero|dirty]`: a full or incremental backup.
-async fn sparse_get(ticket: &Ticket, params: &Params, headers: &HeaderMap, close: bool) -> ApiResult<Response> {
+async fn sparse_get(ticket: &Ticket, scope: Scope, headers: &HeaderMap, close: bool) -> ApiResult<Response> {
     if headers.contains_key(header::RANGE) {
         return Err(ApiError::BadRequest("Range does not apply to format=sparse; the stream covers the image".into()));
     }
-    let scope = match params.get("context").map(String::as_str).unwrap_or("zero") {
-        "zero" => Scope::Full,
-        "dirty" => match ticket.backend.bitmap() {
-            Some(bitmap) => Scope::Dirty(bitmap.to_string()),
-            None => return Err(ApiError::NotFound(format!("ticket {:?} has no dirty bitmap; context=dirty needs one", ticket.id))),
-        },
-        other => return Err(ApiError::BadRequest(format!("invalid context={other:?}: expected zero or dirty"))),
-    };
     let mut response = Response::new(backup_body(ticket.backend.clone(), scope).await?);
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(sparse::CONTENT_TYPE));
@@ -261,6 +254,18 @@ async fn zero(ticket: &Ticket, offset: u64, length: u64, flush: bool) -> ApiResu
         ticket.backend.flush().await?;
     }
     Ok(())
+}
+
+/// What a sparse GET carries, from `context` (checked whatever the format).
+fn sparse_scope(ticket: &Ticket, params: &Params) -> ApiResult<Scope> {
+    match params.get("context").map(String::as_str).unwrap_or("zero") {
+        "zero" => Ok(Scope::Full),
+        "dirty" => match ticket.backend.bitmap() {
+            Some(bitmap) => Ok(Scope::Dirty(bitmap.to_string())),
+            None => Err(ApiError::NotFound(format!("ticket {:?} has no dirty bitmap; context=dirty needs one", ticket.id))),
+        },
+        other => Err(ApiError::BadRequest(format!("invalid context={other:?}: expected zero or dirty"))),
+    }
 }
 
 /// How a GET or PUT body carries the image.
