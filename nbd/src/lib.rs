@@ -17,9 +17,11 @@
 //! ```
 
 mod address;
+pub mod allocation;
 mod client;
 mod error;
 mod handshake;
+pub mod qemu;
 pub mod reply;
 pub mod wire;
 

@@ -6,11 +6,11 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{bail, Context, Result};
+use blockgate_nbd::qemu::{self, ExportSettings, QemuNbd};
 use blockgate_nbd::{wire::tflag, Address, BlockStatus, Client, ConnectOptions, ZeroFlags, ALLOCATION_DEPTH, BASE_ALLOCATION, DIRTY_BITMAP_PREFIX};
 use bytes::Bytes;
 
 use crate::config::{ImageFormat, ImageSource, ImageSpec};
-use crate::qemu_nbd::{self, ExportSettings, QemuNbd};
 
 /// Largest single READ or WRITE the data routes issue; nbd.md measured
 /// 256 KiB to 1 MiB as the best request sizes.
@@ -57,9 +57,9 @@ impl Backend {
                     } else {
                         ImageFormat::Raw
                     });
-                    qemu_nbd::create_image(path, format, size).await?;
+                    qemu::create_image(path, format.as_str(), size).await?;
                 }
-                let info = qemu_nbd::image_info(path).await?;
+                let info = qemu::image_info(path).await?;
                 let format = spec.format.map_or(info.format, |format| format.as_str().to_string());
                 if spec.dirty && spec.bitmap.is_none() {
                     bitmap = Some(only_bitmap(info.bitmaps, &path.display().to_string())?);

@@ -10,7 +10,6 @@ pub mod backup;
 pub mod config;
 pub mod error;
 pub mod extents;
-pub mod qemu_nbd;
 pub mod restore;
 pub mod routes;
 pub mod server;

@@ -1,21 +1,32 @@
-//! A qemu-nbd child the server owns for an image given as a local file:
-//! created with `qemu-img` when asked, exported on a private unix socket
+//! qemu's tools for local images: `qemu-img` to create and inspect files,
+//! and a qemu-nbd child exporting one on a private unix socket
 //! (`-t -e N --discard=unmap -A`, `-B` for a bitmap), started without
-//! `--fork` so we can wait for it and reap it, and stopped with SIGTERM so
-//! qcow2 metadata and persistent bitmaps are written back cleanly.
+//! `--fork` so its owner can wait for it and reap it, and stopped with
+//! SIGTERM so qcow2 metadata and persistent bitmaps are written back
+//! cleanly. The server uses it for `--image FILE`; the CLI for local files
+//! of any format.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::config::ImageFormat;
+
+/// A failure of qemu-img or qemu-nbd, with what they said.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct QemuError(String);
+
+type Result<T> = std::result::Result<T, QemuError>;
+
+fn failed(message: impl Into<String>) -> QemuError {
+    QemuError(message.into())
+}
 
 /// How long qemu-nbd may take to open its socket.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -47,7 +58,7 @@ pub struct QemuNbd {
 impl QemuNbd {
     /// Starts qemu-nbd and waits until its socket accepts connections.
     pub async fn start(settings: &ExportSettings<'_>) -> Result<QemuNbd> {
-        let socket_dir = tempfile::Builder::new().prefix("blockgate-nbd-").tempdir().context("creating a socket directory")?;
+        let socket_dir = tempfile::Builder::new().prefix("blockgate-nbd-").tempdir().map_err(|error| failed(format!("creating a socket directory: {error}")))?;
         let socket = socket_dir.path().join("nbd.sock");
         let mut command = Command::new("qemu-nbd");
         command
@@ -64,7 +75,7 @@ impl QemuNbd {
             command.args(["--bitmap", bitmap]);
         }
         command.arg(settings.path).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
-        let mut child = command.spawn().context("starting qemu-nbd (is qemu-utils installed?)")?;
+        let mut child = command.spawn().map_err(|error| failed(format!("starting qemu-nbd (is qemu-utils installed?): {error}")))?;
         let stderr_lines = Arc::new(Mutex::new(Vec::<String>::new()));
         if let Some(stderr) = child.stderr.take() {
             let lines = stderr_lines.clone();
@@ -81,14 +92,14 @@ impl QemuNbd {
             if tokio::net::UnixStream::connect(&socket).await.is_ok() {
                 break;
             }
-            if let Some(status) = child.try_wait()? {
+            if let Some(status) = child.try_wait().map_err(|error| failed(error.to_string()))? {
                 // Let the stderr task catch the last words.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 let said = stderr_lines.lock().expect("stderr lock").join("; ");
-                bail!("qemu-nbd exited ({status}) while exporting {}: {said}", settings.path.display());
+                return Err(failed(format!("qemu-nbd exited ({status}) while exporting {}: {said}", settings.path.display())));
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("qemu-nbd did not open its socket within {START_TIMEOUT:?}");
+                return Err(failed(format!("qemu-nbd did not open its socket within {START_TIMEOUT:?}")));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -116,45 +127,52 @@ impl QemuNbd {
 }
 
 /// Creates an image file with qemu-img.
-pub async fn create_image(path: &Path, format: ImageFormat, size: u64) -> Result<()> {
+pub async fn create_image(path: &Path, format: &str, size: u64) -> Result<()> {
+    qemu_img(&["create", "-q", "-f", format, &path.to_string_lossy(), &size.to_string()]).await?;
+    tracing::info!(image = %path.display(), format, size, "created image");
+    Ok(())
+}
+
+/// Creates a qcow2 overlay on top of `backing` (a qcow2 image): reads of
+/// ranges never written come from the backing file.
+pub async fn create_overlay(path: &Path, backing: &Path) -> Result<()> {
+    let backing = std::path::absolute(backing).map_err(|error| failed(error.to_string()))?;
+    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &backing.to_string_lossy(), &path.to_string_lossy()]).await?;
+    Ok(())
+}
+
+/// Runs qemu-img; its stdout.
+async fn qemu_img(args: &[&str]) -> Result<Vec<u8>> {
     let output = Command::new("qemu-img")
-        .args(["create", "-q", "-f", format.as_str()])
-        .arg(path)
-        .arg(size.to_string())
+        .args(args)
         .output()
         .await
-        .context("running qemu-img (is qemu-utils installed?)")?;
+        .map_err(|error| failed(format!("running qemu-img (is qemu-utils installed?): {error}")))?;
     if !output.status.success() {
-        bail!("qemu-img create {} failed: {}", path.display(), String::from_utf8_lossy(&output.stderr).trim());
+        return Err(failed(format!("qemu-img {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim())));
     }
-    tracing::info!(image = %path.display(), format = format.as_str(), size, "created image");
-    Ok(())
+    Ok(output.stdout)
 }
 
 /// What `qemu-img info` says of a file.
 pub struct ImageInfo {
     /// Detected format.
     pub format: String,
+    /// Virtual size in bytes.
+    pub size: u64,
     /// Names of its persistent dirty bitmaps (qcow2).
     pub bitmaps: Vec<String>,
 }
 
 /// Asks `qemu-img info` about a file (works while the file is exported).
 pub async fn image_info(path: &Path) -> Result<ImageInfo> {
-    let output = Command::new("qemu-img")
-        .args(["info", "-U", "--output=json"])
-        .arg(path)
-        .output()
-        .await
-        .context("running qemu-img (is qemu-utils installed?)")?;
-    if !output.status.success() {
-        bail!("qemu-img info {} failed: {}", path.display(), String::from_utf8_lossy(&output.stderr).trim());
-    }
-    let info: serde_json::Value = serde_json::from_slice(&output.stdout).context("parsing qemu-img info")?;
-    let format = info["format"].as_str().map(str::to_string).context("qemu-img info gave no format")?;
+    let output = qemu_img(&["info", "-U", "--output=json", &path.to_string_lossy()]).await?;
+    let info: serde_json::Value = serde_json::from_slice(&output).map_err(|error| failed(format!("parsing qemu-img info: {error}")))?;
+    let format = info["format"].as_str().map(str::to_string).ok_or_else(|| failed("qemu-img info gave no format"))?;
+    let size = info["virtual-size"].as_u64().ok_or_else(|| failed("qemu-img info gave no virtual-size"))?;
     let bitmaps = info["format-specific"]["data"]["bitmaps"]
         .as_array()
         .map(|bitmaps| bitmaps.iter().filter_map(|bitmap| bitmap["name"].as_str().map(str::to_string)).collect())
         .unwrap_or_default();
-    Ok(ImageInfo { format, bitmaps })
+    Ok(ImageInfo { format, size, bitmaps })
 }
