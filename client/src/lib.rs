@@ -1,1 +1,19 @@
-//! placeholder
+//! blockgate-client: the HTTP client library of blockgate (and of any
+//! imageio-compatible server) and the `blockgate` command-line tool.
+//!
+//! [`ImageClient`] makes single requests (options, size, extents, ranged
+//! reads and writes, zero, flush, checksum, the sparse stream), retried
+//! with backoff when that is safe. [`transfer`] moves whole images between
+//! a local file of any format ([`LocalImage`], through a local qemu-nbd)
+//! and a server on several connections, following extents.
+
+mod error;
+mod image;
+mod local;
+mod retry;
+pub mod transfer;
+
+pub use error::{ClientError, Result};
+pub use image::{Context, ImageClient, Trust};
+pub use local::{LocalImage, Run};
+pub use retry::RetryPolicy;

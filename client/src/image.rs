@@ -1,0 +1,260 @@
+//! [`ImageClient`]: one image on a blockgate (or imageio) server, over
+//! HTTPS with reqwest and rustls. Each call is one HTTP request, retried
+//! by the [`RetryPolicy`] when that is safe; reads check that exactly the
+//! asked bytes arrived, so a short body is never taken for data.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use blockgate_protocol::json_array::ArrayDecoder;
+use blockgate_protocol::sparse::{Checksum, Summary};
+use blockgate_protocol::{Extent, ImageOptions};
+use bytes::{Bytes, BytesMut};
+use futures::stream::{self, Stream, StreamExt, TryStreamExt};
+use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE};
+use reqwest::{Method, Response};
+use serde::de::DeserializeOwned;
+
+use crate::error::{ClientError, Result};
+use crate::retry::RetryPolicy;
+
+/// Which certificates to trust.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    /// The CA in this PEM file (for example the server's generated `ca.pem`).
+    CaFile(PathBuf),
+    /// The system's roots.
+    System,
+    /// Anything: for tests only, never the default.
+    Insecure,
+}
+
+/// Which extents to list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Context {
+    /// Data and zero ranges.
+    Zero,
+    /// Ranges the ticket's dirty bitmap marks.
+    Dirty,
+}
+
+impl Context {
+    fn as_str(self) -> &'static str {
+        match self {
+            Context::Zero => "zero",
+            Context::Dirty => "dirty",
+        }
+    }
+}
+
+/// A client of one image URL (`https://HOST:PORT/images/TICKET`).
+#[derive(Clone)]
+pub struct ImageClient {
+    http: reqwest::Client,
+    url: String,
+    retry: RetryPolicy,
+}
+
+impl ImageClient {
+    /// A client for `url`, trusting `trust`, keeping up to `connections`
+    /// HTTP/1.1 connections open (one per parallel request).
+    pub fn new(url: &str, trust: &Trust, connections: usize) -> Result<ImageClient> {
+        if !url.starts_with("https://") {
+            return Err(ClientError::Invalid(format!("{url:?} is not an https:// image URL")));
+        }
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .http1_only()
+            .pool_max_idle_per_host(connections)
+            .connect_timeout(Duration::from_secs(30))
+            .read_timeout(Duration::from_secs(120))
+            .tcp_nodelay(true);
+        builder = match trust {
+            Trust::CaFile(path) => {
+                let pem = std::fs::read(path).map_err(|error| ClientError::Invalid(format!("reading {}: {error}", path.display())))?;
+                let ca = reqwest::Certificate::from_pem(&pem)?;
+                builder.tls_built_in_root_certs(false).add_root_certificate(ca)
+            }
+            Trust::System => builder,
+            Trust::Insecure => builder.danger_accept_invalid_certs(true),
+        };
+        Ok(ImageClient { http: builder.build()?, url: url.trim_end_matches('/').to_string(), retry: RetryPolicy::default() })
+    }
+
+    /// The same client with another retry policy.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> ImageClient {
+        self.retry = retry;
+        self
+    }
+
+    /// The image URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Sends a request and turns an error status into [`ClientError::Status`]
+    /// with the server's message.
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<Response> {
+        let request = request.build()?;
+        let (method, url) = (request.method().to_string(), request.url().to_string());
+        let response = self.http.execute(request).await?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let message = response.text().await.unwrap_or_default().trim().to_string();
+        Err(ClientError::Status { method, url, status, message })
+    }
+
+    /// `OPTIONS`: features, limits and (from blockgate) size and bitmap.
+    pub async fn options(&self) -> Result<ImageOptions> {
+        self.retry
+            .run("OPTIONS", || async {
+                let response = self.send(self.http.request(Method::OPTIONS, &self.url)).await?;
+                response.json().await.map_err(|error| ClientError::Protocol(format!("OPTIONS: {error}")))
+            })
+            .await
+    }
+
+    /// The image size, from `HEAD` (no data touched).
+    pub async fn size(&self) -> Result<u64> {
+        self.retry
+            .run("HEAD", || async {
+                let response = self.send(self.http.head(&self.url)).await?;
+                response
+                    .headers()
+                    .get(CONTENT_LENGTH)
+                    .and_then(|value| value.to_str().ok()?.parse().ok())
+                    .ok_or_else(|| ClientError::Protocol("HEAD without Content-Length".into()))
+            })
+            .await
+    }
+
+    /// The extents of `context`, optionally of one range, as a stream that
+    /// parses the JSON array as it arrives.
+    pub async fn extents<F>(&self, context: Context, range: Option<(u64, u64)>) -> Result<impl Stream<Item = Result<Extent<F>>> + use<F>>
+    where
+        F: DeserializeOwned + Send + 'static,
+    {
+        let mut url = format!("{}/extents?context={}", self.url, context.as_str());
+        if let Some((start, length)) = range {
+            url.push_str(&format!("&start={start}&length={length}"));
+        }
+        let response = self.retry.run("GET extents", || self.send(self.http.get(&url))).await?;
+        let body = response.bytes_stream().map_err(ClientError::from);
+        let state = (Box::pin(body), BytesMut::new(), ArrayDecoder::default(), false);
+        Ok(stream::try_unfold(state, |(mut body, mut buffer, mut decoder, mut ended)| async move {
+            loop {
+                if let Some(extent) = decoder.decode::<Extent<F>>(&mut buffer).map_err(|error| ClientError::Protocol(error.to_string()))? {
+                    return Ok(Some((extent, (body, buffer, decoder, ended))));
+                }
+                if decoder.is_done() {
+                    return Ok(None);
+                }
+                if ended {
+                    return Err(ClientError::Protocol("the extents listing ended early".into()));
+                }
+                match body.next().await {
+                    Some(chunk) => buffer.extend_from_slice(&chunk?),
+                    None => ended = true,
+                }
+            }
+        }))
+    }
+
+    /// `length` bytes at `offset` as a stream; the stream fails if the body
+    /// ends short.
+    pub async fn read_stream(&self, offset: u64, length: u64) -> Result<impl Stream<Item = Result<Bytes>> + use<>> {
+        if length == 0 {
+            return Err(ClientError::Invalid("a read of 0 bytes".into()));
+        }
+        let range = format!("bytes={}-{}", offset, offset + length - 1);
+        let response = self.send(self.http.get(&self.url).header(RANGE, range)).await?;
+        let body = response.bytes_stream().map_err(ClientError::from);
+        Ok(stream::try_unfold((Box::pin(body), 0u64), move |(mut body, got)| async move {
+            match body.next().await {
+                Some(chunk) => {
+                    let chunk = chunk?;
+                    let got = got + chunk.len() as u64;
+                    if got > length {
+                        return Err(ClientError::ShortRead { offset, expected: length, got });
+                    }
+                    Ok(Some((chunk, (body, got))))
+                }
+                None if got == length => Ok(None),
+                None => Err(ClientError::ShortRead { offset, expected: length, got }),
+            }
+        }))
+    }
+
+    /// `length` bytes at `offset`, whole; retried.
+    pub async fn read(&self, offset: u64, length: u64) -> Result<Bytes> {
+        self.retry
+            .run("GET", || async {
+                let mut buffer = BytesMut::with_capacity(length as usize);
+                let mut body = std::pin::pin!(self.read_stream(offset, length).await?);
+                while let Some(chunk) = body.next().await {
+                    buffer.extend_from_slice(&chunk?);
+                }
+                Ok(buffer.freeze())
+            })
+            .await
+    }
+
+    /// Writes `data` at `offset`; retried (a PUT of a range is idempotent).
+    pub async fn write(&self, offset: u64, data: Bytes, flush: bool) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let range = format!("bytes {}-{}/*", offset, offset + data.len() as u64 - 1);
+        let url = format!("{}?flush={}", self.url, if flush { "y" } else { "n" });
+        self.retry.run("PUT", || self.send(self.http.put(&url).header(CONTENT_RANGE, range.clone()).body(data.clone()))).await?;
+        Ok(())
+    }
+
+    /// Zeroes `length` bytes at `offset` without sending them.
+    pub async fn zero(&self, offset: u64, length: u64, flush: bool) -> Result<()> {
+        let body = serde_json::json!({"op": "zero", "offset": offset, "size": length, "flush": flush}).to_string();
+        self.retry.run("PATCH zero", || self.send(self.http.patch(&self.url).header(CONTENT_TYPE, "application/json").body(body.clone()))).await?;
+        Ok(())
+    }
+
+    /// Flushes written data to storage.
+    pub async fn flush(&self) -> Result<()> {
+        let body = r#"{"op":"flush"}"#;
+        self.retry.run("PATCH flush", || self.send(self.http.patch(&self.url).header(CONTENT_TYPE, "application/json").body(body))).await?;
+        Ok(())
+    }
+
+    /// The image's blkhash.
+    pub async fn checksum(&self, block_size: Option<u64>) -> Result<Checksum> {
+        let mut url = format!("{}/checksum", self.url);
+        if let Some(block_size) = block_size {
+            url.push_str(&format!("?block_size={block_size}"));
+        }
+        self.retry
+            .run("GET checksum", || async {
+                let response = self.send(self.http.get(&url)).await?;
+                response.json().await.map_err(|error| ClientError::Protocol(format!("checksum: {error}")))
+            })
+            .await
+    }
+
+    /// The sparse stream: full, or of the dirty ranges. Only starting the
+    /// request is retried; a stream cut later fails (it has no stop frame).
+    pub async fn backup(&self, incremental: bool) -> Result<impl Stream<Item = Result<Bytes>> + use<>> {
+        let url = format!("{}?format=sparse&context={}", self.url, if incremental { "dirty" } else { "zero" });
+        let response = self.retry.run("GET sparse", || self.send(self.http.get(&url))).await?;
+        Ok(response.bytes_stream().map_err(ClientError::from))
+    }
+
+    /// Applies a sparse stream.
+    pub async fn restore<S>(&self, stream: S) -> Result<Summary>
+    where
+        S: Stream<Item = std::io::Result<Bytes>> + Send + Sync + 'static,
+    {
+        let url = format!("{}?format=sparse", self.url);
+        let response = self.send(self.http.put(&url).body(reqwest::Body::wrap_stream(stream))).await?;
+        response.json().await.map_err(|error| ClientError::Protocol(format!("restore summary: {error}")))
+    }
+}

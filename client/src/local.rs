@@ -1,0 +1,109 @@
+//! A local image file of any format qemu reads, reached the way imageio's
+//! client does it: through a qemu-nbd child on a private socket and our NBD
+//! client. Downloads create the file (raw, qcow2, or a qcow2 overlay on the
+//! previous backup); uploads open it read-only and list its data and zero
+//! ranges so holes travel as zero requests, not bytes.
+
+use std::path::Path;
+
+use blockgate_nbd::allocation;
+use blockgate_nbd::qemu::{self, ExportSettings, QemuNbd};
+use blockgate_nbd::{Address, Client, ConnectOptions, ZeroFlags, BASE_ALLOCATION};
+use bytes::Bytes;
+
+use crate::error::Result;
+
+/// Local connections to the child; the transfer pipelines on them.
+const CONNECTIONS: u32 = 4;
+
+/// A local image exported by our own qemu-nbd.
+pub struct LocalImage {
+    qemu: QemuNbd,
+    nbd: Client,
+}
+
+/// A run of bytes that are all data or all zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// First byte.
+    pub start: u64,
+    /// Length.
+    pub length: u64,
+    /// Reads as zeros.
+    pub zero: bool,
+}
+
+impl LocalImage {
+    /// Creates `path` (`raw` or `qcow2`) of `size` bytes and opens it.
+    pub async fn create(path: &Path, format: &str, size: u64) -> Result<LocalImage> {
+        qemu::create_image(path, format, size).await?;
+        Self::open(path, format, false).await
+    }
+
+    /// Creates `path` as a qcow2 overlay of `backing` and opens it.
+    pub async fn create_overlay(path: &Path, backing: &Path) -> Result<LocalImage> {
+        qemu::create_overlay(path, backing).await?;
+        Self::open(path, "qcow2", false).await
+    }
+
+    /// Opens an existing file read-only, format detected.
+    pub async fn open_read_only(path: &Path) -> Result<LocalImage> {
+        let info = qemu::image_info(path).await?;
+        Self::open(path, &info.format, true).await
+    }
+
+    async fn open(path: &Path, format: &str, read_only: bool) -> Result<LocalImage> {
+        let settings = ExportSettings { path, format, read_only, bitmap: None, shared: CONNECTIONS };
+        let qemu = QemuNbd::start(&settings).await?;
+        let options = ConnectOptions { meta_contexts: vec![BASE_ALLOCATION.to_string()], ..Default::default() };
+        let nbd = Client::connect(&Address::unix(qemu.socket(), ""), &options).await?;
+        Ok(LocalImage { qemu, nbd })
+    }
+
+    /// Virtual size.
+    pub fn size(&self) -> u64 {
+        self.nbd.size()
+    }
+
+    /// The data and zero runs of the whole image, in order, coalesced.
+    pub async fn runs(&self) -> Result<Vec<Run>> {
+        let mut runs: Vec<Run> = Vec::new();
+        let mut offset = 0;
+        while offset < self.size() {
+            let status = self.nbd.block_status(offset, self.size() - offset).await?;
+            for piece in allocation::pieces(&status, None)? {
+                match runs.last_mut() {
+                    Some(last) if last.zero == piece.state.zero => last.length += piece.length,
+                    _ => runs.push(Run { start: piece.start, length: piece.length, zero: piece.state.zero }),
+                }
+                offset = piece.start + piece.length;
+            }
+        }
+        Ok(runs)
+    }
+
+    /// Reads a range.
+    pub async fn read(&self, offset: u64, length: usize) -> Result<Bytes> {
+        Ok(self.nbd.read(offset, length).await?)
+    }
+
+    /// Writes a range.
+    pub async fn write(&self, offset: u64, data: Bytes) -> Result<()> {
+        Ok(self.nbd.write(offset, data, false).await?)
+    }
+
+    /// Zeroes a range (may punch a hole).
+    pub async fn zero(&self, offset: u64, length: u64) -> Result<()> {
+        Ok(self.nbd.write_zeroes(offset, length, ZeroFlags::default()).await?)
+    }
+
+    /// Flushes and stops qemu-nbd (read-only images only stop).
+    pub async fn close(self) -> Result<()> {
+        if !self.nbd.is_read_only() {
+            self.nbd.flush().await?;
+        }
+        self.nbd.disconnect().await;
+        self.qemu.stop().await;
+        Ok(())
+    }
+}

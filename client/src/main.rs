@@ -1,0 +1,345 @@
+//! `blockgate`: the command-line client. Each subcommand is a thin layer
+//! over the library: parse, build an [`ImageClient`], run, report. Errors
+//! end the process with a one-line reason and a non-zero exit code.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _, Result};
+use blockgate_client::transfer::{self, Progress, Stats, TransferOptions, DEFAULT_CONNECTIONS};
+use blockgate_client::{Context, ImageClient, LocalImage, Trust};
+use blockgate_protocol::blkhash::{check_block_size, BlockHasher, DEFAULT_BLOCK_SIZE};
+use blockgate_protocol::{DirtyState, Extent, ZeroState};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use futures::{StreamExt, TryStreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::io::AsyncWriteExt;
+
+#[derive(Parser)]
+#[command(name = "blockgate", version, about = "Client for blockgate and imageio-compatible disk image servers")]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Global {
+    /// Trust this CA (PEM), e.g. the server's generated ca.pem.
+    #[arg(long, global = true, value_name = "FILE")]
+    cacert: Option<PathBuf>,
+    /// Trust any certificate (tests only).
+    #[arg(short = 'k', long, global = true, conflicts_with = "cacert")]
+    insecure: bool,
+    /// Parallel connections for download and upload (capped by the server).
+    #[arg(long, global = true, default_value_t = DEFAULT_CONNECTIONS as u16, value_parser = clap::value_parser!(u16).range(1..=64))]
+    connections: u16,
+    /// Progress: a bar on a terminal, JSON lines on stderr, or nothing.
+    #[arg(long, global = true, value_enum, default_value_t = ProgressMode::Auto)]
+    progress: ProgressMode,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ProgressMode {
+    /// A bar when stderr is a terminal, else nothing.
+    Auto,
+    /// Always a bar.
+    Bar,
+    /// JSON lines on stderr: {"done":N,"total":N}, then the stats.
+    Json,
+    /// Nothing.
+    None,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ContextArg {
+    Zero,
+    Dirty,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Raw,
+    Qcow2,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show the image's size, features and limits.
+    #[command(after_help = "Example:\n  blockgate info --cacert ca.pem https://host:54322/images/disk")]
+    Info {
+        /// Image URL.
+        url: String,
+    },
+    /// List data and zero ranges, or dirty ranges.
+    #[command(after_help = "Example:\n  blockgate extents --cacert ca.pem --context dirty https://host:54322/images/disk")]
+    Extents {
+        /// Image URL.
+        url: String,
+        /// zero: data and zero ranges; dirty: what the bitmap marks.
+        #[arg(long, value_enum, default_value_t = ContextArg::Zero)]
+        context: ContextArg,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The blkhash of a remote image or a local file (same content, same value).
+    #[command(after_help = "Example:\n  blockgate checksum --cacert ca.pem https://host:54322/images/disk\n  blockgate checksum disk.qcow2")]
+    Checksum {
+        /// Image URL or local file.
+        target: String,
+        /// Block size of the hash.
+        #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE)]
+        block_size: u64,
+    },
+    /// Download an image into a local raw or qcow2 file.
+    #[command(after_help = "Examples:\n  blockgate download --cacert ca.pem https://host:54322/images/disk full.qcow2\n  blockgate download --cacert ca.pem --incremental --backing full.qcow2 https://host:54322/images/disk inc1.qcow2")]
+    Download {
+        /// Image URL.
+        url: String,
+        /// File to create (must not exist).
+        file: PathBuf,
+        /// Format of the file [default: qcow2 for *.qcow2, else raw].
+        #[arg(long, value_enum)]
+        format: Option<FormatArg>,
+        /// Only the dirty ranges, into a qcow2 overlay on --backing.
+        #[arg(long, requires = "backing")]
+        incremental: bool,
+        /// The previous backup (qcow2) the overlay sits on.
+        #[arg(long, value_name = "BASE.qcow2", requires = "incremental")]
+        backing: Option<PathBuf>,
+    },
+    /// Upload a local image of any format qemu-img reads.
+    #[command(after_help = "Example:\n  blockgate upload --cacert ca.pem disk.vmdk https://host:54322/images/disk")]
+    Upload {
+        /// Local file.
+        file: PathBuf,
+        /// Image URL.
+        url: String,
+    },
+    /// Write the sparse stream (full, or --incremental) to stdout.
+    #[command(after_help = "Example:\n  blockgate backup --cacert ca.pem https://host:54322/images/disk | zstd > full.sparse.zst")]
+    Backup {
+        /// Image URL.
+        url: String,
+        /// Only what the ticket's dirty bitmap marks.
+        #[arg(long)]
+        incremental: bool,
+    },
+    /// Apply a sparse stream read from stdin.
+    #[command(after_help = "Example:\n  zstd -dc full.sparse.zst | blockgate restore --cacert ca.pem https://host:54322/images/disk")]
+    Restore {
+        /// Image URL.
+        url: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("blockgate: error: {}", format!("{error:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let global = &cli.global;
+    let trust = match (&global.cacert, global.insecure) {
+        (Some(path), _) => Trust::CaFile(path.clone()),
+        (None, true) => Trust::Insecure,
+        (None, false) => Trust::System,
+    };
+    let connections = usize::from(global.connections);
+    let client = |url: &str| ImageClient::new(url, &trust, connections);
+    match &cli.command {
+        Command::Info { url } => {
+            let client = client(url)?;
+            let options = client.options().await?;
+            let size = client.size().await?;
+            let info = serde_json::json!({"url": client.url(), "size": size, "options": options});
+            println!("{}", serde_json::to_string_pretty(&info)?);
+        }
+        Command::Extents { url, context, json } => list_extents(&client(url)?, *context, *json).await?,
+        Command::Checksum { target, block_size } => {
+            check_block_size(*block_size).map_err(anyhow::Error::msg)?;
+            let checksum = if target.starts_with("https://") {
+                client(target)?.checksum(Some(*block_size)).await?.checksum
+            } else {
+                local_checksum(Path::new(target), *block_size).await?
+            };
+            println!("{checksum}  {target}");
+        }
+        Command::Download { url, file, format, incremental, backing } => {
+            if file.exists() {
+                bail!("{} exists; choose a new file", file.display());
+            }
+            let client = client(url)?;
+            let reporter = Reporter::new(global.progress);
+            let options = TransferOptions { connections, progress: reporter.callback() };
+            let stats = match backing {
+                Some(backing) if *incremental => {
+                    let local = LocalImage::create_overlay(file, backing).await?;
+                    finish(transfer::download_incremental(&client, &local, &options).await, local).await?
+                }
+                _ => {
+                    let format = match format {
+                        Some(FormatArg::Qcow2) => "qcow2",
+                        Some(FormatArg::Raw) => "raw",
+                        None if file.extension().is_some_and(|e| e == "qcow2") => "qcow2",
+                        None => "raw",
+                    };
+                    let local = LocalImage::create(file, format, client.size().await?).await?;
+                    finish(transfer::download(&client, &local, &options).await, local).await?
+                }
+            };
+            reporter.done("downloaded", &stats);
+        }
+        Command::Upload { file, url } => {
+            let client = client(url)?;
+            let reporter = Reporter::new(global.progress);
+            let options = TransferOptions { connections, progress: reporter.callback() };
+            let local = LocalImage::open_read_only(file).await?;
+            let stats = finish(transfer::upload(&local, &client, &options).await, local).await?;
+            reporter.done("uploaded", &stats);
+        }
+        Command::Backup { url, incremental } => {
+            if std::io::stdout().is_terminal() {
+                bail!("the stream is binary: redirect stdout to a file or a pipe");
+            }
+            let mut stream = std::pin::pin!(client(url)?.backup(*incremental).await?);
+            let mut stdout = tokio::io::stdout();
+            while let Some(chunk) = stream.next().await {
+                stdout.write_all(&chunk?).await.context("writing stdout")?;
+            }
+            stdout.flush().await?;
+        }
+        Command::Restore { url } => {
+            let stdin = tokio_util::io::ReaderStream::with_capacity(tokio::io::stdin(), 1 << 20);
+            let summary = client(url)?.restore(stdin).await?;
+            println!("{}", serde_json::to_string(&summary)?);
+        }
+    }
+    Ok(())
+}
+
+/// Closes the local image whatever happened, then returns the outcome.
+async fn finish(result: blockgate_client::Result<Stats>, local: LocalImage) -> Result<Stats> {
+    let closed = local.close().await;
+    let stats = result?;
+    closed?;
+    Ok(stats)
+}
+
+async fn list_extents(client: &ImageClient, context: ContextArg, json: bool) -> Result<()> {
+    match context {
+        ContextArg::Zero => {
+            let mut extents = std::pin::pin!(client.extents::<ZeroState>(Context::Zero, None).await?);
+            if !json {
+                println!("{:>16} {:>16} {:>5} {:>5}", "start", "length", "zero", "hole");
+            }
+            while let Some(extent) = extents.try_next().await? {
+                let Extent { start, length, flags } = extent;
+                if json {
+                    println!("{}", serde_json::to_string(&extent)?);
+                } else {
+                    println!("{start:>16} {length:>16} {:>5} {:>5}", flags.zero, flags.hole);
+                }
+            }
+        }
+        ContextArg::Dirty => {
+            let mut extents = std::pin::pin!(client.extents::<DirtyState>(Context::Dirty, None).await?);
+            if !json {
+                println!("{:>16} {:>16} {:>5} {:>5}", "start", "length", "dirty", "zero");
+            }
+            while let Some(extent) = extents.try_next().await? {
+                let Extent { start, length, flags } = extent;
+                if json {
+                    println!("{}", serde_json::to_string(&extent)?);
+                } else {
+                    println!("{start:>16} {length:>16} {:>5} {:>5}", flags.dirty, flags.zero);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The blkhash of a local file, zero runs hashed without reading.
+async fn local_checksum(path: &Path, block_size: u64) -> Result<String> {
+    let local = LocalImage::open_read_only(path).await?;
+    let hashed = async {
+        let mut hasher = BlockHasher::new(block_size);
+        for run in local.runs().await? {
+            if run.zero {
+                hasher.zero(run.length);
+                continue;
+            }
+            let end = run.start + run.length;
+            for offset in (run.start..end).step_by(4 << 20) {
+                hasher.update(&local.read(offset, (end - offset).min(4 << 20) as usize).await?);
+            }
+        }
+        Ok::<_, anyhow::Error>(hasher.finish())
+    }
+    .await;
+    local.close().await?;
+    hashed
+}
+
+/// Shows progress as asked.
+struct Reporter {
+    mode: ProgressMode,
+    bar: Option<ProgressBar>,
+}
+
+impl Reporter {
+    fn new(mode: ProgressMode) -> Reporter {
+        let show_bar = mode == ProgressMode::Bar || (mode == ProgressMode::Auto && std::io::stderr().is_terminal());
+        let bar = show_bar.then(|| {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}").expect("valid template"),
+            );
+            bar
+        });
+        Reporter { mode, bar }
+    }
+
+    fn callback(&self) -> Option<transfer::ProgressFn> {
+        if let Some(bar) = &self.bar {
+            let bar = bar.clone();
+            return Some(Arc::new(move |progress: Progress| {
+                bar.set_length(progress.total);
+                bar.set_position(progress.done);
+            }));
+        }
+        (self.mode == ProgressMode::Json).then(|| -> transfer::ProgressFn {
+            Arc::new(|progress: Progress| eprintln!("{}", serde_json::to_string(&progress).expect("serializable")))
+        })
+    }
+
+    fn done(&self, what: &str, stats: &Stats) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+        match self.mode {
+            ProgressMode::Json => eprintln!("{}", serde_json::json!({ "event": what, "stats": stats })),
+            ProgressMode::None => {}
+            _ if self.bar.is_some() => eprintln!(
+                "{what} {} MiB of data and {} MiB of zeros in {:.1} s",
+                stats.data_bytes >> 20,
+                stats.zero_bytes >> 20,
+                stats.seconds
+            ),
+            _ => {}
+        }
+    }
+}

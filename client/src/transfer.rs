@@ -1,0 +1,238 @@
+//! Whole-image transfers between a local file and a server, on several
+//! connections at once. The work follows the extents: data ranges are cut
+//! into [`CHUNK`]-sized GET or PUT requests run `connections` at a time
+//! (each retried on its own), zero ranges become a PATCH zero on the
+//! server or a local zero, and nothing at all where the target is known to
+//! read as zeros already. Progress goes to a callback.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use blockgate_protocol::{DirtyState, Extent, ZeroState};
+use futures::stream::{self, TryStreamExt};
+use serde::Serialize;
+
+use crate::error::{ClientError, Result};
+use crate::image::{Context, ImageClient};
+use crate::local::{LocalImage, Run};
+
+/// Bytes per data request: large enough to amortise a request, small
+/// enough that `connections` of them in memory stay modest.
+pub const CHUNK: u64 = 8 << 20;
+
+/// Connections used unless told otherwise.
+pub const DEFAULT_CONNECTIONS: usize = 4;
+
+/// How far a transfer got.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Progress {
+    /// Bytes of the image handled (data moved, or zeros handled).
+    pub done: u64,
+    /// Bytes of the image to handle.
+    pub total: u64,
+}
+
+/// Called after each piece of work.
+pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
+
+/// What a transfer did.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Stats {
+    /// Bytes of data that crossed the network.
+    pub data_bytes: u64,
+    /// Bytes zeroed without sending them (or skipped as already zero).
+    pub zero_bytes: u64,
+    /// Data requests made.
+    pub requests: u64,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+/// How to run a transfer.
+#[derive(Clone)]
+pub struct TransferOptions {
+    /// Parallel requests (capped by the server's `max_readers`/`max_writers`).
+    pub connections: usize,
+    /// Progress callback.
+    pub progress: Option<ProgressFn>,
+}
+
+impl Default for TransferOptions {
+    fn default() -> Self {
+        TransferOptions { connections: DEFAULT_CONNECTIONS, progress: None }
+    }
+}
+
+/// One piece of work.
+#[derive(Debug, Clone, Copy)]
+enum Job {
+    Data { offset: u64, length: u64 },
+    Zero { offset: u64, length: u64 },
+    /// Zeros the target already has: only counted.
+    Skip { length: u64 },
+}
+
+fn split(run: Run, zero_job: fn(u64, u64) -> Job) -> Vec<Job> {
+    if run.zero {
+        return vec![zero_job(run.start, run.length)];
+    }
+    let end = run.start + run.length;
+    (run.start..end).step_by(CHUNK as usize).map(|offset| Job::Data { offset, length: (end - offset).min(CHUNK) }).collect()
+}
+
+struct Tally {
+    done: AtomicU64,
+    data: AtomicU64,
+    zero: AtomicU64,
+    requests: AtomicU64,
+    total: u64,
+    progress: Option<ProgressFn>,
+}
+
+impl Tally {
+    fn new(total: u64, progress: Option<ProgressFn>) -> Tally {
+        Tally { done: AtomicU64::new(0), data: AtomicU64::new(0), zero: AtomicU64::new(0), requests: AtomicU64::new(0), total, progress }
+    }
+
+    fn add(&self, job: Job) {
+        let length = match job {
+            Job::Data { length, .. } => {
+                self.data.fetch_add(length, Ordering::Relaxed);
+                self.requests.fetch_add(1, Ordering::Relaxed);
+                length
+            }
+            Job::Zero { length, .. } | Job::Skip { length } => {
+                self.zero.fetch_add(length, Ordering::Relaxed);
+                length
+            }
+        };
+        let done = self.done.fetch_add(length, Ordering::Relaxed) + length;
+        if let Some(progress) = &self.progress {
+            progress(Progress { done, total: self.total });
+        }
+    }
+
+    fn stats(&self, started: Instant) -> Stats {
+        Stats {
+            data_bytes: self.data.load(Ordering::Relaxed),
+            zero_bytes: self.zero.load(Ordering::Relaxed),
+            requests: self.requests.load(Ordering::Relaxed),
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+/// Runs jobs `connections` at a time.
+async fn run_jobs<F, Fut>(jobs: impl futures::Stream<Item = Result<Job>>, connections: usize, tally: &Tally, work: F) -> Result<()>
+where
+    F: Fn(Job) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    jobs.try_for_each_concurrent(connections.max(1), |job| {
+        let done = work(job);
+        async move {
+            done.await?;
+            tally.add(job);
+            Ok(())
+        }
+    })
+    .await
+}
+
+async fn connections_for(client: &ImageClient, wanted: usize, writing: bool) -> Result<usize> {
+    let options = client.options().await?;
+    let limit = if writing { options.max_writers } else { options.max_readers };
+    Ok(wanted.min(limit.max(1) as usize))
+}
+
+/// Downloads the whole image into `local` (a fresh file that reads as
+/// zeros): data ranges are fetched, zero ranges cost nothing.
+pub async fn download(client: &ImageClient, local: &LocalImage, options: &TransferOptions) -> Result<Stats> {
+    let started = Instant::now();
+    let size = client.size().await?;
+    check_sizes(size, local.size())?;
+    let connections = connections_for(client, options.connections, false).await?;
+    let tally = Tally::new(size, options.progress.clone());
+    let extents = client.extents::<ZeroState>(Context::Zero, None).await?;
+    let jobs = extents
+        .map_ok(|extent: Extent<ZeroState>| {
+            let run = Run { start: extent.start, length: extent.length, zero: extent.flags.zero };
+            stream::iter(split(run, |_, length| Job::Skip { length }).into_iter().map(Ok))
+        })
+        .try_flatten();
+    run_jobs(jobs, connections, &tally, |job| fetch(client, local, job)).await?;
+    Ok(tally.stats(started))
+}
+
+/// Downloads only the dirty ranges into `local` (an overlay on the previous
+/// backup): dirty data is fetched, dirty zeros are zeroed locally, clean
+/// ranges are left to the backing file.
+pub async fn download_incremental(client: &ImageClient, local: &LocalImage, options: &TransferOptions) -> Result<Stats> {
+    let started = Instant::now();
+    let size = client.size().await?;
+    check_sizes(size, local.size())?;
+    let connections = connections_for(client, options.connections, false).await?;
+    let tally = Tally::new(size, options.progress.clone());
+    let extents = client.extents::<DirtyState>(Context::Dirty, None).await?;
+    let jobs = extents
+        .map_ok(|extent: Extent<DirtyState>| {
+            let jobs = if extent.flags.dirty {
+                let run = Run { start: extent.start, length: extent.length, zero: extent.flags.zero };
+                split(run, |offset, length| Job::Zero { offset, length })
+            } else {
+                vec![Job::Skip { length: extent.length }]
+            };
+            stream::iter(jobs.into_iter().map(Ok))
+        })
+        .try_flatten();
+    run_jobs(jobs, connections, &tally, |job| fetch(client, local, job)).await?;
+    Ok(tally.stats(started))
+}
+
+async fn fetch(client: &ImageClient, local: &LocalImage, job: Job) -> Result<()> {
+    match job {
+        Job::Data { offset, length } => local.write(offset, client.read(offset, length).await?).await,
+        Job::Zero { offset, length } => local.zero(offset, length).await,
+        Job::Skip { .. } => Ok(()),
+    }
+}
+
+/// Uploads `local` into the image: data ranges are sent, zero ranges are
+/// zeroed on the server, or skipped when the target reads as zeros
+/// throughout; then one flush.
+pub async fn upload(local: &LocalImage, client: &ImageClient, options: &TransferOptions) -> Result<Stats> {
+    let started = Instant::now();
+    let size = client.size().await?;
+    if local.size() > size {
+        return Err(ClientError::Invalid(format!("the local image ({} bytes) is larger than the target ({size} bytes)", local.size())));
+    }
+    let connections = connections_for(client, options.connections, true).await?;
+    let target_is_zero = client
+        .extents::<ZeroState>(Context::Zero, None)
+        .await?
+        .try_all(|extent: Extent<ZeroState>| std::future::ready(extent.flags.zero))
+        .await?;
+    let zero_job: fn(u64, u64) -> Job = if target_is_zero { |_, length| Job::Skip { length } } else { |offset, length| Job::Zero { offset, length } };
+    let tally = Tally::new(local.size(), options.progress.clone());
+    let jobs = stream::iter(local.runs().await?.into_iter().flat_map(|run| split(run, zero_job)).map(Ok));
+    run_jobs(jobs, connections, &tally, |job| send(local, client, job)).await?;
+    client.flush().await?;
+    Ok(tally.stats(started))
+}
+
+async fn send(local: &LocalImage, client: &ImageClient, job: Job) -> Result<()> {
+    match job {
+        Job::Data { offset, length } => client.write(offset, local.read(offset, length as usize).await?, false).await,
+        Job::Zero { offset, length } => client.zero(offset, length, false).await,
+        Job::Skip { .. } => Ok(()),
+    }
+}
+
+fn check_sizes(remote: u64, local: u64) -> Result<()> {
+    if remote == local {
+        Ok(())
+    } else {
+        Err(ClientError::Invalid(format!("the image has {remote} bytes but the local file {local}")))
+    }
+}
