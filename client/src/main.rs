@@ -37,6 +37,9 @@ struct Global {
     /// Parallel connections for download and upload (capped by the server).
     #[arg(long, global = true, default_value_t = DEFAULT_CONNECTIONS as u16, value_parser = clap::value_parser!(u16).range(1..=64))]
     connections: u16,
+    /// Log retries and other warnings on stderr.
+    #[arg(short, long, global = true)]
+    verbose: bool,
     /// Progress: a bar on a terminal, JSON lines on stderr, or nothing.
     #[arg(long, global = true, value_enum, default_value_t = ProgressMode::Auto)]
     progress: ProgressMode,
@@ -140,6 +143,8 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let level = if cli.global.verbose { "warn" } else { "off" };
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(level)).with_writer(std::io::stderr).without_time().init();
     let _ = rustls::crypto::ring::default_provider().install_default();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -196,7 +196,11 @@ impl QemuNbd {
     }
 
     pub fn uri(&self) -> String {
-        format!("nbd+unix:///?socket={}", self.socket.display())
+        Self::uri_of(&self.socket)
+    }
+
+    pub fn uri_of(socket: &Path) -> String {
+        format!("nbd+unix:///?socket={}", socket.display())
     }
 }
 

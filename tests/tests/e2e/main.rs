@@ -3,6 +3,7 @@
 
 mod common;
 mod backup;
+mod cli;
 mod data;
 mod errors;
 mod lifecycle;
