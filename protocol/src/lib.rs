@@ -1,6 +1,6 @@
 //! What the blockgate server and its clients must agree on, without I/O:
 //! byte ranges and `Content-Range`, extents, the PATCH body, and the JSON
-//! of OPTIONS and `/info/`, the sparse stream codec and blkhash. Every
+//! of OPTIONS and `/info/`, tickets, the sparse stream codec and blkhash. Every
 //! parser here has property tests.
 
 pub mod blkhash;
@@ -10,6 +10,7 @@ pub mod options;
 pub mod patch;
 pub mod range;
 pub mod sparse;
+pub mod ticket;
 
 pub use extents::{Coalescer, DirtyState, Extent, ZeroState};
 pub use options::{ImageOptions, ServerInfo};

@@ -38,6 +38,33 @@ pub struct Args {
     /// nbd:unix:PATH[:exportname=NAME]). Repeatable.
     #[arg(long = "image", value_name = "ID=SOURCE[,OPTION]...", value_parser = parse_image_spec)]
     pub images: Vec<ImageSpec>,
+    /// A ticket JSON file (imageio's format) to serve from the start. Repeatable.
+    #[arg(long = "ticket", value_name = "FILE.json")]
+    pub tickets: Vec<PathBuf>,
+    /// Serve the data API without TLS on this unix socket too (mode 0660).
+    #[arg(long, value_name = "PATH")]
+    pub local_socket: Option<PathBuf>,
+    /// Serve the control API (tickets) on this unix socket (mode 0660).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+    /// Requests that may read one ticket at once (503 past it).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_readers: u32,
+    /// Requests that may write one ticket at once (503 past it).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_writers: u32,
+    /// Open connections across all listeners; more wait to be accepted.
+    #[arg(long, default_value_t = 512)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request head.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    pub header_timeout: u64,
+    /// Seconds a request body may stall before the request fails.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub body_timeout: u64,
+    /// Seconds a ticket DELETE waits for running operations (else 409).
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    pub cancel_timeout: u64,
     /// NBD connections per image; each one carries many requests at once.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub nbd_connections: u32,

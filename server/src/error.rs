@@ -25,6 +25,9 @@ pub enum ApiError {
     /// 405: the route exists but not with this method.
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// 409: the ticket is busy and cannot be removed yet.
+    #[error("{0}")]
+    Conflict(String),
     /// 413: a JSON body over the limit.
     #[error("{0}")]
     PayloadTooLarge(String),
@@ -36,6 +39,9 @@ pub enum ApiError {
         /// Image size for `Content-Range: bytes */SIZE`.
         size: u64,
     },
+    /// 503: too many requests on this ticket.
+    #[error("{0}")]
+    Unavailable(String),
     /// 502: the NBD server failed or is gone.
     #[error("NBD backend failed: {0}")]
     Backend(#[from] blockgate_nbd::Error),
@@ -52,6 +58,8 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             ApiError::Backend(_) => StatusCode::BAD_GATEWAY,

@@ -8,8 +8,10 @@
 pub mod backend;
 pub mod backup;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod extents;
+pub mod ranges;
 pub mod restore;
 pub mod routes;
 pub mod server;

@@ -1,18 +1,25 @@
 //! The `blockgate-server` binary: parse the command line, make or load TLS
-//! certificates, open every `--image` (starting qemu-nbd children), serve
-//! until SIGINT or SIGTERM, then stop the children.
+//! certificates, open every `--image` and `--ticket` (starting qemu-nbd
+//! children), bind the listeners, serve until SIGINT or SIGTERM, then stop
+//! the children and remove the sockets.
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
+use blockgate_protocol::ticket::parse_ticket;
 use blockgate_server::backend::Backend;
 use blockgate_server::config::Args;
-use blockgate_server::routes::{AppState, Limits};
-use blockgate_server::tickets::{Ticket, Tickets};
-use blockgate_server::{server, tls};
+use blockgate_server::control::{self, ControlState};
+use blockgate_server::routes::{self, AppState};
+use blockgate_server::server::{self, ConnectionLimits, Endpoint, Listener};
+use blockgate_server::tickets::{Limits, Ticket, Tickets};
+use blockgate_server::tls;
 use clap::Parser;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[tokio::main]
@@ -42,31 +49,78 @@ async fn run(args: Args) -> Result<()> {
     let tls = tls::server_config(&cert, &key)?;
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let port = listener.local_addr()?.port();
+    let limits = Limits { max_readers: args.max_readers, max_writers: args.max_writers };
 
-    let tickets = Arc::new(Tickets::default());
-    let opened = open_images(&args, &tickets, port).await;
-    if let Err(error) = opened {
+    let tickets = Arc::new(Tickets::new(Duration::from_secs(args.cancel_timeout)));
+    if let Err(error) = open_tickets(&args, &tickets, limits, port).await {
         stop_all(&tickets).await;
         return Err(error);
     }
-    if args.images.is_empty() {
-        tracing::warn!("no --image given: every ticket request will be refused");
+    if args.images.is_empty() && args.tickets.is_empty() && args.control_socket.is_none() {
+        tracing::warn!("no --image, --ticket or --control-socket: every ticket request will be refused");
     }
-    tracing::info!(address = %listener.local_addr()?, "listening (TLS)");
-    let state = AppState { tickets: tickets.clone(), limits: Limits::default(), local_socket: None };
-    server::serve(state, listener, tls, shutdown_signal()).await;
+    let state = AppState {
+        tickets: tickets.clone(),
+        limits,
+        local_socket: args.local_socket.as_ref().map(|path| path.display().to_string()),
+        body_timeout: Duration::from_secs(args.body_timeout),
+    };
+    let mut endpoints = vec![Endpoint { listener: Listener::Tls(listener, tls), router: routes::router(state.clone()) }];
+    tracing::info!(address = %format!("https://{}", args.listen), "data API listening (TLS)");
+    if let Some(path) = &args.local_socket {
+        endpoints.push(Endpoint { listener: Listener::Unix(bind_unix(path)?), router: routes::router(state.clone()) });
+        tracing::info!(socket = %path.display(), "data API listening (local, no TLS)");
+    }
+    if let Some(path) = &args.control_socket {
+        let control = ControlState { tickets: tickets.clone(), limits, nbd_connections: args.nbd_connections };
+        endpoints.push(Endpoint { listener: Listener::Unix(bind_unix(path)?), router: control::router(control) });
+        tracing::info!(socket = %path.display(), "control API listening");
+    }
+    let reaper = tokio::spawn(reap_expired(tickets.clone()));
+    let connection_limits = ConnectionLimits { max_connections: args.max_connections, header_timeout: Duration::from_secs(args.header_timeout) };
+    server::serve(endpoints, connection_limits, shutdown_signal()).await;
+    reaper.abort();
     stop_all(&tickets).await;
+    for path in [&args.local_socket, &args.control_socket].into_iter().flatten() {
+        let _ = std::fs::remove_file(path);
+    }
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn open_images(args: &Args, tickets: &Tickets, port: u16) -> Result<()> {
+/// Binds a unix socket with mode 0660, replacing a stale socket file.
+fn bind_unix(path: &Path) -> Result<UnixListener> {
+    if std::fs::symlink_metadata(path).is_ok_and(|meta| std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type())) {
+        std::fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).with_context(|| format!("chmod {}", path.display()))?;
+    Ok(listener)
+}
+
+async fn open_tickets(args: &Args, tickets: &Tickets, limits: Limits, port: u16) -> Result<()> {
     for spec in &args.images {
         let backend = Backend::open(spec, args.nbd_connections).await.with_context(|| format!("opening image {:?}", spec.id))?;
         tracing::info!(id = %spec.id, size = backend.size(), url = %format!("https://localhost:{port}/images/{}", spec.id), "serving image");
-        tickets.insert(Ticket { id: spec.id.clone(), writable: !spec.read_only, sparse: spec.sparse, backend: Arc::new(backend) });
+        tickets.insert(Ticket::permanent(spec.id.clone(), Arc::new(backend), !spec.read_only, spec.sparse, limits));
+    }
+    for file in &args.tickets {
+        let body = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        let spec = parse_ticket(&body).with_context(|| format!("ticket {}", file.display()))?;
+        let id = spec.uuid.clone();
+        let ticket = control::open_ticket(spec, limits, args.nbd_connections).await.with_context(|| format!("ticket {}", file.display()))?;
+        tracing::info!(id = %id, url = %format!("https://localhost:{port}/images/{id}"), "serving ticket");
+        tickets.insert(ticket);
     }
     Ok(())
+}
+
+async fn reap_expired(tickets: Arc<Tickets>) {
+    let mut every_second = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        every_second.tick().await;
+        tickets.reap_expired().await;
+    }
 }
 
 async fn stop_all(tickets: &Tickets) {

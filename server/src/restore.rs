@@ -6,26 +6,28 @@
 //! how much was applied before it, because storage cannot undo what landed.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use blockgate_protocol::sparse::{Decoder, Event, Summary};
 use blockgate_protocol::{ByteRange, ZeroState};
 use bytes::BytesMut;
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 
 use crate::backend::{Backend, REQUEST_SIZE};
 use crate::error::ApiError;
 use crate::extents::extents;
-use crate::transfer::{discard_rest, Applied, Pipeline, WriteFailure};
+use crate::transfer::{discard_rest, next_frame, Applied, Pipeline, WriteFailure};
 
 /// Applies a sparse stream; the stream's summary on success.
-pub async fn restore(backend: Arc<Backend>, body: Body, may_deallocate: bool, flush: bool) -> Result<Summary, ApiError> {
+pub async fn restore(backend: Arc<Backend>, body: Body, may_deallocate: bool, flush: bool, body_timeout: Duration) -> Result<Summary, ApiError> {
     let mut frames = body.into_data_stream();
     let mut decoder = Decoder::new(backend.size());
     let mut buffer = BytesMut::new();
     let mut pipeline = Pipeline::default();
     let mut skip_zero_frames = false;
     let mut input_done = false;
+    let mut received = 0u64;
     loop {
         let event = match decoder.decode(&mut buffer) {
             Ok(Some(event)) => event,
@@ -34,13 +36,13 @@ pub async fn restore(backend: Arc<Backend>, body: Body, may_deallocate: bool, fl
                 return Err(rejected(pipeline.fail(ApiError::BadRequest(error.to_string())).await));
             }
             Ok(None) => {
-                match frames.next().await {
-                    Some(Ok(chunk)) => buffer.extend_from_slice(&chunk),
-                    Some(Err(error)) => {
-                        let error = ApiError::BadRequest(format!("reading the stream failed: {error}"));
-                        return Err(rejected(pipeline.fail(error).await));
+                match next_frame(&mut frames, body_timeout, received).await {
+                    Ok(Some(chunk)) => {
+                        received += chunk.len() as u64;
+                        buffer.extend_from_slice(&chunk);
                     }
-                    None => input_done = true,
+                    Ok(None) => input_done = true,
+                    Err(error) => return Err(rejected(pipeline.fail(error).await)),
                 }
                 continue;
             }

@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 use crate::backend::{Backend, PIPELINE_DEPTH, REQUEST_SIZE};
 use crate::error::ApiError;
 use crate::extents;
+use crate::tickets::{Operation, Ticket};
 
 static ZEROS: [u8; REQUEST_SIZE] = [0; REQUEST_SIZE];
 
@@ -130,6 +131,51 @@ fn exact_length(
     })
 }
 
+/// Runs `work` unless the ticket is canceled first (403).
+pub async fn cancelable<T>(work: impl Future<Output = Result<T, ApiError>>, ticket: &Ticket) -> Result<T, ApiError> {
+    let token = ticket.cancellation();
+    tokio::select! {
+        biased;
+        () = token.cancelled() => Err(ApiError::Forbidden(format!("ticket {:?} was canceled", ticket.id))),
+        result = work => result,
+    }
+}
+
+/// Ties a response body to its operation: the operation (its slot, its
+/// activity) lasts as long as the body; bytes sent from `start` are
+/// recorded as transferred; a canceled ticket cuts the body off with an
+/// error rather than letting it end short but clean.
+pub fn guard_body(body: Body, operation: Operation, start: Option<u64>) -> Body {
+    let token = operation.ticket().cancellation();
+    let state = (body.into_data_stream(), operation, start, false);
+    Body::from_stream(stream::unfold(state, move |(mut frames, operation, position, ended)| {
+        let token = token.clone();
+        async move {
+            if ended {
+                return None;
+            }
+            let next = tokio::select! {
+                biased;
+                () = token.cancelled() => Err(abort_body(ApiError::Forbidden(format!("ticket {:?} was canceled", operation.ticket().id)))),
+                next = frames.next() => match next {
+                    None => return None,
+                    Some(Ok(bytes)) => Ok(bytes),
+                    Some(Err(error)) => Err(std::io::Error::other(error)),
+                },
+            };
+            let position = match (&next, position) {
+                (Ok(bytes), Some(at)) => {
+                    operation.record(at, at + bytes.len() as u64);
+                    Some(at + bytes.len() as u64)
+                }
+                _ => position,
+            };
+            let ended = next.is_err();
+            Some((next, (frames, operation, position, ended)))
+        }
+    }))
+}
+
 /// Logs why a response body is being cut off and turns the reason into the
 /// error that makes hyper abort it.
 pub fn abort_body(error: ApiError) -> std::io::Error {
@@ -193,21 +239,43 @@ pub struct WriteFailure {
     pub error: ApiError,
 }
 
-/// Writes `body` at `start`, refusing (before writing them) bytes beyond
-/// `limit`. Returns the number of bytes written.
-pub async fn write_body(backend: Arc<Backend>, start: u64, limit: u64, body: Body, over_limit: impl Fn(u64) -> ApiError) -> Result<u64, WriteFailure> {
+/// The next piece of a request body, failing if none comes within
+/// `timeout` (a stalled client must not hold a transfer open forever).
+pub async fn next_frame(frames: &mut BodyDataStream, timeout: Duration, received: u64) -> Result<Option<Bytes>, ApiError> {
+    match tokio::time::timeout(timeout, frames.next()).await {
+        Err(_) => Err(ApiError::BadRequest(format!("the request body stalled for {timeout:?} after {received} bytes"))),
+        Ok(None) => Ok(None),
+        Ok(Some(Ok(frame))) => Ok(Some(frame)),
+        Ok(Some(Err(error))) => Err(ApiError::BadRequest(format!("reading the request body failed after {received} bytes: {error}"))),
+    }
+}
+
+/// Where a PUT body goes.
+pub struct WriteTarget {
+    /// The image.
+    pub backend: Arc<Backend>,
+    /// Offset of the first byte.
+    pub start: u64,
+    /// Most bytes accepted.
+    pub limit: u64,
+    /// Longest wait for the next piece of body.
+    pub body_timeout: Duration,
+}
+
+/// Writes `body` at `target.start`, refusing (before writing them) bytes
+/// beyond `target.limit`. Returns the number of bytes written.
+pub async fn write_body(target: WriteTarget, body: Body, over_limit: impl Fn(u64) -> ApiError) -> Result<u64, WriteFailure> {
+    let WriteTarget { backend, start, limit, body_timeout } = target;
     let mut frames = body.into_data_stream();
     let mut pipeline = Pipeline::default();
     let mut buffer = BytesMut::new();
     let mut offset = start;
     let mut received = 0u64;
-    while let Some(frame) = frames.next().await {
-        let mut frame = match frame {
-            Ok(frame) => frame,
-            Err(error) => {
-                let error = ApiError::BadRequest(format!("reading the request body failed after {received} bytes: {error}"));
-                return Err(pipeline.fail(error).await);
-            }
+    loop {
+        let mut frame = match next_frame(&mut frames, body_timeout, received).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(error) => return Err(pipeline.fail(error).await),
         };
         received += frame.len() as u64;
         if received > limit {

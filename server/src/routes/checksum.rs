@@ -13,10 +13,12 @@ use serde_json::{json, Value};
 use super::query::{number, Params};
 use super::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::transfer::{read_pieces, Piece};
+use crate::tickets::Access;
+use crate::transfer::{cancelable, read_pieces, Piece};
 
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>, Query(params): Query<Params>) -> ApiResult<Json<Checksum>> {
-    let ticket = state.tickets.get(&id)?;
+    let operation = state.tickets.begin(&id, Access::Read)?;
+    let ticket = operation.ticket();
     match params.get("algorithm").map(String::as_str) {
         None | Some(ALGORITHM) => {}
         Some(other) => return Err(ApiError::BadRequest(format!("unsupported algorithm={other:?}: expected {ALGORITHM}"))),
@@ -25,19 +27,18 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>, Query(pa
     check_block_size(block_size).map_err(ApiError::BadRequest)?;
     let backend = ticket.backend.clone();
     let range = ByteRange { start: 0, end: backend.size() };
-    let hasher = read_pieces(backend, range)
-        .try_fold(BlockHasher::new(block_size), |mut hasher, piece| async move {
-            match piece {
-                Piece::Zeros(length) => hasher.zero(length),
-                Piece::Data(data) => hasher.update(&data),
-            }
-            Ok(hasher)
-        })
-        .await?;
+    let hashing = read_pieces(backend, range).try_fold(BlockHasher::new(block_size), |mut hasher, piece| async move {
+        match piece {
+            Piece::Zeros(length) => hasher.zero(length),
+            Piece::Data(data) => hasher.update(&data),
+        }
+        Ok(hasher)
+    });
+    let hasher = cancelable(hashing, ticket).await?;
     Ok(Json(Checksum { algorithm: ALGORITHM.to_string(), block_size, checksum: hasher.finish() }))
 }
 
 pub async fn algorithms(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    state.tickets.get(&id)?;
+    state.tickets.get(&id)?.check()?;
     Ok(Json(json!({ "algorithms": [ALGORITHM] })))
 }

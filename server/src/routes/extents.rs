@@ -16,10 +16,12 @@ use super::query::{number, Params};
 use super::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extents::extents;
+use crate::tickets::Access;
+use crate::transfer::guard_body;
 
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>, Query(params): Query<Params>) -> ApiResult<Response> {
-    let ticket = state.tickets.get(&id)?;
-    let backend = ticket.backend.clone();
+    let operation = state.tickets.begin(&id, Access::Read)?;
+    let backend = operation.ticket().backend.clone();
     let size = backend.size();
     let start = number(&params, "start")?.unwrap_or(0);
     let length = match number(&params, "length")? {
@@ -44,7 +46,7 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>, Query(pa
     };
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "application/json")
-        .body(body)
+        .body(guard_body(body, operation, None))
         .expect("valid response"))
 }
 

@@ -4,8 +4,6 @@
 //! body is read, so `Expect: 100-continue` clients get the refusal instead
 //! of a 100.
 
-use std::sync::Arc;
-
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -19,8 +17,8 @@ use super::AppState;
 use crate::backup::{backup_body, Scope};
 use crate::error::{ApiError, ApiResult};
 use crate::restore::restore;
-use crate::tickets::Ticket;
-use crate::transfer::{discard_body, read_body, write_body};
+use crate::tickets::{Access, Operation, Ticket};
+use crate::transfer::{cancelable, discard_body, guard_body, read_body, write_body, WriteTarget};
 
 const ALLOW_WRITABLE: &str = "OPTIONS,GET,PUT,PATCH";
 const ALLOW_READ_ONLY: &str = "OPTIONS,GET";
@@ -36,10 +34,11 @@ pub async fn options(State(state): State<AppState>, Path(id): Path<String>) -> A
         return Ok(server_options(&state));
     }
     let ticket = state.tickets.get(&id)?;
+    ticket.check()?;
     let body = ImageOptions {
         features: features(ticket.writable),
-        max_readers: state.limits.max_readers,
-        max_writers: state.limits.max_writers,
+        max_readers: ticket.limits.max_readers,
+        max_writers: ticket.limits.max_writers,
         unix_socket: state.local_socket.clone(),
         size: Some(ticket.backend.size()),
         dirty: Some(ticket.backend.bitmap().is_some()),
@@ -64,6 +63,7 @@ fn server_options(state: &AppState) -> Response {
 
 pub async fn head(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
     let ticket = state.tickets.get(&id)?;
+    ticket.check()?;
     let mut response = Response::new(Body::empty());
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(ticket.backend.size()));
@@ -73,11 +73,12 @@ pub async fn head(State(state): State<AppState>, Path(id): Path<String>) -> ApiR
 }
 
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>, Query(params): Query<Params>, headers: HeaderMap) -> ApiResult<Response> {
-    let ticket = state.tickets.get(&id)?;
+    let operation = state.tickets.begin(&id, Access::Read)?;
+    let ticket = operation.ticket().clone();
     let close = flag(&params, "close", false)?;
     let scope = sparse_scope(&ticket, &params)?;
     if transfer_format(&params)? == Format::Sparse {
-        return sparse_get(&ticket, scope, &headers, close).await;
+        return sparse_get(operation, scope, &headers, close).await;
     }
     let size = ticket.backend.size();
     let (status, range) = match headers.get(header::RANGE) {
@@ -87,7 +88,8 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>, Query(pa
             (StatusCode::PARTIAL_CONTENT, parse_range(value, size).map_err(|error| ApiError::from_range(error, size))?)
         }
     };
-    let mut response = Response::new(read_body(ticket.backend.clone(), range).await?);
+    let body = cancelable(read_body(ticket.backend.clone(), range), &ticket).await?;
+    let mut response = Response::new(guard_body(body, operation, Some(range.start)));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(range.len()));
@@ -103,11 +105,13 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>, Query(pa
 }
 
 /// `GET ?format=sparse[&context=zero|dirty]`: a full or incremental backup.
-async fn sparse_get(ticket: &Ticket, scope: Scope, headers: &HeaderMap, close: bool) -> ApiResult<Response> {
+async fn sparse_get(operation: Operation, scope: Scope, headers: &HeaderMap, close: bool) -> ApiResult<Response> {
     if headers.contains_key(header::RANGE) {
         return Err(ApiError::BadRequest("Range does not apply to format=sparse; the stream covers the image".into()));
     }
-    let mut response = Response::new(backup_body(ticket.backend.clone(), scope).await?);
+    let ticket = operation.ticket().clone();
+    let body = cancelable(backup_body(ticket.backend.clone(), scope), &ticket).await?;
+    let mut response = Response::new(guard_body(body, operation, None));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(sparse::CONTENT_TYPE));
     if close {
@@ -118,7 +122,7 @@ async fn sparse_get(ticket: &Ticket, scope: Scope, headers: &HeaderMap, close: b
 
 /// What a PUT will do, decided before its body is read.
 struct PutPlan {
-    ticket: Arc<Ticket>,
+    operation: Operation,
     start: u64,
     /// Body length from Content-Range or Content-Length, if announced.
     expected: Option<u64>,
@@ -134,9 +138,10 @@ pub async fn put(State(state): State<AppState>, Path(id): Path<String>, Query(pa
             return Err(error);
         }
     };
-    let PutPlan { ticket, start, expected, flush, format } = plan;
+    let PutPlan { operation, start, expected, flush, format } = plan;
+    let ticket = operation.ticket().clone();
     if format == Format::Sparse {
-        let summary = restore(ticket.backend.clone(), body, ticket.sparse, flush).await?;
+        let summary = cancelable(restore(ticket.backend.clone(), body, ticket.sparse, flush, state.body_timeout), &ticket).await?;
         return Ok(Json(summary).into_response());
     }
     let size = ticket.backend.size();
@@ -145,10 +150,14 @@ pub async fn put(State(state): State<AppState>, Path(id): Path<String>, Query(pa
         Some(expected) => ApiError::BadRequest(format!("request body is longer than the {expected} bytes announced (at least {received})")),
         None => ApiError::range(format!("request body passes the end of the image ({size} bytes) at offset {}", start + received), size),
     };
-    let written = write_body(ticket.backend.clone(), start, limit, body, over_limit).await.map_err(|failure| {
-        tracing::warn!(written = failure.applied.data, error = %failure.error, "PUT failed");
-        with_written(failure.error, failure.applied.data)
-    })?;
+    let writing = async {
+        let target = WriteTarget { backend: ticket.backend.clone(), start, limit, body_timeout: state.body_timeout };
+        write_body(target, body, over_limit).await.map_err(|failure| {
+            tracing::warn!(written = failure.applied.data, error = %failure.error, "PUT failed");
+            with_written(failure.error, failure.applied.data)
+        })
+    };
+    let written = cancelable(writing, &ticket).await?;
     if let Some(expected) = expected {
         if written != expected {
             return Err(ApiError::BadRequest(format!(
@@ -159,19 +168,20 @@ pub async fn put(State(state): State<AppState>, Path(id): Path<String>, Query(pa
     if flush {
         ticket.backend.flush().await?;
     }
+    operation.record(start, start + written);
     Ok(StatusCode::OK.into_response())
 }
 
 fn plan_put(state: &AppState, id: &str, params: &Params, headers: &HeaderMap) -> ApiResult<PutPlan> {
-    let ticket = state.tickets.get(id)?;
-    ticket.require_write()?;
+    let operation = state.tickets.begin(id, Access::Write)?;
+    let ticket = operation.ticket();
     let format = transfer_format(params)?;
     let flush = flag(params, "flush", true)?;
     if format == Format::Sparse {
         if headers.contains_key(header::CONTENT_RANGE) {
             return Err(ApiError::BadRequest("Content-Range does not apply to format=sparse; frames carry their offsets".into()));
         }
-        return Ok(PutPlan { ticket, start: 0, expected: None, flush, format });
+        return Ok(PutPlan { operation, start: 0, expected: None, flush, format });
     }
     let size = ticket.backend.size();
     let content_range = match headers.get(header::CONTENT_RANGE) {
@@ -208,7 +218,7 @@ fn plan_put(state: &AppState, id: &str, params: &Params, headers: &HeaderMap) ->
             size,
         ));
     }
-    Ok(PutPlan { ticket, start, expected, flush, format })
+    Ok(PutPlan { operation, start, expected, flush, format })
 }
 
 /// Adds how much of a failed write landed to its message.
@@ -224,8 +234,7 @@ fn with_written(error: ApiError, written: u64) -> ApiError {
 pub async fn patch(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
     let too_large = || ApiError::PayloadTooLarge(format!("PATCH body is larger than {MAX_PATCH_BODY} bytes"));
     let announced = headers.get(header::CONTENT_LENGTH).and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
-    let ticket = state.tickets.get(&id).and_then(|ticket| ticket.require_write().map(|()| ticket));
-    let ticket = match (ticket, announced) {
+    let operation = match (state.tickets.begin(&id, Access::Write), announced) {
         (Err(error), _) => {
             discard_body(&headers, body);
             return Err(error);
@@ -234,12 +243,16 @@ pub async fn patch(State(state): State<AppState>, Path(id): Path<String>, header
             discard_body(&headers, body);
             return Err(too_large());
         }
-        (Ok(ticket), _) => ticket,
+        (Ok(operation), _) => operation,
     };
-    let body = axum::body::to_bytes(body, MAX_PATCH_BODY).await.map_err(|_| too_large())?;
+    let ticket = operation.ticket().clone();
+    let body = match tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, MAX_PATCH_BODY)).await {
+        Err(_) => return Err(ApiError::BadRequest(format!("the request body stalled for {:?}", state.body_timeout))),
+        Ok(body) => body.map_err(|_| too_large())?,
+    };
     match parse_patch(&body).map_err(|error| ApiError::BadRequest(error.0))? {
-        PatchRequest::Zero { offset, size, flush } => zero(&ticket, offset, size, flush).await?,
-        PatchRequest::Flush => ticket.backend.flush().await?,
+        PatchRequest::Zero { offset, size, flush } => cancelable(zero(&ticket, offset, size, flush), &ticket).await?,
+        PatchRequest::Flush => cancelable(async { Ok(ticket.backend.flush().await?) }, &ticket).await?,
     }
     Ok(StatusCode::OK.into_response())
 }

@@ -19,32 +19,19 @@ use axum::Router;
 use tower_http::trace::TraceLayer;
 
 use crate::error::ApiError;
-use crate::tickets::Tickets;
-
-/// Connection limits advertised in OPTIONS.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Readers per ticket.
-    pub max_readers: u32,
-    /// Writers per ticket.
-    pub max_writers: u32,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits { max_readers: 8, max_writers: 8 }
-    }
-}
+use crate::tickets::{Limits, Tickets};
 
 /// What every handler may use.
 #[derive(Clone)]
 pub struct AppState {
     /// The tickets this server serves.
     pub tickets: Arc<Tickets>,
-    /// Connection limits.
+    /// Connection limits of new tickets (and of `OPTIONS /images/*`).
     pub limits: Limits,
     /// Path of the local listener, when it is on.
     pub local_socket: Option<String>,
+    /// Longest wait for the next piece of a request body.
+    pub body_timeout: std::time::Duration,
 }
 
 /// Every route and the methods it serves, for the `Allow` header of a 405
@@ -92,14 +79,19 @@ async fn drop_connection_header_on_h2(request: axum::extract::Request, next: axu
     response
 }
 
-async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+/// 404 for any route a router does not know.
+pub async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
     ApiError::NotFound(format!("no route for {method} {}", uri.path()))
 }
 
 async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> axum::response::Response {
+    refuse_method(ROUTES, &method, uri.path())
+}
+
+/// 405 with `Allow` from a route table.
+pub fn refuse_method(routes: &[(&str, &[&str])], method: &Method, path: &str) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let path = uri.path();
-    let allowed = ROUTES
+    let allowed = routes
         .iter()
         .find(|(pattern, _)| route_matches(pattern, path))
         .map(|(_, methods)| methods.join(","))

@@ -1,0 +1,208 @@
+//! Tickets as the control API carries them, imageio-compatible: the JSON an
+//! orchestrator PUTs (`uuid`, `size`, `url`, `ops`, `timeout`, and the
+//! optional `inactivity_timeout`, `sparse`, `dirty`, `transfer_id`,
+//! `filename`, plus blockgate's `bitmap`), and the status a GET returns.
+//! Parsed by hand from a JSON value so each refusal names its field;
+//! unknown keys are ignored, as imageio does.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Largest ticket body accepted.
+pub const MAX_TICKET_BODY: usize = 64 << 10;
+/// Inactivity timeout when the ticket gives none (seconds).
+pub const DEFAULT_INACTIVITY_TIMEOUT: u64 = 60;
+
+/// A ticket as added.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TicketSpec {
+    /// Ticket id.
+    pub uuid: String,
+    /// Image size in bytes.
+    pub size: u64,
+    /// NBD URI or `file:///PATH`.
+    pub url: String,
+    /// `read`, `write` (write implies read).
+    pub ops: Vec<String>,
+    /// Seconds until expiry, renewed by every operation.
+    pub timeout: u64,
+    /// Seconds a ticket may sit unused with no connection.
+    pub inactivity_timeout: u64,
+    /// Zeroing may deallocate.
+    pub sparse: bool,
+    /// Use the export's one dirty bitmap.
+    pub dirty: bool,
+    /// Orchestrator's transfer id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_id: Option<String>,
+    /// File name for browsers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filename: Option<String>,
+    /// Dirty bitmap by name (blockgate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bitmap: Option<String>,
+}
+
+impl TicketSpec {
+    /// True if the ticket allows writing.
+    pub fn writable(&self) -> bool {
+        self.ops.iter().any(|op| op == "write")
+    }
+}
+
+/// A ticket refused; the message names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TicketError(pub String);
+
+/// Parses a ticket body.
+pub fn parse_ticket(body: &[u8]) -> Result<TicketSpec, TicketError> {
+    let value: Value = serde_json::from_slice(body).map_err(|error| TicketError(format!("ticket is not valid JSON: {error}")))?;
+    let Value::Object(object) = value else {
+        return Err(TicketError("ticket must be a JSON object".into()));
+    };
+    let uuid = string(&object, "uuid")?.ok_or_else(|| missing("uuid"))?;
+    if uuid.is_empty() || uuid.contains('/') {
+        return Err(TicketError("field \"uuid\" must be a non-empty string without '/'".into()));
+    }
+    let ops = match object.get("ops") {
+        Some(Value::Array(ops)) => ops
+            .iter()
+            .map(|op| match op.as_str() {
+                Some(op @ ("read" | "write")) => Ok(op.to_string()),
+                _ => Err(TicketError(format!("field \"ops\" may hold \"read\" and \"write\", not {op}"))),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(_) => return Err(TicketError("field \"ops\" must be an array such as [\"read\"]".into())),
+        None => return Err(missing("ops")),
+    };
+    if ops.is_empty() {
+        return Err(TicketError("field \"ops\" must name at least one op".into()));
+    }
+    let url = string(&object, "url")?.ok_or_else(|| missing("url"))?;
+    Ok(TicketSpec {
+        uuid,
+        size: integer(&object, "size")?.ok_or_else(|| missing("size"))?,
+        url,
+        ops,
+        timeout: integer(&object, "timeout")?.ok_or_else(|| missing("timeout"))?,
+        inactivity_timeout: integer(&object, "inactivity_timeout")?.unwrap_or(DEFAULT_INACTIVITY_TIMEOUT),
+        sparse: boolean(&object, "sparse")?.unwrap_or(false),
+        dirty: boolean(&object, "dirty")?.unwrap_or(false),
+        transfer_id: string(&object, "transfer_id")?,
+        filename: string(&object, "filename")?,
+        bitmap: string(&object, "bitmap")?,
+    })
+}
+
+/// Parses the body of `PATCH /tickets/{id}`: `{"timeout": N}`.
+pub fn parse_timeout(body: &[u8]) -> Result<u64, TicketError> {
+    let value: Value = serde_json::from_slice(body).map_err(|error| TicketError(format!("body is not valid JSON: {error}")))?;
+    let Value::Object(object) = value else {
+        return Err(TicketError("body must be a JSON object such as {\"timeout\": 300}".into()));
+    };
+    integer(&object, "timeout")?.ok_or_else(|| missing("timeout"))
+}
+
+fn missing(field: &str) -> TicketError {
+    TicketError(format!("missing field {field:?}"))
+}
+
+fn string(object: &Map<String, Value>, field: &str) -> Result<Option<String>, TicketError> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text.clone())),
+        Some(other) => Err(TicketError(format!("field {field:?} must be a string, not {other}"))),
+    }
+}
+
+fn integer(object: &Map<String, Value>, field: &str) -> Result<Option<u64>, TicketError> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(number)) => {
+            number.as_u64().map(Some).ok_or_else(|| TicketError(format!("field {field:?} must be a non-negative integer, not {number}")))
+        }
+        Some(other) => Err(TicketError(format!("field {field:?} must be a non-negative integer, not {other}"))),
+    }
+}
+
+fn boolean(object: &Map<String, Value>, field: &str) -> Result<Option<bool>, TicketError> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(flag)) => Ok(Some(*flag)),
+        Some(other) => Err(TicketError(format!("field {field:?} must be true or false, not {other}"))),
+    }
+}
+
+/// What `GET /tickets/{id}` returns: the ticket and its state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TicketStatus {
+    /// The ticket as added.
+    #[serde(flatten)]
+    pub spec: TicketSpec,
+    /// An operation is running.
+    pub active: bool,
+    /// The ticket was deleted while operations ran.
+    pub canceled: bool,
+    /// Requests in flight.
+    pub connections: u64,
+    /// When it expires, in seconds on the monotonic clock.
+    pub expires: u64,
+    /// Seconds since the last operation ended.
+    pub idle_time: u64,
+    /// Bytes of the union of completed ranges.
+    pub transferred: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const GOOD: &str = r#"{"uuid":"t1","size":1073741824,"url":"nbd:unix:/run/nbd.sock","ops":["read","write"],"timeout":300,"extra":"ignored"}"#;
+
+    #[test]
+    fn accepts_imageio_tickets_with_defaults() {
+        let ticket = parse_ticket(GOOD.as_bytes()).unwrap();
+        assert_eq!(ticket.uuid, "t1");
+        assert!(ticket.writable());
+        assert_eq!(ticket.inactivity_timeout, DEFAULT_INACTIVITY_TIMEOUT);
+        assert!(!ticket.sparse && !ticket.dirty);
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        for field in ["uuid", "size", "url", "ops", "timeout"] {
+            let mut value: Value = serde_json::from_str(GOOD).unwrap();
+            value.as_object_mut().unwrap().remove(field);
+            let error = parse_ticket(value.to_string().as_bytes()).unwrap_err();
+            assert!(error.0.contains(field), "{error}");
+            value[field] = serde_json::json!(-1);
+            let error = parse_ticket(value.to_string().as_bytes()).unwrap_err();
+            assert!(error.0.contains(field), "{error}");
+        }
+        let bad_op = GOOD.replace(r#"["read","write"]"#, r#"["read","delete"]"#);
+        assert!(parse_ticket(bad_op.as_bytes()).unwrap_err().0.contains("ops"));
+        assert!(parse_timeout(br#"{"timeout":"soon"}"#).unwrap_err().0.contains("timeout"));
+        assert_eq!(parse_timeout(br#"{"timeout":30}"#), Ok(30));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_objects_never_panic(key in "[a-z_]{1,20}", value in prop_oneof![
+            Just(Value::Null), any::<i64>().prop_map(Value::from), any::<bool>().prop_map(Value::from), ".{0,8}".prop_map(Value::from)
+        ]) {
+            let mut ticket: Value = serde_json::from_str(GOOD).unwrap();
+            ticket[key] = value;
+            let _ = parse_ticket(ticket.to_string().as_bytes());
+        }
+
+        #[test]
+        fn valid_tickets_round_trip(uuid in "[a-z0-9-]{1,36}", size in any::<u64>(), timeout in any::<u64>(), write in any::<bool>()) {
+            let ops = if write { vec!["read", "write"] } else { vec!["read"] };
+            let body = serde_json::json!({"uuid": uuid, "size": size, "url": "file:///x", "ops": ops, "timeout": timeout});
+            let ticket = parse_ticket(body.to_string().as_bytes()).unwrap();
+            prop_assert_eq!((ticket.writable(), ticket.uuid, ticket.size, ticket.timeout), (write, uuid, size, timeout));
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! The control API (imageio-compatible), served on the `--control-socket`
+//! unix socket in plain HTTP: an orchestrator adds tickets (`PUT`), reads
+//! their status (`GET`), extends them (`PATCH {"timeout": N}`) and removes
+//! them (`DELETE`, which cancels what runs on them). Opening a ticket's
+//! `url` (an NBD URI, or `file:///PATH` exported by our own qemu-nbd)
+//! happens when it is added, so a bad url or bitmap is a 400 then, not a
+//! failure at the first transfer.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, put};
+use axum::{Json, Router};
+use blockgate_nbd::Address;
+use blockgate_protocol::ticket::{parse_ticket, parse_timeout, TicketSpec, MAX_TICKET_BODY};
+
+use crate::backend::Backend;
+use crate::config::{ImageSource, ImageSpec};
+use crate::error::{ApiError, ApiResult};
+use crate::routes::{not_found, refuse_method};
+use crate::tickets::{Limits, Ticket, Tickets};
+
+/// What the control routes need.
+#[derive(Clone)]
+pub struct ControlState {
+    /// The server's tickets.
+    pub tickets: Arc<Tickets>,
+    /// Limits of new tickets.
+    pub limits: Limits,
+    /// NBD connections per ticket.
+    pub nbd_connections: u32,
+}
+
+const ROUTES: &[(&str, &[&str])] = &[("/tickets/{id}", &["GET", "PUT", "PATCH", "DELETE"]), ("/tickets/", &["DELETE"])];
+
+/// The control API router.
+pub fn router(state: ControlState) -> Router {
+    Router::new()
+        .route("/tickets/{id}", put(add).get(status).patch(extend).delete(remove))
+        .route("/tickets/", delete(remove_all))
+        .fallback(not_found)
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move { refuse_method(ROUTES, &method, uri.path()) })
+        .with_state(state)
+}
+
+/// Opens the image a ticket names and makes the ticket.
+pub async fn open_ticket(spec: TicketSpec, limits: Limits, nbd_connections: u32) -> ApiResult<Ticket> {
+    let source = match spec.url.strip_prefix("file://") {
+        Some(path) if path.starts_with('/') => ImageSource::File(PathBuf::from(path)),
+        Some(_) => return Err(ApiError::BadRequest(format!("field \"url\": {:?} must be file:///ABSOLUTE/PATH", spec.url))),
+        None => ImageSource::Nbd(Address::parse(&spec.url).map_err(|error| ApiError::BadRequest(format!("field \"url\": {error}")))?),
+    };
+    let image = ImageSpec {
+        id: spec.uuid.clone(),
+        source,
+        read_only: !spec.writable(),
+        bitmap: spec.bitmap.clone(),
+        dirty: spec.dirty,
+        create_size: None,
+        sparse: spec.sparse,
+        format: None,
+    };
+    let backend = Backend::open(&image, nbd_connections)
+        .await
+        .map_err(|error| ApiError::BadRequest(format!("field \"url\": cannot open {}: {error:#}", spec.url)))?;
+    if backend.size() != spec.size {
+        let actual = backend.size();
+        backend.stop().await;
+        return Err(ApiError::BadRequest(format!("field \"size\": {} does not match the image's {actual} bytes", spec.size)));
+    }
+    Ok(Ticket::from_spec(spec, Arc::new(backend), limits))
+}
+
+async fn read_json_body(body: Body) -> ApiResult<bytes::Bytes> {
+    axum::body::to_bytes(body, MAX_TICKET_BODY)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge(format!("body is larger than {MAX_TICKET_BODY} bytes")))
+}
+
+async fn add(State(state): State<ControlState>, Path(id): Path<String>, body: Body) -> ApiResult<Response> {
+    let spec = parse_ticket(&read_json_body(body).await?).map_err(|error| ApiError::BadRequest(error.0))?;
+    if spec.uuid != id {
+        return Err(ApiError::BadRequest(format!("field \"uuid\" {:?} differs from the path's {id:?}", spec.uuid)));
+    }
+    let ticket = open_ticket(spec, state.limits, state.nbd_connections).await?;
+    tracing::info!(ticket = %id, size = ticket.backend.size(), "ticket added");
+    if let Some(old) = state.tickets.insert(ticket) {
+        // A replaced ticket's transfers end with it; its backend goes.
+        tokio::spawn(async move {
+            old.cancellation().cancel();
+            old.backend.stop().await;
+        });
+    }
+    Ok(StatusCode::OK.into_response())
+}
+
+async fn status(State(state): State<ControlState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let status = state.tickets.find(&id).and_then(|ticket| ticket.status());
+    match status {
+        Some(status) => Ok(Json(status).into_response()),
+        None => Err(ApiError::NotFound(format!("no such ticket {id:?}"))),
+    }
+}
+
+async fn extend(State(state): State<ControlState>, Path(id): Path<String>, body: Body) -> ApiResult<Response> {
+    let timeout = parse_timeout(&read_json_body(body).await?).map_err(|error| ApiError::BadRequest(error.0))?;
+    let Some(ticket) = state.tickets.find(&id) else {
+        return Err(ApiError::NotFound(format!("no such ticket {id:?}")));
+    };
+    ticket.extend(timeout);
+    Ok(StatusCode::OK.into_response())
+}
+
+async fn remove(State(state): State<ControlState>, Path(id): Path<String>) -> ApiResult<Response> {
+    state.tickets.remove(&id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn remove_all(State(state): State<ControlState>) -> ApiResult<Response> {
+    state.tickets.remove_all().await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
