@@ -81,13 +81,30 @@ impl ImageClient {
         Ok(ImageClient { http: builder.build()?, url: url.trim_end_matches('/').to_string(), retry: RetryPolicy::default() })
     }
 
+    /// A client for the image at `url`'s path on a server's local unix
+    /// socket (`--local-socket`): plain HTTP, no TLS, same API.
+    pub fn over_unix_socket(url: &str, socket: &std::path::Path, connections: usize) -> Result<ImageClient> {
+        let path = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"))
+            .and_then(|rest| rest.find('/').map(|slash| &rest[slash..]))
+            .ok_or_else(|| ClientError::Invalid(format!("{url:?} is not an image URL")))?;
+        let http = reqwest::Client::builder()
+            .unix_socket(socket)
+            .http1_only()
+            .pool_max_idle_per_host(connections)
+            .read_timeout(Duration::from_secs(120))
+            .build()?;
+        Ok(ImageClient { http, url: format!("http://localhost{}", path.trim_end_matches('/')), retry: RetryPolicy::default() })
+    }
+
     /// The same client with another retry policy.
     pub fn with_retry(mut self, retry: RetryPolicy) -> ImageClient {
         self.retry = retry;
         self
     }
 
-    /// The image URL.
+    /// The image URL (`http://localhost/...` over a unix socket).
     pub fn url(&self) -> &str {
         &self.url
     }

@@ -34,6 +34,10 @@ struct Global {
     /// Trust any certificate (tests only).
     #[arg(short = 'k', long, global = true, conflicts_with = "cacert")]
     insecure: bool,
+    /// Reach the server's local listener on this unix socket (no TLS); the
+    /// URL's path names the image.
+    #[arg(long, global = true, value_name = "PATH")]
+    unix_socket: Option<PathBuf>,
     /// Parallel connections for download and upload (capped by the server).
     #[arg(long, global = true, default_value_t = DEFAULT_CONNECTIONS as u16, value_parser = clap::value_parser!(u16).range(1..=64))]
     connections: u16,
@@ -163,7 +167,10 @@ async fn run(cli: Cli) -> Result<()> {
         (None, false) => Trust::System,
     };
     let connections = usize::from(global.connections);
-    let client = |url: &str| ImageClient::new(url, &trust, connections);
+    let client = |url: &str| match &global.unix_socket {
+        Some(socket) => ImageClient::over_unix_socket(url, socket, connections),
+        None => ImageClient::new(url, &trust, connections),
+    };
     match &cli.command {
         Command::Info { url } => {
             let client = client(url)?;

@@ -62,7 +62,7 @@ async fn run(args: Args) -> Result<()> {
     let state = AppState {
         tickets: tickets.clone(),
         limits,
-        local_socket: args.local_socket.as_ref().map(|path| path.display().to_string()),
+        local_socket: args.local_socket.as_ref().map(|path| std::path::absolute(path).unwrap_or_else(|_| path.clone()).display().to_string()),
         body_timeout: Duration::from_secs(args.body_timeout),
     };
     let mut endpoints = vec![Endpoint { listener: Listener::Tls(listener, tls), router: routes::router(state.clone()) }];

@@ -10,3 +10,4 @@ mod lifecycle;
 mod openapi;
 mod protocols;
 mod readme;
+mod tickets;
