@@ -7,6 +7,7 @@ mod cli;
 mod data;
 mod errors;
 mod lifecycle;
+mod load;
 mod openapi;
 mod protocols;
 mod readme;

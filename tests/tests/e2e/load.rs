@@ -1,0 +1,170 @@
+//! Load and abuse: 64 clients on 4 tickets doing mixed ranged GET and PUT
+//! for a bounded time with every byte verified (503 is the only refusal
+//! allowed, and is retried), and slow clients (headers trickling, a body
+//! that stalls) cut off by the timeouts while others are served.
+
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use reqwest::StatusCode;
+
+use crate::common::*;
+
+const TICKETS: usize = 4;
+const CLIENTS: usize = 64;
+const REGION: u64 = 4 * MIB;
+
+fn load_seconds() -> u64 {
+    std::env::var("BLOCKGATE_LOAD_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(30)
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|line| line.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[derive(Default)]
+struct Counts {
+    gets: u64,
+    puts: u64,
+    busy: u64,
+    bytes: u64,
+}
+
+/// One client: owns `REGION` bytes of its ticket's image, keeps a model of
+/// them, and checks every read against it.
+async fn client_loop(client: reqwest::Client, url: String, base: u64, seed: u64, deadline: Instant) -> Counts {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut model = vec![0u8; REGION as usize];
+    let mut counts = Counts::default();
+    while Instant::now() < deadline {
+        let length = rng.random_range(1..=256 * 1024u64);
+        let offset = rng.random_range(0..REGION - length);
+        let (start, end) = (base + offset, base + offset + length - 1);
+        if rng.random_bool(0.5) {
+            let data = random_bytes(length as usize, rng.random());
+            let response = client.put(&url).header("content-range", format!("bytes {start}-{end}/*")).body(data.clone()).send().await.unwrap();
+            match response.status() {
+                StatusCode::OK => {
+                    model[offset as usize..(offset + length) as usize].copy_from_slice(&data);
+                    counts.puts += 1;
+                    counts.bytes += length;
+                }
+                StatusCode::SERVICE_UNAVAILABLE => counts.busy += 1,
+                other => panic!("PUT {start}-{end}: {other}: {}", response.text().await.unwrap()),
+            }
+        } else {
+            let response = client.get(&url).header("range", format!("bytes={start}-{end}")).send().await.unwrap();
+            match response.status() {
+                StatusCode::PARTIAL_CONTENT => {
+                    let body = response.bytes().await.unwrap();
+                    assert!(body[..] == model[offset as usize..(offset + length) as usize], "GET {start}-{end} returned other bytes");
+                    counts.gets += 1;
+                    counts.bytes += length;
+                }
+                StatusCode::SERVICE_UNAVAILABLE => counts.busy += 1,
+                other => panic!("GET {start}-{end}: {other}: {}", response.text().await.unwrap()),
+            }
+        }
+        if counts.busy > 0 && counts.busy % 16 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    // The whole region, once more, against the model.
+    loop {
+        let response = client.get(&url).header("range", format!("bytes={base}-{}", base + REGION - 1)).send().await.unwrap();
+        if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        assert_eq!(response.status(), StatusCode::PARTIAL_CONTENT);
+        assert!(response.bytes().await.unwrap()[..] == model[..], "final read of region {base} differs");
+        return counts;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixty_four_clients_on_four_tickets_every_byte_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let images: Vec<String> = (0..TICKETS).map(|t| format!("t{t}={}/t{t}.qcow2,size=64M", dir.path().display())).collect();
+    let server = Server::start(dir.path(), &images).await;
+    let deadline = Instant::now() + Duration::from_secs(load_seconds());
+    let mut clients = Vec::new();
+    for index in 0..CLIENTS {
+        let ticket = index % TICKETS;
+        let base = (index / TICKETS) as u64 * REGION;
+        let client = server.client_builder().http1_only().build().unwrap();
+        clients.push(tokio::spawn(client_loop(client, server.image_url(&format!("t{ticket}")), base, index as u64, deadline)));
+    }
+    let mut total = Counts::default();
+    for client in clients {
+        let counts = client.await.unwrap();
+        total.gets += counts.gets;
+        total.puts += counts.puts;
+        total.busy += counts.busy;
+        total.bytes += counts.bytes;
+    }
+    let rss = peak_rss_kib(server.pid());
+    println!(
+        "load: {} GETs, {} PUTs, {} MiB verified, {} answered 503 (retried), server peak RSS {} MiB",
+        total.gets,
+        total.puts,
+        total.bytes >> 20,
+        total.busy,
+        rss >> 10
+    );
+    assert!(total.gets > 100 && total.puts > 100, "the load ran: {} GETs, {} PUTs", total.gets, total.puts);
+    assert!(rss < 256 << 10, "server peak RSS {rss} KiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_while_others_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = [format!("disk={}/disk.raw,size=8M", dir.path().display())];
+    let server = Server::try_start(dir.path(), &images, &["--header-timeout", "2", "--body-timeout", "2"]).await.unwrap();
+    let script = r#"
+import socket, ssl, sys, time
+port, ca, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+context = ssl.create_default_context(cafile=ca)
+context.set_alpn_protocols(["http/1.1"])
+tls = context.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost")
+started = time.monotonic()
+answer = b""
+try:
+    if mode == "headers":
+        tls.sendall(b"GET /images/disk HTTP/1.1\r\nHost: localhost\r\n")
+        for i in range(20):
+            time.sleep(0.5)
+            tls.sendall(b"X-Slow-%d: yes\r\n" % i)
+    else:
+        tls.sendall(b"PUT /images/disk HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1048576\r\n\r\n" + b"x" * 1000)
+    tls.settimeout(20)
+    while chunk := tls.recv(65536):
+        answer += chunk
+except (ssl.SSLError, OSError):
+    pass
+print("%.1f %s" % (time.monotonic() - started, answer.split(b"\r\n", 1)[0].decode(errors="replace")))
+"#;
+    let run_slow = |mode: &'static str| {
+        let args = [script.to_string(), server.port.to_string(), server.ca().display().to_string(), mode.to_string()];
+        std::thread::spawn(move || {
+            let output = std::process::Command::new("python3").arg("-c").args(&args).output().unwrap();
+            String::from_utf8_lossy(&output.stdout).trim().to_string()
+        })
+    };
+    let headers = run_slow("headers");
+    let body = run_slow("body");
+    // Meanwhile a normal client is served at once.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let response = server.client().get(server.image_url("disk")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.bytes().await.unwrap().len() as u64, 8 * MIB);
+    assert!(started.elapsed() < Duration::from_secs(2), "a normal client waited {:?}", started.elapsed());
+    let headers = headers.join().unwrap();
+    let body = body.join().unwrap();
+    let seconds = |line: &str| line.split_whitespace().next().unwrap().parse::<f64>().unwrap();
+    assert!(seconds(&headers) < 6.0, "trickling headers were cut off after the header timeout, not after 10 s: {headers}");
+    assert!(seconds(&body) < 6.0 && body.contains("400"), "a stalled body gets a 400 after the body timeout: {body}");
+}
