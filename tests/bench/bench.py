@@ -1,0 +1,410 @@
+"""blockgate benchmark: the measures of docs/benchmarks.md, side by side
+with the peers in the same run (nbdcopy on the same qemu-nbd export,
+ovirt-imageio's daemon and client on the same export and TLS certificate,
+curl as the common client). Each measure runs several times, peers
+interleaved, and the median is reported. Prints one table.
+
+Run through tests/bench/run, which installs the peers and builds blockgate.
+Options: --runs N (default 3), --work DIR (default target/bench-work).
+"""
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+BIN = os.path.join(ROOT, "target", "release")
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+def run(*cmd, **kwargs):
+    return subprocess.run(cmd, check=True, **kwargs)
+
+
+def timed(*cmd):
+    started = time.monotonic()
+    run(*cmd, stdout=subprocess.DEVNULL)
+    return time.monotonic() - started
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, what, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    sys.exit(f"bench: timed out waiting for {what}")
+
+
+def proc_status(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Workloads:
+    """The images of docs/benchmarks.md."""
+
+    def __init__(self, work):
+        self.work = work
+        self.dense = os.path.join(work, "dense.raw")
+        self.upload = os.path.join(work, "upload.raw")
+        self.sparse = os.path.join(work, "sparse.raw")
+        self.sparse_data = os.path.join(work, "sparse-data.raw")
+        self.huge = os.path.join(work, "huge-sparse.qcow2")
+        self.incremental = os.path.join(work, "incremental.qcow2")
+
+    def make(self):
+        if not os.path.exists(self.dense):
+            print("bench: making dense (2 GiB random)...", file=sys.stderr)
+            with open(self.dense + ".tmp", "wb") as f:
+                for _ in range(2 * GIB // (64 * MIB)):
+                    f.write(os.urandom(64 * MIB))
+            os.rename(self.dense + ".tmp", self.dense)
+        with open(self.upload, "wb") as f:
+            f.truncate(2 * GIB)
+        if not os.path.exists(self.sparse):
+            print("bench: making sparse (2 GiB, 32 x 1 MiB of data)...", file=sys.stderr)
+            with open(self.sparse, "wb") as f:
+                f.truncate(2 * GIB)
+                for i in range(32):
+                    f.seek(i * (2 * GIB // 32))
+                    f.write(os.urandom(MIB))
+            with open(self.sparse_data, "wb") as f:
+                f.write(os.urandom(32 * MIB))
+        if not os.path.exists(self.huge):
+            print("bench: making huge-sparse (1 TiB qcow2, 4000 extents of 256 KiB)...", file=sys.stderr)
+            run("qemu-img", "create", "-q", "-f", "qcow2", self.huge + ".tmp", "1T")
+            commands = []
+            for i in range(4000):
+                commands += ["-c", f"write -P {i % 250 + 1} {i * 256}M 256k"]
+            run("qemu-io", "-f", "qcow2", *commands, self.huge + ".tmp", stdout=subprocess.DEVNULL)
+            os.rename(self.huge + ".tmp", self.huge)
+        if not os.path.exists(self.incremental):
+            print("bench: making incremental (2 GiB qcow2, bitmap, 1% of blocks dirty)...", file=sys.stderr)
+            path = self.incremental + ".tmp"
+            run("qemu-img", "create", "-q", "-f", "qcow2", path, "2G")
+            run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1G", path, stdout=subprocess.DEVNULL)
+            run("qemu-img", "bitmap", "--add", "-g", "64K", path, "b1")
+            commands = []
+            for i in range(328):
+                commands += ["-c", f"write -P 2 {i * 100 * 64}k 64k"]
+            run("qemu-io", "-f", "qcow2", *commands, path, stdout=subprocess.DEVNULL)
+            os.rename(path, self.incremental)
+
+
+class Services:
+    """qemu-nbd exports, blockgate and imageio's daemon on them."""
+
+    def __init__(self, work, workloads):
+        self.work = work
+        self.w = workloads
+        self.children = []
+        self.sockets = {}
+
+    def start(self):
+        exports = {
+            "dense": (self.w.dense, "raw", ["-r"]),
+            "upload": (self.w.upload, "raw", []),
+            "sparse": (self.w.sparse, "raw", ["-r"]),
+            "sparse-data": (self.w.sparse_data, "raw", ["-r"]),
+            "huge": (self.w.huge, "qcow2", ["-r"]),
+            "incremental": (self.w.incremental, "qcow2", ["-r", "-B", "b1"]),
+        }
+        for name, (path, fmt, extra) in exports.items():
+            sock = os.path.join(self.work, f"{name}.sock")
+            self.spawn("qemu-nbd", "-t", "-e", "16", "-A", "-f", fmt, "-k", sock, *extra, path)
+            self.sockets[name] = sock
+            wait_for(lambda: os.path.exists(sock), f"qemu-nbd {name}")
+        self.state = os.path.join(self.work, "state")
+        self.port = self.start_blockgate()
+        self.ca = os.path.join(self.state, "ca.pem")
+        self.imageio_port = self.start_imageio()
+
+    def spawn(self, *cmd, **kwargs):
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+        self.children.append(child)
+        return child
+
+    def image_args(self):
+        args = []
+        for name, sock in self.sockets.items():
+            spec = f"{name}=nbd+unix:///?socket={sock}"
+            if name != "upload":
+                spec += ",ro"
+            if name == "incremental":
+                spec += ",bitmap=b1"
+            args += ["--image", spec]
+        return args
+
+    def start_blockgate(self):
+        port = free_port()
+        self.blockgate = self.spawn(
+            os.path.join(BIN, "blockgate-server"), "--listen", f"127.0.0.1:{port}", "--state-dir", self.state,
+            "--log", "warn", *self.image_args())
+        ca = os.path.join(self.state, "ca.pem")
+        wait_for(lambda: os.path.exists(ca) and curl_ok(f"https://localhost:{port}/info/", ca), "blockgate")
+        return port
+
+    def restart_blockgate(self):
+        """A fresh server process, so its peak RSS covers one measure."""
+        self.blockgate.terminate()
+        self.blockgate.wait()
+        self.children.remove(self.blockgate)
+        self.port = self.start_blockgate()
+
+    def start_imageio(self):
+        port = free_port()
+        conf = os.path.join(self.work, "imageio")
+        run_dir = os.path.join(conf, "run")
+        os.makedirs(os.path.join(conf, "conf.d"), exist_ok=True)
+        os.makedirs(run_dir, exist_ok=True)
+        control = os.path.join(run_dir, "control.sock")
+        with open(os.path.join(conf, "conf.d", "50-bench.conf"), "w") as f:
+            f.write(f"""[daemon]
+drop_privileges = false
+systemd_enable = false
+run_dir = {run_dir}
+[tls]
+enable = true
+key_file = {os.path.join(self.state, "key.pem")}
+cert_file = {os.path.join(self.state, "cert.pem")}
+ca_file = {os.path.join(self.state, "ca.pem")}
+[remote]
+host = 127.0.0.1
+port = {port}
+[local]
+enable = false
+[control]
+transport = unix
+socket = {control}
+[handlers]
+keys = stderr
+[logger_root]
+level = WARNING
+handlers = stderr
+""")
+        imageio = os.path.join(os.path.dirname(sys.executable), "ovirt-imageio")
+        self.spawn(imageio, "-c", conf)
+        wait_for(lambda: os.path.exists(control), "imageio's control socket")
+        for name in ("dense", "upload"):
+            size = os.path.getsize(self.w.dense)
+            ticket = {"uuid": name, "size": size, "url": f"nbd:unix:{self.sockets[name]}",
+                      "ops": ["read", "write"] if name == "upload" else ["read"], "timeout": 3600}
+            run("curl", "-sSf", "--unix-socket", control, "-X", "PUT", "--data-binary", json.dumps(ticket),
+                f"http://localhost/tickets/{name}", stdout=subprocess.DEVNULL)
+        wait_for(lambda: curl_ok(f"https://localhost:{port}/images/dense", self.ca, "-X", "OPTIONS"), "imageio")
+        return port
+
+    def url(self, name):
+        return f"https://localhost:{self.port}/images/{name}"
+
+    def imageio_url(self, name):
+        return f"https://localhost:{self.imageio_port}/images/{name}"
+
+    def stop(self):
+        for child in reversed(self.children):
+            child.terminate()
+        for child in self.children:
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+def curl_ok(url, ca, *extra):
+    return subprocess.run(["curl", "-sSf", "-o", "/dev/null", "--cacert", ca, *extra, url],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+
+
+def curl_time(url, ca, *extra):
+    started = time.monotonic()
+    run("curl", "-sSf", "-o", "/dev/null", "--cacert", ca, *extra, url)
+    return time.monotonic() - started
+
+
+class Table:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, measure, peer, peer_value, ours, ratio, target, met, unit):
+        self.rows.append((measure, peer, peer_value, ours, ratio, target, met, unit))
+
+    def print(self):
+        head = ("measure", "peer", "peer", "blockgate", "ratio", "target", "")
+        lines = [head]
+        for measure, peer, peer_value, ours, ratio, target, met, unit in self.rows:
+            fmt = (lambda v: "-" if v is None else f"{v:.3f} {unit}")
+            lines.append((measure, peer, fmt(peer_value), fmt(ours), "-" if ratio is None else f"{ratio:.2f}x",
+                          target, "" if met is None else ("met" if met else "MISSED")))
+        widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+        for index, line in enumerate(lines):
+            print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip())
+            if index == 0:
+                print("  ".join("-" * width for width in widths))
+
+
+def median_of(runs, measure):
+    return statistics.median(measure() for _ in range(runs))
+
+
+def interleaved(runs, *measures):
+    """Runs each measure `runs` times, alternating; the medians."""
+    samples = [[] for _ in measures]
+    for _ in range(runs):
+        for index, measure in enumerate(measures):
+            samples[index].append(measure())
+    return [statistics.median(s) for s in samples]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--work", default=os.path.join(ROOT, "target", "bench-work"))
+    args = parser.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    workloads = Workloads(args.work)
+    workloads.make()
+    tmp = tempfile.mkdtemp(prefix="bg-bench-", dir="/tmp")
+    services = Services(tmp, workloads)
+    services.start()
+    table = Table()
+    ca = services.ca
+    blockgate_cli = os.path.join(BIN, "blockgate")
+    out = os.path.join(args.work, "out.raw")
+    try:
+        # Dense download, one curl stream, against imageio's daemon.
+        server_cpu_before = cpu_seconds(services.blockgate.pid)
+        theirs, ours = interleaved(
+            args.runs,
+            lambda: curl_time(services.imageio_url("dense"), ca),
+            lambda: curl_time(services.url("dense"), ca),
+        )
+        cpu_per_gib = (cpu_seconds(services.blockgate.pid) - server_cpu_before) / (2 * args.runs)
+        table.add("dense download, curl (2 GiB)", "imageio", theirs, ours, theirs / ours, ">= 3x", theirs / ours >= 3, "s")
+        table.add("  server CPU per GiB", "-", None, cpu_per_gib, None, "", None, "s")
+
+        # Dense download and upload, blockgate CLI against nbdcopy direct.
+        def cli_download():
+            if os.path.exists(out):
+                os.unlink(out)
+            return timed(blockgate_cli, "--cacert", ca, "--progress", "none", "download", services.url("dense"), out)
+
+        nbd_read, cli = interleaved(
+            args.runs,
+            lambda: timed("nbdcopy", "-C", "1", "-R", "8", f"nbd+unix:///?socket={services.sockets['dense']}", "null:"),
+            cli_download,
+        )
+        table.add("dense download, CLI vs direct NBD", "nbdcopy", nbd_read, cli, nbd_read / cli, ">= 0.6x", nbd_read / cli >= 0.6, "s")
+        nbd_write, cli_up = interleaved(
+            args.runs,
+            lambda: timed("nbdcopy", "-C", "1", "-R", "8", workloads.dense, f"nbd+unix:///?socket={services.sockets['upload']}"),
+            lambda: timed(blockgate_cli, "--cacert", ca, "--progress", "none", "upload", workloads.dense, services.url("upload")),
+        )
+        table.add("dense upload, CLI vs direct NBD", "nbdcopy", nbd_write, cli_up, nbd_write / cli_up, ">= 0.8x", nbd_write / cli_up >= 0.8, "s")
+
+        # imageio's client against its daemon, ours against ours.
+        def imageio_client_download():
+            if os.path.exists(out):
+                os.unlink(out)
+            code = ("import sys; from ovirt_imageio import client; "
+                    "client.download(sys.argv[1], sys.argv[2], sys.argv[3], fmt='raw')")
+            return timed(sys.executable, "-c", code, services.imageio_url("dense"), out, ca)
+
+        theirs, ours = interleaved(args.runs, imageio_client_download, cli_download)
+        table.add("dense download, each one's client", "imageio client", theirs, ours, theirs / ours, "(info)", None, "s")
+
+        # Sparse: cost follows data, not size.
+        def cli_get(name):
+            def measure():
+                if os.path.exists(out):
+                    os.unlink(out)
+                return timed(blockgate_cli, "--cacert", ca, "--progress", "none", "download", services.url(name), out)
+            return measure
+
+        data_alone, sparse = interleaved(args.runs, cli_get("sparse-data"), cli_get("sparse"))
+        ratio = sparse / data_alone
+        table.add("sparse download vs its 32 MiB of data", "dense 32 MiB", data_alone, sparse, ratio, "<= 1.3x time", ratio <= 1.3, "s")
+
+        # Extents of huge-sparse: first byte of the body and whole listing.
+        def extents_times():
+            context = ssl.create_default_context(cafile=ca)
+            connection = http.client.HTTPSConnection("localhost", services.port, context=context)
+            connection.connect()
+            started = time.monotonic()
+            connection.request("GET", "/images/huge/extents")
+            response = connection.getresponse()
+            response.read(1)
+            first = time.monotonic() - started
+            while response.read(1 << 20):
+                pass
+            whole = time.monotonic() - started
+            connection.close()
+            return first, whole
+
+        samples = [extents_times() for _ in range(args.runs)]
+        first = statistics.median(s[0] for s in samples)
+        whole = statistics.median(s[1] for s in samples)
+        table.add("extents of huge-sparse, first byte", "-", None, first, None, "< 0.050 s", first < 0.05, "s")
+        table.add("extents of huge-sparse, whole listing", "-", None, whole, None, "< 1 s", whole < 1.0, "s")
+
+        # Incremental: the dirty extents and the incremental sparse stream.
+        incremental = median_of(args.runs, lambda: curl_time(services.url("incremental") + "?format=sparse&context=dirty", ca))
+        table.add("incremental sparse stream (1% dirty)", "-", None, incremental, None, "(info)", None, "s")
+        full_stream = median_of(args.runs, lambda: curl_time(services.url("dense") + "?format=sparse", ca))
+        table.add("sparse stream out, dense", "-", None, full_stream, None, "(info)", None, "s")
+
+        # Checksum of dense against imageio's.
+        theirs, ours = interleaved(
+            args.runs,
+            lambda: curl_time(services.imageio_url("dense") + "/checksum", ca),
+            lambda: curl_time(services.url("dense") + "/checksum", ca),
+        )
+        table.add("checksum of dense", "imageio", theirs, ours, theirs / ours, ">= 2x", theirs / ours >= 2, "s")
+
+        # Memory: a fresh server, 8 concurrent downloads of dense.
+        services.restart_blockgate()
+        downloads = [subprocess.Popen(["curl", "-sSf", "-o", "/dev/null", "--cacert", ca, services.url("dense")])
+                     for _ in range(8)]
+        for download in downloads:
+            if download.wait() != 0:
+                sys.exit("bench: a concurrent download failed")
+        peak = proc_status(services.blockgate.pid, "VmHWM") / 1024
+        table.add("server peak RSS, 8 concurrent downloads", "-", None, peak, None, "< 64 MiB", peak < 64, "MiB")
+    finally:
+        services.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.exists(out):
+            os.unlink(out)
+
+    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
+    print(f"\nblockgate benchmark, medians of {args.runs} runs, {os.cpu_count()} cores ({cpu}), loopback, warm page cache\n")
+    table.print()
+
+
+if __name__ == "__main__":
+    main()
