@@ -213,24 +213,32 @@ impl Client {
     /// export's maximum block size and run in parallel.
     pub async fn read(&self, offset: u64, length: usize) -> Result<Bytes> {
         self.check_range(offset, length as u64)?;
-        let mut whole = BytesMut::zeroed(length);
         let mut replies = Vec::new();
         let mut part_offset = offset;
-        while !whole.is_empty() {
-            let part = whole.split_to(whole.len().min(self.max_payload()));
-            let part_len = part.len() as u32;
-            let state = PendingState::Read { buffer: part, covered: 0 };
+        let end = offset + length as u64;
+        while part_offset < end {
+            let part_len = (end - part_offset).min(self.max_payload() as u64) as u32;
+            // Filled as chunks arrive, never zeroed first: holes and gaps
+            // are the only bytes written twice.
+            let state = PendingState::Read { buffer: BytesMut::with_capacity(part_len as usize), covered: 0 };
             replies.push(self.send(cmd::READ, 0, part_offset, part_len, None, state).await?);
             part_offset += u64::from(part_len);
         }
-        let mut result = BytesMut::new();
+        let mut parts = Vec::with_capacity(replies.len());
         for reply in replies {
             match receive(reply).await? {
-                Completed::Read(buffer) => result.unsplit(buffer),
+                Completed::Read(buffer) => parts.push(buffer),
                 _ => unreachable!("a READ completes with data"),
             }
         }
-        Ok(result.freeze())
+        if parts.len() == 1 {
+            return Ok(parts.pop().expect("one part").freeze());
+        }
+        let mut whole = BytesMut::with_capacity(length);
+        for part in parts {
+            whole.extend_from_slice(&part);
+        }
+        Ok(whole.freeze())
     }
 
     /// Writes `data` at `offset`, split at the maximum block size. With
@@ -502,7 +510,22 @@ async fn read_chunk<R: AsyncRead + Unpin>(socket: &mut R, pending: &mut Pending,
         return Err(Error::Protocol("OFFSET_DATA chunk for a request that is not a READ".into()));
     };
     let start = chunk_start(pending.offset, pending.length, offset, data_len)?;
-    socket.read_exact(&mut buffer[start..start + data_len as usize]).await?;
+    let end = start + data_len as usize;
+    if start >= buffer.len() {
+        // In order (the usual case): zero any gap, then append unzeroed.
+        buffer.resize(start, 0);
+        let mut limited = (&mut *socket).take(data_len);
+        while buffer.len() < end {
+            if limited.read_buf(buffer).await? == 0 {
+                return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    } else {
+        if end > buffer.len() {
+            buffer.resize(end, 0);
+        }
+        socket.read_exact(&mut buffer[start..end]).await?;
+    }
     *covered += data_len;
     Ok(())
 }
@@ -522,10 +545,13 @@ fn chunk_start(request_offset: u64, request_length: u32, offset: u64, length: u6
 fn apply_chunk(pending: &mut Pending, payload: ChunkPayload) -> Result<()> {
     match (payload, &mut pending.state) {
         (ChunkPayload::None, _) => {}
-        (ChunkPayload::Hole { offset, length }, PendingState::Read { covered, .. }) => {
-            // The buffer starts zeroed and each byte is covered once, so a
-            // hole needs no writing.
-            chunk_start(pending.offset, pending.length, offset, u64::from(length))?;
+        (ChunkPayload::Hole { offset, length }, PendingState::Read { buffer, covered }) => {
+            // Bytes below the buffer's length that no chunk wrote were
+            // zeroed as a gap, so only a hole past the end needs zeros.
+            let end = chunk_start(pending.offset, pending.length, offset, u64::from(length))? + length as usize;
+            if end > buffer.len() {
+                buffer.resize(end, 0);
+            }
             *covered += u64::from(length);
         }
         (ChunkPayload::BlockStatus { context, extents }, PendingState::BlockStatus(chunks)) => {
