@@ -29,8 +29,8 @@ const WRITE_QUEUE: usize = 64;
 /// smaller step keeps one request from holding the export for long.
 const MAX_ZERO_REQUEST: u64 = 1 << 30;
 
-/// Largest BLOCK_STATUS request (u32 length, kept block aligned).
-const MAX_STATUS_REQUEST: u64 = 0x8000_0000;
+/// Largest BLOCK_STATUS request (u32 length, kept 4 KiB aligned).
+const MAX_STATUS_REQUEST: u64 = 0xFFFF_F000;
 
 /// Options of a WRITE_ZEROES request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
