@@ -35,6 +35,34 @@ pub fn check_block_size(block_size: u64) -> Result<(), String> {
     }
 }
 
+/// The digest of one block (BLAKE2b-256 of its bytes), for hashing blocks
+/// in parallel and combining them in order with [`BlockHasher::push_digest`].
+pub fn block_digest<'a>(parts: impl IntoIterator<Item = BlockPart<'a>>) -> [u8; 32] {
+    let mut block = Blake2b256::new();
+    for part in parts {
+        match part {
+            BlockPart::Data(data) => block.update(data),
+            BlockPart::Zeros(mut length) => {
+                while length > 0 {
+                    let step = length.min(ZERO_CHUNK.len() as u64);
+                    block.update(&ZERO_CHUNK[..step as usize]);
+                    length -= step;
+                }
+            }
+        }
+    }
+    block.finalize().into()
+}
+
+/// A piece of a block: bytes, or a run of zeros.
+#[derive(Debug, Clone, Copy)]
+pub enum BlockPart<'a> {
+    /// Bytes of the image.
+    Data(&'a [u8]),
+    /// This many zero bytes.
+    Zeros(u64),
+}
+
 /// A streaming blkhash.
 #[derive(Clone)]
 pub struct BlockHasher {
@@ -105,6 +133,20 @@ impl BlockHasher {
         }
     }
 
+    /// Adds the digest of the next whole block (see [`block_digest`]); only
+    /// valid between blocks.
+    pub fn push_digest(&mut self, digest: [u8; 32]) {
+        debug_assert_eq!(self.filled, 0, "push_digest inside a block");
+        self.outer.update(digest);
+    }
+
+    /// Adds `count` whole blocks of zeros.
+    pub fn push_zero_blocks(&mut self, count: u64) {
+        for _ in 0..count {
+            self.outer.update(self.zero_block_digest);
+        }
+    }
+
     /// The checksum as lowercase hex.
     pub fn finish(mut self) -> String {
         if self.filled > 0 {
@@ -143,6 +185,22 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn block_digests_combine_to_the_reference(image in proptest::collection::vec(any::<u8>(), 0..40000), zeros in 0usize..3) {
+            let block_size = 4096usize;
+            let mut hasher = BlockHasher::new(block_size as u64);
+            let whole_zero_blocks = zeros as u64;
+            hasher.push_zero_blocks(whole_zero_blocks);
+            let mut reference_image = vec![0u8; zeros * block_size];
+            for block in image.chunks(block_size) {
+                let half = block.len() / 2;
+                hasher.push_digest(block_digest([BlockPart::Data(&block[..half]), BlockPart::Data(&block[half..])]));
+            }
+            reference_image.extend(&image);
+            prop_assert_eq!(hasher.finish(), reference(&reference_image, block_size));
+            prop_assert_eq!(block_digest([BlockPart::Zeros(5000)]), block_digest([BlockPart::Data(&[0u8; 5000])]));
+        }
+
         #[test]
         fn any_split_into_data_and_zero_pieces_gives_the_reference(
             pieces in proptest::collection::vec((1usize..20000, any::<bool>(), any::<u8>()), 0..12),
