@@ -46,6 +46,9 @@ pub struct ExportSettings<'a> {
     pub bitmap: Option<&'a str>,
     /// Number of client connections to allow (`-e`).
     pub shared: u32,
+    /// Bypass the page cache (`--cache=none --aio=native`): for writing
+    /// a new file, where filling the page cache costs more than the disk.
+    pub direct: bool,
 }
 
 /// A running qemu-nbd child.
@@ -73,6 +76,9 @@ impl QemuNbd {
         }
         if let Some(bitmap) = settings.bitmap {
             command.args(["--bitmap", bitmap]);
+        }
+        if settings.direct {
+            command.args(["--cache=none", "--aio=native"]);
         }
         command.arg(settings.path).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
         let mut child = command.spawn().map_err(|error| failed(format!("starting qemu-nbd (is qemu-utils installed?): {error}")))?;

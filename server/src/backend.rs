@@ -71,6 +71,7 @@ impl Backend {
                     read_only: spec.read_only,
                     bitmap: bitmap.as_deref(),
                     shared: connections + 4,
+                    direct: false,
                 };
                 let child = QemuNbd::start(&settings).await?;
                 (Address::unix(child.socket(), ""), Some(child))
