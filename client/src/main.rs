@@ -11,7 +11,7 @@ use anyhow::{bail, Context as _, Result};
 use blockgate_client::transfer::{self, Progress, Stats, TransferOptions, DEFAULT_CONNECTIONS};
 use blockgate_client::{Context, ImageClient, LocalImage, Trust};
 use blockgate_protocol::blkhash::{check_block_size, BlockHasher, DEFAULT_BLOCK_SIZE};
-use blockgate_protocol::{DirtyState, Extent, ZeroState};
+use blockgate_protocol::{DirtyState, ZeroState};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -253,32 +253,29 @@ async fn finish(result: blockgate_client::Result<Stats>, local: LocalImage) -> R
 async fn list_extents(client: &ImageClient, context: ContextArg, json: bool) -> Result<()> {
     match context {
         ContextArg::Zero => {
-            let mut extents = std::pin::pin!(client.extents::<ZeroState>(Context::Zero, None).await?);
-            if !json {
-                println!("{:>16} {:>16} {:>5} {:>5}", "start", "length", "zero", "hole");
-            }
-            while let Some(extent) = extents.try_next().await? {
-                let Extent { start, length, flags } = extent;
-                if json {
-                    println!("{}", serde_json::to_string(&extent)?);
-                } else {
-                    println!("{start:>16} {length:>16} {:>5} {:>5}", flags.zero, flags.hole);
-                }
-            }
+            print_extents::<ZeroState>(client, Context::Zero, json, ["zero", "hole"], |flags| [flags.zero, flags.hole]).await
         }
         ContextArg::Dirty => {
-            let mut extents = std::pin::pin!(client.extents::<DirtyState>(Context::Dirty, None).await?);
-            if !json {
-                println!("{:>16} {:>16} {:>5} {:>5}", "start", "length", "dirty", "zero");
-            }
-            while let Some(extent) = extents.try_next().await? {
-                let Extent { start, length, flags } = extent;
-                if json {
-                    println!("{}", serde_json::to_string(&extent)?);
-                } else {
-                    println!("{start:>16} {length:>16} {:>5} {:>5}", flags.dirty, flags.zero);
-                }
-            }
+            print_extents::<DirtyState>(client, Context::Dirty, json, ["dirty", "zero"], |flags| [flags.dirty, flags.zero]).await
+        }
+    }
+}
+
+/// Prints extents as a table with two flag columns, or as JSON lines.
+async fn print_extents<F>(client: &ImageClient, context: Context, json: bool, columns: [&str; 2], flags: fn(&F) -> [bool; 2]) -> Result<()>
+where
+    F: serde::de::DeserializeOwned + serde::Serialize + Send + 'static,
+{
+    let mut extents = std::pin::pin!(client.extents::<F>(context, None).await?);
+    if !json {
+        println!("{:>16} {:>16} {:>5} {:>5}", "start", "length", columns[0], columns[1]);
+    }
+    while let Some(extent) = extents.try_next().await? {
+        if json {
+            println!("{}", serde_json::to_string(&extent)?);
+        } else {
+            let [first, second] = flags(&extent.flags);
+            println!("{:>16} {:>16} {first:>5} {second:>5}", extent.start, extent.length);
         }
     }
     Ok(())

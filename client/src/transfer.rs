@@ -149,43 +149,43 @@ async fn connections_for(client: &ImageClient, wanted: usize, writing: bool) -> 
 /// Downloads the whole image into `local` (a fresh file that reads as
 /// zeros): data ranges are fetched, zero ranges cost nothing.
 pub async fn download(client: &ImageClient, local: &LocalImage, options: &TransferOptions) -> Result<Stats> {
-    let started = Instant::now();
-    let size = client.size().await?;
-    check_sizes(size, local.size())?;
-    let connections = connections_for(client, options.connections, false).await?;
-    let tally = Tally::new(size, options.progress.clone());
     let extents = client.extents::<ZeroState>(Context::Zero, None).await?;
-    let jobs = extents
-        .map_ok(|extent: Extent<ZeroState>| {
-            let run = Run { start: extent.start, length: extent.length, zero: extent.flags.zero };
-            stream::iter(split(run, |_, length| Job::Skip { length }).into_iter().map(Ok))
-        })
-        .try_flatten();
-    run_jobs(jobs, connections, &tally, |job| fetch(client, local, job)).await?;
-    Ok(tally.stats(started))
+    let jobs = extents.map_ok(|extent: Extent<ZeroState>| {
+        let run = Run { start: extent.start, length: extent.length, zero: extent.flags.zero };
+        split(run, |_, length| Job::Skip { length })
+    });
+    download_jobs(client, local, options, jobs).await
 }
 
 /// Downloads only the dirty ranges into `local` (an overlay on the previous
 /// backup): dirty data is fetched, dirty zeros are zeroed locally, clean
 /// ranges are left to the backing file.
 pub async fn download_incremental(client: &ImageClient, local: &LocalImage, options: &TransferOptions) -> Result<Stats> {
+    let extents = client.extents::<DirtyState>(Context::Dirty, None).await?;
+    let jobs = extents.map_ok(|extent: Extent<DirtyState>| {
+        if extent.flags.dirty {
+            let run = Run { start: extent.start, length: extent.length, zero: extent.flags.zero };
+            split(run, |offset, length| Job::Zero { offset, length })
+        } else {
+            vec![Job::Skip { length: extent.length }]
+        }
+    });
+    download_jobs(client, local, options, jobs).await
+}
+
+/// Runs the jobs of a download, each extent's at a time.
+async fn download_jobs(
+    client: &ImageClient,
+    local: &LocalImage,
+    options: &TransferOptions,
+    jobs: impl futures::Stream<Item = Result<Vec<Job>>>,
+) -> Result<Stats> {
     let started = Instant::now();
     let size = client.size().await?;
     check_sizes(size, local.size())?;
     let connections = connections_for(client, options.connections, false).await?;
     let tally = Tally::new(size, options.progress.clone());
-    let extents = client.extents::<DirtyState>(Context::Dirty, None).await?;
-    let jobs = extents
-        .map_ok(|extent: Extent<DirtyState>| {
-            let jobs = if extent.flags.dirty {
-                let run = Run { start: extent.start, length: extent.length, zero: extent.flags.zero };
-                split(run, |offset, length| Job::Zero { offset, length })
-            } else {
-                vec![Job::Skip { length: extent.length }]
-            };
-            stream::iter(jobs.into_iter().map(Ok))
-        })
-        .try_flatten();
+    let jobs = jobs.map_ok(|jobs| stream::iter(jobs.into_iter().map(Ok))).try_flatten();
     run_jobs(jobs, connections, &tally, |job| fetch(client, local, job)).await?;
     Ok(tally.stats(started))
 }

@@ -29,7 +29,7 @@ fn run(program: &str, args: &[&str]) {
 
 fn qemu_nbd(dir: &Path, image: &Path, format: &str, extra: &[&str]) -> QemuNbd {
     let socket = dir.join("nbd.sock");
-    let child = Command::new("qemu-nbd")
+    let mut child = Command::new("qemu-nbd")
         .args(["-t", "-e", "8", "--discard=unmap", "-A", "-f", format, "-k"])
         .arg(&socket)
         .args(extra)
@@ -42,6 +42,8 @@ fn qemu_nbd(dir: &Path, image: &Path, format: &str, extra: &[&str]) -> QemuNbd {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("qemu-nbd did not start");
 }
 

@@ -24,7 +24,7 @@ pub const MIN_BLOCK_SIZE: u64 = 4 << 10;
 /// Largest block size accepted.
 pub const MAX_BLOCK_SIZE: u64 = 16 << 20;
 
-const ZERO_CHUNK: [u8; 64 << 10] = [0; 64 << 10];
+static ZERO_CHUNK: [u8; 64 << 10] = [0; 64 << 10];
 
 /// Checks a requested block size: a multiple of 4096 in [4 KiB, 16 MiB].
 pub fn check_block_size(block_size: u64) -> Result<(), String> {

@@ -5,6 +5,7 @@
 
 pub mod blkhash;
 pub mod extents;
+mod fields;
 pub mod json_array;
 pub mod options;
 pub mod patch;

@@ -5,6 +5,8 @@
 
 use serde_json::{Map, Value};
 
+use crate::fields::{boolean, integer};
+
 /// Largest PATCH body accepted (64 KiB).
 pub const MAX_PATCH_BODY: usize = 64 << 10;
 
@@ -43,13 +45,9 @@ pub fn parse_patch(body: &[u8]) -> Result<PatchRequest, PatchError> {
     match op {
         "zero" => {
             reject_unknown(&object, op, &["op", "size", "offset", "flush"])?;
-            let size = integer(&object, "size")?.ok_or_else(|| PatchError("missing field \"size\"".into()))?;
-            let offset = integer(&object, "offset")?.unwrap_or(0);
-            let flush = match object.get("flush") {
-                None => false,
-                Some(Value::Bool(flush)) => *flush,
-                Some(_) => return Err(PatchError("field \"flush\" must be true or false".into())),
-            };
+            let size = integer(&object, "size").map_err(PatchError)?.ok_or_else(|| PatchError("missing field \"size\"".into()))?;
+            let offset = integer(&object, "offset").map_err(PatchError)?.unwrap_or(0);
+            let flush = boolean(&object, "flush").map_err(PatchError)?.unwrap_or(false);
             Ok(PatchRequest::Zero { offset, size, flush })
         }
         "flush" => {
@@ -57,17 +55,6 @@ pub fn parse_patch(body: &[u8]) -> Result<PatchRequest, PatchError> {
             Ok(PatchRequest::Flush)
         }
         other => Err(PatchError(format!("unknown op {other:?}: expected \"zero\" or \"flush\""))),
-    }
-}
-
-fn integer(object: &Map<String, Value>, field: &str) -> Result<Option<u64>, PatchError> {
-    match object.get(field) {
-        None => Ok(None),
-        Some(Value::Number(number)) => number
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| PatchError(format!("field {field:?} must be a non-negative integer, not {number}"))),
-        Some(other) => Err(PatchError(format!("field {field:?} must be a non-negative integer, not {other}"))),
     }
 }
 

@@ -8,6 +8,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::fields;
+
 /// Largest ticket body accepted.
 pub const MAX_TICKET_BODY: usize = 64 << 10;
 /// Inactivity timeout when the ticket gives none (seconds).
@@ -109,29 +111,15 @@ fn missing(field: &str) -> TicketError {
 }
 
 fn string(object: &Map<String, Value>, field: &str) -> Result<Option<String>, TicketError> {
-    match object.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) => Ok(Some(text.clone())),
-        Some(other) => Err(TicketError(format!("field {field:?} must be a string, not {other}"))),
-    }
+    fields::string(object, field).map_err(TicketError)
 }
 
 fn integer(object: &Map<String, Value>, field: &str) -> Result<Option<u64>, TicketError> {
-    match object.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(number)) => {
-            number.as_u64().map(Some).ok_or_else(|| TicketError(format!("field {field:?} must be a non-negative integer, not {number}")))
-        }
-        Some(other) => Err(TicketError(format!("field {field:?} must be a non-negative integer, not {other}"))),
-    }
+    fields::integer(object, field).map_err(TicketError)
 }
 
 fn boolean(object: &Map<String, Value>, field: &str) -> Result<Option<bool>, TicketError> {
-    match object.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(flag)) => Ok(Some(*flag)),
-        Some(other) => Err(TicketError(format!("field {field:?} must be true or false, not {other}"))),
-    }
+    fields::boolean(object, field).map_err(TicketError)
 }
 
 /// What `GET /tickets/{id}` returns: the ticket and its state.

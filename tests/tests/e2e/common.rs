@@ -180,7 +180,7 @@ pub struct QemuNbd {
 
 impl QemuNbd {
     pub fn start(image: &Path, format: &str, socket: &Path) -> QemuNbd {
-        let child = Command::new("qemu-nbd")
+        let mut child = Command::new("qemu-nbd")
             .args(["-t", "-e", "8", "-A", "-f", format, "-k"])
             .arg(socket)
             .arg(image)
@@ -192,6 +192,8 @@ impl QemuNbd {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("qemu-nbd did not start");
     }
 

@@ -18,12 +18,18 @@ fn populate(path: &std::path::Path, format: &str) {
     );
 }
 
-async fn check_ranges_against_qemu(format: &str) {
+/// A 64 MiB image of `format` with the layout of [`populate`], served.
+async fn serve_populated(format: &str) -> (tempfile::TempDir, std::path::PathBuf, Server) {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join(format!("disk.{format}"));
     create_image(&image, format, "64M");
     populate(&image, format);
     let server = Server::start(dir.path(), &[format!("disk={}", image.display())]).await;
+    (dir, image, server)
+}
+
+async fn check_ranges_against_qemu(format: &str) {
+    let (_dir, image, server) = serve_populated(format).await;
     let client = server.client();
     let expected = raw_view(&image);
 
@@ -167,11 +173,7 @@ fn qemu_map(path: &std::path::Path) -> Vec<(u64, u64, bool, bool)> {
 }
 
 async fn check_extents_against_qemu_map(format: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join(format!("disk.{format}"));
-    create_image(&image, format, "64M");
-    populate(&image, format);
-    let server = Server::start(dir.path(), &[format!("disk={}", image.display())]).await;
+    let (_dir, image, server) = serve_populated(format).await;
     let client = server.client();
     let ours: Vec<(u64, u64, bool, bool)> = extents(&client, &format!("{}/extents?context=zero", server.image_url("disk")))
         .await

@@ -106,7 +106,7 @@ async fn bad_startup_arguments_fail_at_once_and_say_why() {
         (format!("x={},colour=red", qcow2.display()), "unknown image option"),
     ];
     for (spec, says) in cases {
-        let error = Server::try_start(dir.path(), &[spec.clone()], &[]).await.err().unwrap_or_else(|| panic!("{spec} started"));
+        let error = Server::try_start(dir.path(), std::slice::from_ref(&spec), &[]).await.err().unwrap_or_else(|| panic!("{spec} started"));
         assert!(error.contains(says), "{spec}: {error}");
     }
 }
