@@ -4,13 +4,13 @@
 //! `meta` frame needs the data size up front, so the extents are walked
 //! twice (cheap: no data is read the first time) rather than held in
 //! memory. Data is read pipelined; the full stream's blkhash is computed
-//! from the frames as they go out and sent in the trailer. A failure after
-//! the first byte aborts the body without a `stop` frame.
+//! from the frames as they go out (on every core) and sent in the trailer.
+//! A failure after the first byte aborts the body without a `stop` frame.
 
 use std::sync::Arc;
 
 use axum::body::Body;
-use blockgate_protocol::blkhash::{BlockHasher, ALGORITHM, DEFAULT_BLOCK_SIZE};
+use blockgate_protocol::blkhash::{ALGORITHM, DEFAULT_BLOCK_SIZE};
 use blockgate_protocol::sparse::{self, Checksum, Kind, Meta, Trailer, DATA_SEGMENT};
 use blockgate_protocol::{ByteRange, DirtyState, Extent, ZeroState};
 use bytes::Bytes;
@@ -19,7 +19,8 @@ use futures::stream::{self, Stream, StreamExt, TryStreamExt};
 use crate::backend::{Backend, PIPELINE_DEPTH, REQUEST_SIZE};
 use crate::error::ApiError;
 use crate::extents::extents;
-use crate::transfer::{abort_body, started};
+use crate::hashing::ParallelHasher;
+use crate::transfer::{abort_body, started, Piece};
 
 /// Which frames a stream carries.
 #[derive(Debug, Clone)]
@@ -132,7 +133,7 @@ pub async fn backup_body(backend: Arc<Backend>, scope: Scope) -> Result<Body, Ap
         })
         .buffered(PIPELINE_DEPTH);
     let outputs = started(outputs).await?;
-    let state = Frames { outputs, hasher: (!incremental).then(|| BlockHasher::new(DEFAULT_BLOCK_SIZE)), frames: 0, data_size: 0, zero_size: 0, expected_data: data_size, ended: false };
+    let state = Frames { outputs, hasher: (!incremental).then(|| ParallelHasher::new(DEFAULT_BLOCK_SIZE)), frames: 0, data_size: 0, zero_size: 0, expected_data: data_size, ended: false };
     let body = stream::once(async move { Ok(sparse::json_frame(Kind::Meta, &meta)) }).chain(stream::unfold(state, Frames::next));
     Ok(Body::from_stream(body))
 }
@@ -140,7 +141,7 @@ pub async fn backup_body(backend: Arc<Backend>, scope: Scope) -> Result<Body, Ap
 /// The running state of a stream going out.
 struct Frames<S> {
     outputs: S,
-    hasher: Option<BlockHasher>,
+    hasher: Option<ParallelHasher>,
     frames: u64,
     data_size: u64,
     zero_size: u64,
@@ -162,7 +163,10 @@ impl<S: Stream<Item = Result<Output, ApiError>> + Unpin> Frames<S> {
             Some(Ok(Output::Data(data))) => {
                 self.data_size += data.len() as u64;
                 if let Some(hasher) = &mut self.hasher {
-                    hasher.update(&data);
+                    if let Err(error) = hasher.push(Piece::Data(data.clone())).await {
+                        self.ended = true;
+                        return Some((Err(abort_body(error)), self));
+                    }
                 }
                 data
             }
@@ -170,7 +174,10 @@ impl<S: Stream<Item = Result<Output, ApiError>> + Unpin> Frames<S> {
                 self.frames += 1;
                 self.zero_size += length;
                 if let Some(hasher) = &mut self.hasher {
-                    hasher.zero(length);
+                    if let Err(error) = hasher.push(Piece::Zeros(length)).await {
+                        self.ended = true;
+                        return Some((Err(abort_body(error)), self));
+                    }
                 }
                 header
             }
@@ -189,11 +196,16 @@ impl<S: Stream<Item = Result<Output, ApiError>> + Unpin> Frames<S> {
                     ));
                     return Some((Err(abort_body(error)), self));
                 }
-                let checksum = self.hasher.take().map(|hasher| Checksum {
-                    algorithm: ALGORITHM.to_string(),
-                    block_size: hasher.block_size(),
-                    checksum: hasher.finish(),
-                });
+                let checksum = match self.hasher.take() {
+                    None => None,
+                    Some(hasher) => {
+                        let block_size = hasher.block_size();
+                        match hasher.finish().await {
+                            Ok(checksum) => Some(Checksum { algorithm: ALGORITHM.to_string(), block_size, checksum }),
+                            Err(error) => return Some((Err(abort_body(error)), self)),
+                        }
+                    }
+                };
                 let trailer = Trailer { frames: self.frames, data_size: self.data_size, zero_size: self.zero_size, checksum };
                 sparse::json_frame(Kind::Stop, &trailer)
             }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod extents;
+pub mod hashing;
 pub mod ranges;
 pub mod restore;
 pub mod routes;
