@@ -82,7 +82,7 @@ mod tests {
 
     #[test]
     fn refusals_name_the_field() {
-        let cases: [(&[u8], &str); 9] = [
+        let cases: [(&[u8], &str); 10] = [
             (b"not json", "not valid JSON"),
             (b"[1]", "JSON object"),
             (br#"{"size":1}"#, "\"op\""),
@@ -91,6 +91,7 @@ mod tests {
             (br#"{"op":"zero","size":-1}"#, "\"size\""),
             (br#"{"op":"zero","size":"1"}"#, "\"size\""),
             (br#"{"op":"zero","size":1,"flush":"yes"}"#, "\"flush\""),
+            (br#"{"op":"zero","size":1,"flush":null}"#, "\"flush\""),
             (br#"{"op":"zero","size":1,"colour":"red"}"#, "\"colour\""),
         ];
         for (body, field) in cases {
