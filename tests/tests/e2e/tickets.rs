@@ -179,6 +179,16 @@ async fn a_transfer_that_will_not_stop_makes_delete_answer_409() {
     // A reader that stops reading: the server's body waits on TCP.
     let client = server.client_builder().http1_only().build().unwrap();
     let stalled = client.get(server.image_url("t3")).send().await.unwrap();
+    // Wait until the socket buffers are full and the server's body waits.
+    let mut last = u64::MAX;
+    wait_until("the download stalls", async || {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = control.status("t3").await.1["transferred"].as_u64().unwrap();
+        let stalled = now == last && now > 0;
+        last = now;
+        stalled
+    })
+    .await;
     let (code, said) = control.curl(&["-X", "DELETE", &control.url("/tickets/t3")]);
     assert_eq!(code, 409, "{said}");
     assert!(said.contains("still run"), "{said}");
