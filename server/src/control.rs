@@ -86,14 +86,15 @@ async fn add(State(state): State<ControlState>, Path(id): Path<String>, body: Bo
     if spec.uuid != id {
         return Err(ApiError::BadRequest(format!("field \"uuid\" {:?} differs from the path's {id:?}", spec.uuid)));
     }
+    // A ticket replaced by one of the same id goes first, as on DELETE: its
+    // qemu-nbd must release the image before a new one can lock it.
+    state.tickets.remove(&id).await?;
     let ticket = open_ticket(spec, state.limits, state.nbd_connections).await?;
     tracing::info!(ticket = %id, size = ticket.backend.size(), "ticket added");
-    if let Some(old) = state.tickets.insert(ticket) {
-        // A replaced ticket's transfers end with it; its backend goes.
-        tokio::spawn(async move {
-            old.cancellation().cancel();
-            old.backend.stop().await;
-        });
+    if let Some(raced) = state.tickets.insert(ticket) {
+        // Another PUT of this id won the race; retire its ticket.
+        raced.cancellation().cancel();
+        raced.backend.stop().await;
     }
     Ok(StatusCode::OK.into_response())
 }

@@ -100,6 +100,9 @@ async fn a_ticket_lives_grows_is_extended_and_expires() {
     let status: Value = serde_json::from_str(&said).unwrap();
     assert_eq!((status["transfer_id"].clone(), status["active"].clone(), status["transferred"].clone()), (json!("x1"), json!(false), json!(0)));
     assert_eq!(qemu_nbd_children(&server), 1, "file:// tickets get their own qemu-nbd");
+    // Adding it again replaces it (its qemu-nbd lets go of the image first).
+    assert_eq!(control.add(&ticket("t1", &image, &["read"], 300)).await, StatusCode::OK);
+    assert_eq!(qemu_nbd_children(&server), 1, "the replaced ticket's qemu-nbd is gone");
 
     // A slow reader: transferred grows while the transfer runs.
     let client = server.client_builder().http1_only().build().unwrap();
