@@ -56,13 +56,14 @@ fn frame_ranges(backend: Arc<Backend>, incremental: bool) -> impl Stream<Item = 
     };
     carried
         .map_ok(|range| {
-            let frames: Vec<_> = if range.zero {
-                vec![Ok(range)]
+            // Lazily: a fully allocated 1 TiB image is 128 K data frames.
+            let end = range.start + range.length;
+            let frames: Box<dyn Iterator<Item = Result<FrameRange, ApiError>> + Send> = if range.zero {
+                Box::new(std::iter::once(Ok(range)))
             } else {
-                (range.start..range.start + range.length)
-                    .step_by(DATA_SEGMENT as usize)
-                    .map(|start| Ok(FrameRange { start, length: (range.start + range.length - start).min(DATA_SEGMENT), zero: false }))
-                    .collect()
+                Box::new((range.start..end).step_by(DATA_SEGMENT as usize).map(move |start| {
+                    Ok(FrameRange { start, length: (end - start).min(DATA_SEGMENT), zero: false })
+                }))
             };
             stream::iter(frames)
         })

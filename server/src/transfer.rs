@@ -95,12 +95,15 @@ where
 /// body as if it were complete.
 pub async fn read_body(backend: Arc<Backend>, range: ByteRange) -> Result<Body, ApiError> {
     let bytes = read_pieces(backend, range)
-        .map_ok(|piece| match piece {
-            Piece::Data(data) => stream::iter(vec![Ok(data)]),
-            Piece::Zeros(length) => {
-                let chunks = (0..length).step_by(REQUEST_SIZE).map(move |at| Ok(zeros((length - at).min(REQUEST_SIZE as u64) as usize)));
-                stream::iter(chunks.collect::<Vec<_>>())
-            }
+        .map_ok(|piece| {
+            // Lazily: a 1 TiB hole is 4 M chunks, produced as they are sent.
+            let chunks: Box<dyn Iterator<Item = Result<Bytes, ApiError>> + Send> = match piece {
+                Piece::Data(data) => Box::new(std::iter::once(Ok(data))),
+                Piece::Zeros(length) => {
+                    Box::new((0..length).step_by(REQUEST_SIZE).map(move |at| Ok(zeros((length - at).min(REQUEST_SIZE as u64) as usize))))
+                }
+            };
+            stream::iter(chunks)
         })
         .try_flatten();
     Ok(Body::from_stream(exact_length(started(bytes).await?, range.len())))

@@ -64,6 +64,12 @@ async fn a_restarted_backend_serves_the_next_request() {
     let failed = client.get(server.image_url("disk")).header("range", "bytes=0-99").send().await.unwrap();
     assert_eq!(failed.status(), reqwest::StatusCode::BAD_GATEWAY);
     assert!(failed.text().await.unwrap().contains("NBD"));
+    // Writes fail loudly too, never a 200 for data that did not land.
+    let put = client.put(server.image_url("disk")).body(random_bytes(3 * MIB as usize, 5)).send().await.unwrap();
+    assert_eq!(put.status(), reqwest::StatusCode::BAD_GATEWAY);
+    let zero = client.patch(server.image_url("disk")).body(r#"{"op":"zero","size":4096,"flush":true}"#).send().await.unwrap();
+    assert_eq!(zero.status(), reqwest::StatusCode::BAD_GATEWAY);
+    assert!(std::fs::read(&image).unwrap() == content, "nothing was written while the backend was gone");
     let _nbd = QemuNbd::start(&image, "raw", &socket);
     let again = client.get(server.image_url("disk")).send().await.unwrap();
     assert_eq!(again.status(), reqwest::StatusCode::OK);

@@ -168,3 +168,29 @@ print("%.1f %s" % (time.monotonic() - started, answer.split(b"\r\n", 1)[0].decod
     assert!(seconds(&headers) < 6.0, "trickling headers were cut off after the header timeout, not after 10 s: {headers}");
     assert!(seconds(&body) < 6.0 && body.contains("400"), "a stalled body gets a 400 after the body timeout: {body}");
 }
+
+/// Memory follows buffers, not image size: a full GET of an empty 1 TiB
+/// image starts at once and costs the server no more than a small one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_get_of_a_huge_empty_image_starts_at_once_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[format!("huge={}/huge.qcow2,size=1T", dir.path().display())]).await;
+    let before = peak_rss_kib(server.pid());
+    let client = server.client_builder().http1_only().build().unwrap();
+    let started = Instant::now();
+    let response = client.get(server.image_url("huge")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-length"], (1u64 << 40).to_string().as_str());
+    let mut body = response.bytes_stream();
+    let mut received = 0u64;
+    while received < 64 * MIB {
+        let chunk = futures::StreamExt::next(&mut body).await.unwrap().unwrap();
+        assert!(chunk.iter().all(|&b| b == 0));
+        received += chunk.len() as u64;
+    }
+    let first_64_mib = started.elapsed();
+    drop(body);
+    let grown = peak_rss_kib(server.pid()).saturating_sub(before);
+    assert!(first_64_mib < Duration::from_secs(5), "the first 64 MiB took {first_64_mib:?}");
+    assert!(grown < 32 << 10, "the server grew by {grown} KiB for one download of a 1 TiB hole");
+}
