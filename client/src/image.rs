@@ -232,7 +232,9 @@ impl ImageClient {
     /// Zeroes `length` bytes at `offset` without sending them.
     pub async fn zero(&self, offset: u64, length: u64, flush: bool) -> Result<()> {
         let body = serde_json::json!({"op": "zero", "offset": offset, "size": length, "flush": flush}).to_string();
-        self.retry.run("PATCH zero", || self.send(self.http.patch(&self.url).header(CONTENT_TYPE, "application/json").body(body.clone()))).await?;
+        self.retry
+            .run("PATCH zero", || self.send(self.http.patch(&self.url).header(CONTENT_TYPE, "application/json").body(body.clone())))
+            .await?;
         Ok(())
     }
 

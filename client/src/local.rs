@@ -8,7 +8,7 @@ use std::path::Path;
 
 use blockgate_nbd::allocation;
 use blockgate_nbd::qemu::{self, ExportSettings, QemuNbd};
-use blockgate_nbd::{Address, Client, ConnectOptions, ZeroFlags, BASE_ALLOCATION};
+use blockgate_nbd::{Address, BASE_ALLOCATION, Client, ConnectOptions, ZeroFlags};
 use bytes::Bytes;
 
 use crate::error::Result;

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{bail, Context as _, Result};
-use blockgate_client::transfer::{self, Progress, Stats, TransferOptions, DEFAULT_CONNECTIONS};
+use anyhow::{Context as _, Result, bail};
+use blockgate_client::transfer::{self, DEFAULT_CONNECTIONS, Progress, Stats, TransferOptions};
 use blockgate_client::{Context, ImageClient, LocalImage, Trust};
-use blockgate_protocol::blkhash::{check_block_size, BlockHasher, DEFAULT_BLOCK_SIZE};
+use blockgate_protocol::blkhash::{BlockHasher, DEFAULT_BLOCK_SIZE, check_block_size};
 use blockgate_protocol::{DirtyState, ZeroState};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::{StreamExt, TryStreamExt};
@@ -94,7 +94,9 @@ enum Command {
         json: bool,
     },
     /// The blkhash of a remote image or a local file (same content, same value).
-    #[command(after_help = "Example:\n  blockgate checksum --cacert ca.pem https://host:54322/images/disk\n  blockgate checksum disk.qcow2")]
+    #[command(
+        after_help = "Example:\n  blockgate checksum --cacert ca.pem https://host:54322/images/disk\n  blockgate checksum disk.qcow2"
+    )]
     Checksum {
         /// Image URL or local file.
         target: String,
@@ -103,7 +105,9 @@ enum Command {
         block_size: u64,
     },
     /// Download an image into a local raw or qcow2 file.
-    #[command(after_help = "Examples:\n  blockgate download --cacert ca.pem https://host:54322/images/disk full.qcow2\n  blockgate download --cacert ca.pem --incremental --backing full.qcow2 https://host:54322/images/disk inc1.qcow2")]
+    #[command(
+        after_help = "Examples:\n  blockgate download --cacert ca.pem https://host:54322/images/disk full.qcow2\n  blockgate download --cacert ca.pem --incremental --backing full.qcow2 https://host:54322/images/disk inc1.qcow2"
+    )]
     Download {
         /// Image URL.
         url: String,

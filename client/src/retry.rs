@@ -64,7 +64,11 @@ mod tests {
         let calls = AtomicU32::new(0);
         let result = quick(5)
             .run("test", || async {
-                if calls.fetch_add(1, Ordering::SeqCst) < 3 { Err(ClientError::ShortRead { offset: 0, expected: 2, got: 1 }) } else { Ok(7) }
+                if calls.fetch_add(1, Ordering::SeqCst) < 3 {
+                    Err(ClientError::ShortRead { offset: 0, expected: 2, got: 1 })
+                } else {
+                    Ok(7)
+                }
             })
             .await;
         assert_eq!(result.unwrap(), 7);

@@ -5,8 +5,8 @@
 //! server or a local zero, and nothing at all where the target is known to
 //! read as zeros already. Progress goes to a callback.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use blockgate_protocol::{DirtyState, Extent, ZeroState};
@@ -67,10 +67,18 @@ impl Default for TransferOptions {
 /// One piece of work.
 #[derive(Debug, Clone, Copy)]
 enum Job {
-    Data { offset: u64, length: u64 },
-    Zero { offset: u64, length: u64 },
+    Data {
+        offset: u64,
+        length: u64,
+    },
+    Zero {
+        offset: u64,
+        length: u64,
+    },
     /// Zeros the target already has: only counted.
-    Skip { length: u64 },
+    Skip {
+        length: u64,
+    },
 }
 
 fn split(run: Run, zero_job: fn(u64, u64) -> Job) -> Vec<Job> {
@@ -213,7 +221,8 @@ pub async fn upload(local: &LocalImage, client: &ImageClient, options: &Transfer
         .await?
         .try_all(|extent: Extent<ZeroState>| std::future::ready(extent.flags.zero))
         .await?;
-    let zero_job: fn(u64, u64) -> Job = if target_is_zero { |_, length| Job::Skip { length } } else { |offset, length| Job::Zero { offset, length } };
+    let zero_job: fn(u64, u64) -> Job =
+        if target_is_zero { |_, length| Job::Skip { length } } else { |offset, length| Job::Zero { offset, length } };
     let tally = Tally::new(local.size(), options.progress.clone());
     let jobs = stream::iter(local.runs().await?.into_iter().flat_map(|run| split(run, zero_job)).map(Ok));
     run_jobs(jobs, connections, &tally, |job| send(local, client, job)).await?;
@@ -230,9 +239,5 @@ async fn send(local: &LocalImage, client: &ImageClient, job: Job) -> Result<()> 
 }
 
 fn check_sizes(remote: u64, local: u64) -> Result<()> {
-    if remote == local {
-        Ok(())
-    } else {
-        Err(ClientError::Invalid(format!("the image has {remote} bytes but the local file {local}")))
-    }
+    if remote == local { Ok(()) } else { Err(ClientError::Invalid(format!("the image has {remote} bytes but the local file {local}"))) }
 }

@@ -133,10 +133,7 @@ mod tests {
         assert_eq!(Address::parse("nbd+unix://?socket=/s").unwrap(), Address::unix("/s", ""));
         assert_eq!(Address::parse("nbd:unix:/tmp/s:exportname=disk").unwrap(), Address::unix("/tmp/s", "disk"));
         assert_eq!(Address::parse("nbd:unix:/tmp/s").unwrap(), Address::unix("/tmp/s", ""));
-        let tcp = |host: &str, port, export: &str| Address {
-            endpoint: Endpoint::Tcp { host: host.into(), port },
-            export: export.into(),
-        };
+        let tcp = |host: &str, port, export: &str| Address { endpoint: Endpoint::Tcp { host: host.into(), port }, export: export.into() };
         assert_eq!(Address::parse("nbd://example.com/disk").unwrap(), tcp("example.com", 10809, "disk"));
         assert_eq!(Address::parse("nbd://[::1]:2000/").unwrap(), tcp("::1", 2000, ""));
         assert_eq!(Address::parse("nbd:localhost:10810").unwrap(), tcp("localhost", 10810, ""));

@@ -110,7 +110,10 @@ mod tests {
         };
         let state = |zero, hole, dirty| PieceState { zero, hole, dirty };
         let got: Vec<_> = pieces(&status, Some("qemu:dirty-bitmap:b")).unwrap().into_iter().map(|p| (p.start, p.length, p.state)).collect();
-        assert_eq!(got, vec![(0, 2048, state(false, false, true)), (2048, 2048, state(false, false, false)), (4096, 4096, state(true, false, false))]);
+        assert_eq!(
+            got,
+            vec![(0, 2048, state(false, false, true)), (2048, 2048, state(false, false, false)), (4096, 4096, state(true, false, false))]
+        );
     }
 
     proptest! {

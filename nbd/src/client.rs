@@ -17,8 +17,8 @@ use tokio::task::JoinHandle;
 
 use crate::address::{Address, Endpoint};
 use crate::error::{Error, Result};
-use crate::handshake::{negotiate, ConnectOptions, ExportInfo};
-use crate::reply::{parse_chunk_payload, ChunkPayload, ReplyHeader, StatusExtent};
+use crate::handshake::{ConnectOptions, ExportInfo, negotiate};
+use crate::reply::{ChunkPayload, ReplyHeader, StatusExtent, parse_chunk_payload};
 use crate::wire::{self, cflag, chunk, cmd, tflag};
 
 /// Requests queued for the writer task; bounded so a flood of callers waits
@@ -316,9 +316,7 @@ impl Client {
         }
         let length = length.min(MAX_STATUS_REQUEST) as u32;
         let reply = self.send(cmd::BLOCK_STATUS, 0, offset, length, None, PendingState::BlockStatus(Vec::new())).await?;
-        let Completed::BlockStatus(chunks) = receive(reply).await? else {
-            unreachable!("a BLOCK_STATUS completes with extents")
-        };
+        let Completed::BlockStatus(chunks) = receive(reply).await? else { unreachable!("a BLOCK_STATUS completes with extents") };
         let mut contexts = Vec::new();
         for (id, extents) in chunks {
             let Some((_, name)) = self.connection.info.contexts.iter().find(|(known, _)| *known == id) else {
@@ -421,11 +419,7 @@ fn clip_extents(extents: Vec<StatusExtent>, length: u32) -> Vec<StatusExtent> {
     clipped
 }
 
-async fn write_requests<W: AsyncWrite + Unpin>(
-    mut socket: BufWriter<W>,
-    mut queue: mpsc::Receiver<OutgoingRequest>,
-    shared: Arc<Shared>,
-) {
+async fn write_requests<W: AsyncWrite + Unpin>(mut socket: BufWriter<W>, mut queue: mpsc::Receiver<OutgoingRequest>, shared: Arc<Shared>) {
     let result: std::io::Result<()> = async {
         while let Some(request) = queue.recv().await {
             socket.write_all(&request.header).await?;
@@ -536,9 +530,7 @@ fn chunk_start(request_offset: u64, request_length: u32, offset: u64, length: u6
     let request_end = request_offset + u64::from(request_length);
     match offset.checked_add(length) {
         Some(end) if offset >= request_offset && end <= request_end => Ok((offset - request_offset) as usize),
-        _ => Err(Error::Protocol(format!(
-            "chunk {offset}+{length} outside the request {request_offset}+{request_length}"
-        ))),
+        _ => Err(Error::Protocol(format!("chunk {offset}+{length} outside the request {request_offset}+{request_length}"))),
     }
 }
 
@@ -571,10 +563,9 @@ fn complete(pending: Pending, info: &ExportInfo) {
     let result = match (pending.error, pending.state) {
         (Some(error), _) => Err(error),
         (None, PendingState::Read { buffer, covered }) if covered == u64::from(pending.length) => Ok(Completed::Read(buffer)),
-        (None, PendingState::Read { covered, .. }) => Err(Error::Protocol(format!(
-            "READ of {} bytes at {} answered with {covered} bytes",
-            pending.length, pending.offset
-        ))),
+        (None, PendingState::Read { covered, .. }) => {
+            Err(Error::Protocol(format!("READ of {} bytes at {} answered with {covered} bytes", pending.length, pending.offset)))
+        }
         (None, PendingState::BlockStatus(chunks)) => {
             let missing = info.contexts.iter().find(|(id, _)| !chunks.iter().any(|(got, _)| got == id));
             match missing {
@@ -594,10 +585,7 @@ mod tests {
     #[test]
     fn clips_the_last_extent() {
         let extents = vec![StatusExtent { length: 4096, flags: 0 }, StatusExtent { length: 1 << 20, flags: 3 }];
-        assert_eq!(
-            clip_extents(extents, 8192),
-            vec![StatusExtent { length: 4096, flags: 0 }, StatusExtent { length: 4096, flags: 3 }]
-        );
+        assert_eq!(clip_extents(extents, 8192), vec![StatusExtent { length: 4096, flags: 0 }, StatusExtent { length: 4096, flags: 3 }]);
     }
 
     #[test]

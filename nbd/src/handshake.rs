@@ -6,7 +6,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::error::{Error, Result};
 use crate::reply::{be_u16, be_u32, be_u64};
-use crate::wire::{info, opt, rep, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, NBD_MAGIC, OPTION_REPLY_MAGIC};
+use crate::wire::{FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, NBD_MAGIC, OPTION_REPLY_MAGIC, info, opt, rep};
 
 /// Largest option reply payload accepted; real replies are tiny.
 const MAX_OPTION_REPLY: u32 = 1 << 20;
@@ -119,11 +119,8 @@ where
                     saw_export = true;
                 }
                 info::BLOCK_SIZE if data.len() == 14 => {
-                    let sizes = BlockSizes {
-                        minimum: be_u32(&data[2..6]),
-                        preferred: be_u32(&data[6..10]),
-                        maximum: be_u32(&data[10..14]),
-                    };
+                    let sizes =
+                        BlockSizes { minimum: be_u32(&data[2..6]), preferred: be_u32(&data[6..10]), maximum: be_u32(&data[10..14]) };
                     if sizes.minimum == 0 || sizes.maximum < sizes.minimum || !sizes.minimum.is_power_of_two() {
                         return Err(Error::Protocol(format!("invalid block sizes {sizes:?}")));
                     }
@@ -208,8 +205,8 @@ async fn read_contexts<S: AsyncRead + Unpin>(stream: &mut S, option: u32) -> Res
         match read_option_reply(stream, option).await? {
             (rep::ACK, _) => return Ok(contexts),
             (rep::META_CONTEXT, data) if data.len() >= 4 => {
-                let name = String::from_utf8(data[4..].to_vec())
-                    .map_err(|_| Error::Protocol("metadata context name is not UTF-8".into()))?;
+                let name =
+                    String::from_utf8(data[4..].to_vec()).map_err(|_| Error::Protocol("metadata context name is not UTF-8".into()))?;
                 contexts.push((be_u32(&data), name));
             }
             (other, _) => {

@@ -25,7 +25,7 @@ pub mod qemu;
 pub mod reply;
 pub mod wire;
 
-pub use address::{Address, Endpoint, DEFAULT_PORT};
+pub use address::{Address, DEFAULT_PORT, Endpoint};
 pub use client::{BlockStatus, Client, ZeroFlags};
 pub use error::{Error, Result};
 pub use handshake::{BlockSizes, ConnectOptions, ExportInfo};

@@ -11,11 +11,10 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-
 
 /// A failure of qemu-img or qemu-nbd, with what they said.
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +60,10 @@ pub struct QemuNbd {
 impl QemuNbd {
     /// Starts qemu-nbd and waits until its socket accepts connections.
     pub async fn start(settings: &ExportSettings<'_>) -> Result<QemuNbd> {
-        let socket_dir = tempfile::Builder::new().prefix("blockgate-nbd-").tempdir().map_err(|error| failed(format!("creating a socket directory: {error}")))?;
+        let socket_dir = tempfile::Builder::new()
+            .prefix("blockgate-nbd-")
+            .tempdir()
+            .map_err(|error| failed(format!("creating a socket directory: {error}")))?;
         let socket = socket_dir.path().join("nbd.sock");
         let mut command = Command::new("qemu-nbd");
         command

@@ -5,7 +5,7 @@
 //! connection itself and only their 8-byte offset prefix is parsed here.
 
 use crate::error::Error;
-use crate::wire::{chunk, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC};
+use crate::wire::{SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, chunk};
 
 /// Largest non-data chunk payload we accept: block status replies for a
 /// 2 GiB request at 512-byte granularity stay well below this, and a larger
@@ -50,10 +50,7 @@ impl ReplyHeader {
     pub fn parse(magic: u32, rest: &[u8]) -> Result<ReplyHeader, Error> {
         let expected = Self::rest_len(magic)?;
         if rest.len() != expected {
-            return Err(Error::Protocol(format!(
-                "reply header is {} bytes, expected {expected}",
-                rest.len()
-            )));
+            return Err(Error::Protocol(format!("reply header is {} bytes, expected {expected}", rest.len())));
         }
         if magic == SIMPLE_REPLY_MAGIC {
             return Ok(ReplyHeader::Simple { errno: be_u32(&rest[0..4]), cookie: be_u64(&rest[4..12]) });
@@ -151,10 +148,7 @@ pub fn parse_chunk_payload(kind: u16, payload: &[u8]) -> Result<ChunkPayload, Er
             let message_len = usize::from(be_u16(&payload[4..6]));
             let rest = &payload[6..];
             if message_len > rest.len() {
-                return Err(Error::Protocol(format!(
-                    "error chunk message of {message_len} bytes in a {}-byte payload",
-                    payload.len()
-                )));
+                return Err(Error::Protocol(format!("error chunk message of {message_len} bytes in a {}-byte payload", payload.len())));
             }
             let message = String::from_utf8_lossy(&rest[..message_len]).into_owned();
             let offset = match (kind, rest.len() - message_len) {
@@ -217,10 +211,7 @@ mod tests {
     #[test]
     fn unknown_error_chunk_is_an_error_reply() {
         let payload = error_payload(22, "", None);
-        assert!(matches!(
-            parse_chunk_payload(chunk::ERROR_BIT | 99, &payload),
-            Ok(ChunkPayload::Error { errno: 22, .. })
-        ));
+        assert!(matches!(parse_chunk_payload(chunk::ERROR_BIT | 99, &payload), Ok(ChunkPayload::Error { errno: 22, .. })));
     }
 
     proptest! {

@@ -289,7 +289,9 @@ async fn requests_are_split_at_the_maximum_block_size() {
         while let Some((request, payload)) = read_request(&mut server).await {
             lengths.push((request.command, request.length));
             let reply = match request.command {
-                cmd::READ => data_chunk(chunk::FLAG_DONE, request.cookie, request.offset, &pattern_range(request.offset, request.length.into())),
+                cmd::READ => {
+                    data_chunk(chunk::FLAG_DONE, request.cookie, request.offset, &pattern_range(request.offset, request.length.into()))
+                }
                 cmd::WRITE => {
                     assert_eq!(payload, pattern_range(request.offset, request.length.into()));
                     simple_reply(0, request.cookie)

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use blockgate_nbd::{Address, Client, ConnectOptions, Error, ZeroFlags, ALLOCATION_DEPTH, BASE_ALLOCATION, STATE_DIRTY, STATE_ZERO};
+use blockgate_nbd::{ALLOCATION_DEPTH, Address, BASE_ALLOCATION, Client, ConnectOptions, Error, STATE_DIRTY, STATE_ZERO, ZeroFlags};
 
 const MIB: u64 = 1 << 20;
 

@@ -9,7 +9,9 @@ use serde_json::{Map, Value};
 pub(crate) fn integer(object: &Map<String, Value>, field: &str) -> Result<Option<u64>, String> {
     match object.get(field) {
         None => Ok(None),
-        Some(Value::Number(number)) => number.as_u64().map(Some).ok_or_else(|| format!("field {field:?} must be a non-negative integer, not {number}")),
+        Some(Value::Number(number)) => {
+            number.as_u64().map(Some).ok_or_else(|| format!("field {field:?} must be a non-negative integer, not {number}"))
+        }
         Some(other) => Err(format!("field {field:?} must be a non-negative integer, not {other}")),
     }
 }

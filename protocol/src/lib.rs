@@ -15,5 +15,5 @@ pub mod ticket;
 
 pub use extents::{Coalescer, DirtyState, Extent, ZeroState};
 pub use options::{ImageOptions, ServerInfo};
-pub use patch::{parse_patch, PatchError, PatchRequest, MAX_PATCH_BODY};
-pub use range::{parse_content_range, parse_range, ByteRange, ContentRange, RangeError};
+pub use patch::{MAX_PATCH_BODY, PatchError, PatchRequest, parse_patch};
+pub use range::{ByteRange, ContentRange, RangeError, parse_content_range, parse_range};

@@ -184,7 +184,18 @@ mod tests {
 
     #[test]
     fn malformed_ranges() {
-        for value in ["", "bytes", "bytes=", "bytes=-", "items=0-1", "bytes=a-b", "bytes=5-1", "bytes=+1-2", "bytes=1", "bytes=99999999999999999999999-"] {
+        for value in [
+            "",
+            "bytes",
+            "bytes=",
+            "bytes=-",
+            "items=0-1",
+            "bytes=a-b",
+            "bytes=5-1",
+            "bytes=+1-2",
+            "bytes=1",
+            "bytes=99999999999999999999999-",
+        ] {
             assert!(matches!(parse_range(value, SIZE), Err(RangeError::Malformed { .. })), "{value}");
         }
     }

@@ -16,7 +16,7 @@ use std::fmt;
 use bytes::{Buf, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
-use crate::blkhash::{BlockHasher, ALGORITHM, DEFAULT_BLOCK_SIZE};
+use crate::blkhash::{ALGORITHM, BlockHasher, DEFAULT_BLOCK_SIZE};
 
 /// Length of every frame header.
 pub const HEADER_LEN: usize = 40;
@@ -364,10 +364,9 @@ impl Decoder {
     fn finish_meta(&mut self, payload: &[u8]) -> Result<Event, StreamError> {
         let meta: Meta = serde_json::from_slice(payload).map_err(|error| self.error(format!("invalid meta JSON: {error}")))?;
         if meta.virtual_size > self.target_size {
-            return Err(self.error(format!(
-                "virtual-size {} is larger than the target image ({} bytes)",
-                meta.virtual_size, self.target_size
-            )));
+            return Err(
+                self.error(format!("virtual-size {} is larger than the target image ({} bytes)", meta.virtual_size, self.target_size))
+            );
         }
         if !meta.incremental {
             self.hasher = Some(BlockHasher::new(DEFAULT_BLOCK_SIZE));
@@ -589,7 +588,8 @@ mod tests {
         let plan = Plan { virtual_size: size, incremental: false, frames: vec![(Kind::Data, 0, size)] };
         let (events, result) = decode(&encode(&plan, true), 1 << 20, size);
         assert!(result.unwrap().verified);
-        let lengths: Vec<usize> = events.iter().filter_map(|e| if let Event::Data { data, .. } = e { Some(data.len()) } else { None }).collect();
+        let lengths: Vec<usize> =
+            events.iter().filter_map(|e| if let Event::Data { data, .. } = e { Some(data.len()) } else { None }).collect();
         assert_eq!(lengths, vec![DATA_SEGMENT as usize, DATA_SEGMENT as usize, 5]);
     }
 

@@ -147,7 +147,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const GOOD: &str = r#"{"uuid":"t1","size":1073741824,"url":"nbd:unix:/run/nbd.sock","ops":["read","write"],"timeout":300,"extra":"ignored"}"#;
+    const GOOD: &str =
+        r#"{"uuid":"t1","size":1073741824,"url":"nbd:unix:/run/nbd.sock","ops":["read","write"],"timeout":300,"extra":"ignored"}"#;
 
     #[test]
     fn accepts_imageio_tickets_with_defaults() {

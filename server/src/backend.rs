@@ -5,9 +5,11 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use blockgate_nbd::qemu::{self, ExportSettings, QemuNbd};
-use blockgate_nbd::{wire::tflag, Address, BlockStatus, Client, ConnectOptions, ZeroFlags, ALLOCATION_DEPTH, BASE_ALLOCATION, DIRTY_BITMAP_PREFIX};
+use blockgate_nbd::{
+    ALLOCATION_DEPTH, Address, BASE_ALLOCATION, BlockStatus, Client, ConnectOptions, DIRTY_BITMAP_PREFIX, ZeroFlags, wire::tflag,
+};
 use bytes::Bytes;
 
 use crate::config::{ImageFormat, ImageSource, ImageSpec};
@@ -80,7 +82,8 @@ impl Backend {
         if spec.dirty && bitmap.is_none() {
             let listing = ConnectOptions { list_meta_contexts: vec![DIRTY_BITMAP_PREFIX.to_string()], ..Default::default() };
             let probe = Client::connect(&address, &listing).await.with_context(|| format!("connecting to {address}"))?;
-            let names = probe.info().listed_contexts.iter().filter_map(|c| c.strip_prefix(DIRTY_BITMAP_PREFIX)).map(str::to_string).collect();
+            let names =
+                probe.info().listed_contexts.iter().filter_map(|c| c.strip_prefix(DIRTY_BITMAP_PREFIX)).map(str::to_string).collect();
             probe.disconnect().await;
             bitmap = Some(only_bitmap(names, &address.to_string())?);
         }
@@ -149,11 +152,7 @@ impl Backend {
         }
         let client = Client::connect(&self.address, &self.options).await?;
         if client.size() != self.size {
-            return Err(blockgate_nbd::Error::Protocol(format!(
-                "the export changed size from {} to {} bytes",
-                self.size,
-                client.size()
-            )));
+            return Err(blockgate_nbd::Error::Protocol(format!("the export changed size from {} to {} bytes", self.size, client.size())));
         }
         *slot = Some(client.clone());
         Ok(client)

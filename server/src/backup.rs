@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use blockgate_protocol::blkhash::{ALGORITHM, DEFAULT_BLOCK_SIZE};
-use blockgate_protocol::sparse::{self, Checksum, Kind, Meta, Trailer, DATA_SEGMENT};
+use blockgate_protocol::sparse::{self, Checksum, DATA_SEGMENT, Kind, Meta, Trailer};
 use blockgate_protocol::{ByteRange, DirtyState, Extent, ZeroState};
 use bytes::Bytes;
 use futures::stream::{self, Stream, StreamExt, TryStreamExt};
@@ -20,7 +20,7 @@ use crate::backend::{Backend, PIPELINE_DEPTH, REQUEST_SIZE};
 use crate::error::ApiError;
 use crate::extents::extents;
 use crate::hashing::ParallelHasher;
-use crate::transfer::{abort_body, started, Piece};
+use crate::transfer::{Piece, abort_body, started};
 
 /// Which frames a stream carries.
 #[derive(Debug, Clone)]
@@ -48,11 +48,11 @@ fn frame_ranges(backend: Arc<Backend>, incremental: bool) -> impl Stream<Item = 
             length: e.length,
             zero: e.flags.zero,
         })),
-        true => Box::pin(
-            extents::<DirtyState>(backend, range)
-                .try_filter(|e| std::future::ready(e.flags.dirty))
-                .map_ok(|e| FrameRange { start: e.start, length: e.length, zero: e.flags.zero }),
-        ),
+        true => Box::pin(extents::<DirtyState>(backend, range).try_filter(|e| std::future::ready(e.flags.dirty)).map_ok(|e| FrameRange {
+            start: e.start,
+            length: e.length,
+            zero: e.flags.zero,
+        })),
     };
     carried
         .map_ok(|range| {
@@ -61,9 +61,11 @@ fn frame_ranges(backend: Arc<Backend>, incremental: bool) -> impl Stream<Item = 
             let frames: Box<dyn Iterator<Item = Result<FrameRange, ApiError>> + Send> = if range.zero {
                 Box::new(std::iter::once(Ok(range)))
             } else {
-                Box::new((range.start..end).step_by(DATA_SEGMENT as usize).map(move |start| {
-                    Ok(FrameRange { start, length: (end - start).min(DATA_SEGMENT), zero: false })
-                }))
+                Box::new(
+                    (range.start..end)
+                        .step_by(DATA_SEGMENT as usize)
+                        .map(move |start| Ok(FrameRange { start, length: (end - start).min(DATA_SEGMENT), zero: false })),
+                )
             };
             stream::iter(frames)
         })
@@ -114,7 +116,8 @@ pub async fn backup_body(backend: Arc<Backend>, scope: Scope) -> Result<Body, Ap
                 vec![Ok(Step::Zero(header, frame.length))]
             } else {
                 let end = frame.start + frame.length;
-                let reads = (frame.start..end).step_by(REQUEST_SIZE).map(|at| Ok(Step::Read(at, (end - at).min(REQUEST_SIZE as u64) as usize)));
+                let reads =
+                    (frame.start..end).step_by(REQUEST_SIZE).map(|at| Ok(Step::Read(at, (end - at).min(REQUEST_SIZE as u64) as usize)));
                 std::iter::once(Ok(Step::DataHeader(header))).chain(reads).chain(std::iter::once(Ok(Step::Terminator))).collect()
             };
             stream::iter(steps)
@@ -134,7 +137,15 @@ pub async fn backup_body(backend: Arc<Backend>, scope: Scope) -> Result<Body, Ap
         })
         .buffered(PIPELINE_DEPTH);
     let outputs = started(outputs).await?;
-    let state = Frames { outputs, hasher: (!incremental).then(|| ParallelHasher::new(DEFAULT_BLOCK_SIZE)), frames: 0, data_size: 0, zero_size: 0, expected_data: data_size, ended: false };
+    let state = Frames {
+        outputs,
+        hasher: (!incremental).then(|| ParallelHasher::new(DEFAULT_BLOCK_SIZE)),
+        frames: 0,
+        data_size: 0,
+        zero_size: 0,
+        expected_data: data_size,
+        ended: false,
+    };
     let body = stream::once(async move { Ok(sparse::json_frame(Kind::Meta, &meta)) }).chain(stream::unfold(state, Frames::next));
     Ok(Body::from_stream(body))
 }

@@ -159,7 +159,16 @@ pub fn parse_image_spec(text: &str) -> Result<ImageSpec, String> {
     } else {
         ImageSource::File(PathBuf::from(source_text))
     };
-    let mut spec = ImageSpec { id: id.to_string(), source, read_only: false, bitmap: None, dirty: false, create_size: None, sparse: false, format: None };
+    let mut spec = ImageSpec {
+        id: id.to_string(),
+        source,
+        read_only: false,
+        bitmap: None,
+        dirty: false,
+        create_size: None,
+        sparse: false,
+        format: None,
+    };
     for option in parts {
         match option.split_once('=') {
             None if option == "ro" => spec.read_only = true,
@@ -168,7 +177,11 @@ pub fn parse_image_spec(text: &str) -> Result<ImageSpec, String> {
             Some(("bitmap", name)) if !name.is_empty() => spec.bitmap = Some(name.to_string()),
             Some(("size", size)) => spec.create_size = Some(parse_size(size)?),
             Some(("format", format)) => spec.format = Some(ImageFormat::parse(format)?),
-            _ => return Err(format!("unknown image option {option:?}: expected ro, sparse, dirty, bitmap=NAME, size=SIZE or format=raw|qcow2")),
+            _ => {
+                return Err(format!(
+                    "unknown image option {option:?}: expected ro, sparse, dirty, bitmap=NAME, size=SIZE or format=raw|qcow2"
+                ));
+            }
         }
     }
     if matches!(spec.source, ImageSource::Nbd(_)) && (spec.create_size.is_some() || spec.format.is_some()) {

@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, put};
 use axum::{Json, Router};
 use blockgate_nbd::Address;
-use blockgate_protocol::ticket::{parse_ticket, parse_timeout, TicketSpec, MAX_TICKET_BODY};
+use blockgate_protocol::ticket::{MAX_TICKET_BODY, TicketSpec, parse_ticket, parse_timeout};
 
 use crate::backend::Backend;
 use crate::config::{ImageSource, ImageSpec};

@@ -6,7 +6,7 @@
 //! 403 also closes the connection, as imageio does. The body is always
 //! `text/plain`, one line ending in a newline.
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use blockgate_protocol::RangeError;
 

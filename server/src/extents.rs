@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
-use blockgate_nbd::allocation::{self, Piece, PieceState};
 use blockgate_nbd::BASE_ALLOCATION;
+use blockgate_nbd::allocation::{self, Piece, PieceState};
 use blockgate_protocol::{ByteRange, Coalescer, DirtyState, Extent, ZeroState};
 use futures::stream::{self, Stream, StreamExt, TryStreamExt};
 
@@ -43,7 +43,8 @@ pub fn extents<F>(backend: Arc<Backend>, range: ByteRange) -> impl Stream<Item =
 where
     F: FromPiece + PartialEq + Copy + Send + 'static,
 {
-    let windows = (range.start..range.end).step_by(STATUS_WINDOW as usize).map(move |start| (start, (start + STATUS_WINDOW).min(range.end)));
+    let windows =
+        (range.start..range.end).step_by(STATUS_WINDOW as usize).map(move |start| (start, (start + STATUS_WINDOW).min(range.end)));
     let pieces = stream::iter(windows)
         .map(move |(start, end)| {
             let backend = backend.clone();

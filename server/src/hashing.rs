@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 
-use blockgate_protocol::blkhash::{block_digest, BlockHasher, BlockPart};
+use blockgate_protocol::blkhash::{BlockHasher, BlockPart, block_digest};
 use bytes::Bytes;
 use tokio::task::JoinHandle;
 
@@ -40,7 +40,14 @@ impl ParallelHasher {
     /// A hasher of `block_size` blocks.
     pub fn new(block_size: u64) -> ParallelHasher {
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
-        ParallelHasher { hasher: BlockHasher::new(block_size), block_size, parts: Vec::new(), filled: 0, pending: VecDeque::new(), depth: cores + 1 }
+        ParallelHasher {
+            hasher: BlockHasher::new(block_size),
+            block_size,
+            parts: Vec::new(),
+            filled: 0,
+            pending: VecDeque::new(),
+            depth: cores + 1,
+        }
     }
 
     /// The block size.

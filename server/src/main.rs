@@ -20,7 +20,7 @@ use blockgate_server::tickets::{Limits, Ticket, Tickets};
 use blockgate_server::tls;
 use clap::Parser;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{SignalKind, signal};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -62,7 +62,10 @@ async fn run(args: Args) -> Result<()> {
     let state = AppState {
         tickets: tickets.clone(),
         limits,
-        local_socket: args.local_socket.as_ref().map(|path| std::path::absolute(path).unwrap_or_else(|_| path.clone()).display().to_string()),
+        local_socket: args
+            .local_socket
+            .as_ref()
+            .map(|path| std::path::absolute(path).unwrap_or_else(|_| path.clone()).display().to_string()),
         body_timeout: Duration::from_secs(args.body_timeout),
     };
     let mut endpoints = vec![Endpoint { listener: Listener::Tls(listener, tls), router: routes::router(state.clone()) }];
@@ -77,7 +80,8 @@ async fn run(args: Args) -> Result<()> {
         tracing::info!(socket = %path.display(), "control API listening");
     }
     let reaper = tokio::spawn(reap_expired(tickets.clone()));
-    let connection_limits = ConnectionLimits { max_connections: args.max_connections, header_timeout: Duration::from_secs(args.header_timeout) };
+    let connection_limits =
+        ConnectionLimits { max_connections: args.max_connections, header_timeout: Duration::from_secs(args.header_timeout) };
     server::serve(endpoints, connection_limits, shutdown_signal()).await;
     reaper.abort();
     stop_all(&tickets).await;
@@ -108,7 +112,8 @@ async fn open_tickets(args: &Args, tickets: &Tickets, limits: Limits, port: u16)
         let body = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
         let spec = parse_ticket(&body).with_context(|| format!("ticket {}", file.display()))?;
         let id = spec.uuid.clone();
-        let ticket = control::open_ticket(spec, limits, args.nbd_connections).await.with_context(|| format!("ticket {}", file.display()))?;
+        let ticket =
+            control::open_ticket(spec, limits, args.nbd_connections).await.with_context(|| format!("ticket {}", file.display()))?;
         tracing::info!(id = %id, url = %format!("https://localhost:{port}/images/{id}"), "serving ticket");
         tickets.insert(ticket);
     }

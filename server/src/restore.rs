@@ -17,10 +17,16 @@ use futures::TryStreamExt;
 use crate::backend::{Backend, REQUEST_SIZE};
 use crate::error::ApiError;
 use crate::extents::extents;
-use crate::transfer::{discard_rest, next_frame, Applied, Pipeline, WriteFailure};
+use crate::transfer::{Applied, Pipeline, WriteFailure, discard_rest, next_frame};
 
 /// Applies a sparse stream; the stream's summary on success.
-pub async fn restore(backend: Arc<Backend>, body: Body, may_deallocate: bool, flush: bool, body_timeout: Duration) -> Result<Summary, ApiError> {
+pub async fn restore(
+    backend: Arc<Backend>,
+    body: Body,
+    may_deallocate: bool,
+    flush: bool,
+    body_timeout: Duration,
+) -> Result<Summary, ApiError> {
     let mut frames = body.into_data_stream();
     let mut decoder = Decoder::new(backend.size());
     let mut buffer = BytesMut::new();

@@ -82,7 +82,15 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    fn new(id: String, backend: Arc<Backend>, writable: bool, sparse: bool, limits: Limits, spec: Option<TicketSpec>, lifetime: Option<Lifetime>) -> Ticket {
+    fn new(
+        id: String,
+        backend: Arc<Backend>,
+        writable: bool,
+        sparse: bool,
+        limits: Limits,
+        spec: Option<TicketSpec>,
+        lifetime: Option<Lifetime>,
+    ) -> Ticket {
         let now = Instant::now();
         let expires = now + lifetime.map_or(Duration::ZERO, |lifetime| lifetime.timeout);
         Ticket {

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Files of the generated certificate set.
 #[derive(Debug, Clone)]
@@ -88,9 +88,10 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>> {
         .collect::<Result<Vec<CertificateDer<'static>>, _>>()
         .with_context(|| format!("parsing certificates in {}", cert.display()))?;
     anyhow::ensure!(!chain.is_empty(), "no certificate in {}", cert.display());
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut fs::read(key).with_context(|| format!("reading {}", key.display()))?.as_slice())
-        .with_context(|| format!("parsing {}", key.display()))?
-        .with_context(|| format!("no private key in {}", key.display()))?;
+    let key: PrivateKeyDer<'static> =
+        rustls_pemfile::private_key(&mut fs::read(key).with_context(|| format!("reading {}", key.display()))?.as_slice())
+            .with_context(|| format!("parsing {}", key.display()))?
+            .with_context(|| format!("no private key in {}", key.display()))?;
     // AES-128-GCM first: as safe for this use and a third cheaper than
     // AES-256 per byte, which matters when TLS is most of a transfer's CPU.
     let mut provider = rustls::crypto::ring::default_provider();

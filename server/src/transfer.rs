@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, BodyDataStream};
-use axum::http::{header, HeaderMap};
+use axum::http::{HeaderMap, header};
 use blockgate_protocol::{ByteRange, ZeroState};
 use bytes::{Bytes, BytesMut};
 use futures::stream::{self, Peekable, Stream, StreamExt, TryStreamExt};
@@ -197,10 +197,8 @@ const DISCARD_TIME: Duration = Duration::from_secs(10);
 /// got its answer instead of a 100 and sends nothing, so its body is left
 /// alone (reading it would invite the body after all).
 pub fn discard_body(headers: &HeaderMap, body: Body) {
-    let expects_continue = headers
-        .get(header::EXPECT)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.eq_ignore_ascii_case("100-continue"));
+    let expects_continue =
+        headers.get(header::EXPECT).and_then(|value| value.to_str().ok()).is_some_and(|value| value.eq_ignore_ascii_case("100-continue"));
     if !expects_continue {
         tokio::spawn(discard(body.into_data_stream()));
     }
@@ -337,7 +335,11 @@ impl Pipeline {
 
     /// Starts `operation`, first waiting for the oldest one if the pipeline
     /// is full.
-    async fn push(&mut self, work: Applied, operation: impl Future<Output = Result<(), ApiError>> + Send + 'static) -> Result<(), ApiError> {
+    async fn push(
+        &mut self,
+        work: Applied,
+        operation: impl Future<Output = Result<(), ApiError>> + Send + 'static,
+    ) -> Result<(), ApiError> {
         if self.in_flight.len() >= PIPELINE_DEPTH {
             self.wait_oldest().await?;
         }

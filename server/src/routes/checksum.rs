@@ -4,19 +4,19 @@
 //! blocks are hashed on every core while the next ones are read
 //! ([`ParallelHasher`]).
 
-use axum::extract::{Path, Query, State};
 use axum::Json;
-use blockgate_protocol::blkhash::{check_block_size, ALGORITHM, DEFAULT_BLOCK_SIZE};
-use blockgate_protocol::sparse::Checksum;
+use axum::extract::{Path, Query, State};
 use blockgate_protocol::ByteRange;
+use blockgate_protocol::blkhash::{ALGORITHM, DEFAULT_BLOCK_SIZE, check_block_size};
+use blockgate_protocol::sparse::Checksum;
 use futures::TryStreamExt;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
-use super::query::{number, Params};
 use super::AppState;
+use super::query::{Params, number};
 use crate::error::{ApiError, ApiResult};
-use crate::tickets::Access;
 use crate::hashing::ParallelHasher;
+use crate::tickets::Access;
 use crate::transfer::{cancelable, read_pieces};
 
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>, Query(params): Query<Params>) -> ApiResult<Json<Checksum>> {

@@ -12,8 +12,8 @@ use bytes::Bytes;
 use futures::stream::{self, Stream, StreamExt};
 use serde::Serialize;
 
-use super::query::{number, Params};
 use super::AppState;
+use super::query::{Params, number};
 use crate::error::{ApiError, ApiResult};
 use crate::extents::extents;
 use crate::tickets::Access;

@@ -4,21 +4,21 @@
 //! body is read, so `Expect: 100-continue` clients get the refusal instead
 //! of a 100.
 
+use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use blockgate_protocol::sparse;
-use blockgate_protocol::{parse_content_range, parse_patch, parse_range, ByteRange, ImageOptions, PatchRequest, MAX_PATCH_BODY};
+use blockgate_protocol::{ByteRange, ImageOptions, MAX_PATCH_BODY, PatchRequest, parse_content_range, parse_patch, parse_range};
 
-use super::query::{flag, Params};
 use super::AppState;
-use crate::backup::{backup_body, Scope};
+use super::query::{Params, flag};
+use crate::backup::{Scope, backup_body};
 use crate::error::{ApiError, ApiResult};
 use crate::restore::restore;
 use crate::tickets::{Access, Operation, Ticket};
-use crate::transfer::{cancelable, discard_body, guard_body, read_body, write_body, WriteTarget};
+use crate::transfer::{WriteTarget, cancelable, discard_body, guard_body, read_body, write_body};
 
 const ALLOW_WRITABLE: &str = "OPTIONS,GET,PUT,PATCH";
 const ALLOW_READ_ONLY: &str = "OPTIONS,GET";
@@ -72,7 +72,12 @@ pub async fn head(State(state): State<AppState>, Path(id): Path<String>) -> ApiR
     Ok(response)
 }
 
-pub async fn get(State(state): State<AppState>, Path(id): Path<String>, Query(params): Query<Params>, headers: HeaderMap) -> ApiResult<Response> {
+pub async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(params): Query<Params>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
     let operation = state.tickets.begin(&id, Access::Read)?;
     let ticket = operation.ticket().clone();
     let close = flag(&params, "close", false)?;
@@ -130,7 +135,13 @@ struct PutPlan {
     format: Format,
 }
 
-pub async fn put(State(state): State<AppState>, Path(id): Path<String>, Query(params): Query<Params>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+pub async fn put(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(params): Query<Params>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
     let plan = match plan_put(&state, &id, &params, &headers) {
         Ok(plan) => plan,
         Err(error) => {
@@ -205,9 +216,7 @@ fn plan_put(state: &AppState, id: &str, params: &Params, headers: &HeaderMap) ->
     let range_length = content_range.and_then(|range| range.end).map(|end| end - start);
     if let (Some(range_length), Some(content_length)) = (range_length, content_length) {
         if range_length != content_length {
-            return Err(ApiError::BadRequest(format!(
-                "Content-Range covers {range_length} bytes but Content-Length is {content_length}"
-            )));
+            return Err(ApiError::BadRequest(format!("Content-Range covers {range_length} bytes but Content-Length is {content_length}")));
         }
     }
     let expected = range_length.or(content_length);
@@ -260,7 +269,10 @@ pub async fn patch(State(state): State<AppState>, Path(id): Path<String>, header
 async fn zero(ticket: &Ticket, offset: u64, length: u64, flush: bool) -> ApiResult<()> {
     let size = ticket.backend.size();
     if offset.checked_add(length).is_none_or(|end| end > size) {
-        return Err(ApiError::range(format!("zeroing {length} bytes at offset {offset} would pass the end of the image ({size} bytes)"), size));
+        return Err(ApiError::range(
+            format!("zeroing {length} bytes at offset {offset} would pass the end of the image ({size} bytes)"),
+            size,
+        ));
     }
     ticket.backend.zero(offset, length, ticket.sparse).await?;
     if flush {

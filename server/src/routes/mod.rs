@@ -10,12 +10,12 @@ mod images;
 mod info;
 mod query;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::http::{header, Method, Request};
-use axum::routing::{get, options};
 use axum::Router;
+use axum::http::{Method, Request, header};
+use axum::routing::{get, options};
 use tower_http::trace::TraceLayer;
 
 use crate::error::ApiError;
@@ -52,10 +52,7 @@ pub fn router(state: AppState) -> Router {
         tracing::info_span!("request", id, method = %request.method(), path = %request.uri().path())
     });
     Router::new()
-        .route(
-            "/images/{ticket}",
-            options(images::options).head(images::head).get(images::get).put(images::put).patch(images::patch),
-        )
+        .route("/images/{ticket}", options(images::options).head(images::head).get(images::get).put(images::put).patch(images::patch))
         .route("/images/{ticket}/extents", get(extents::get))
         .route("/images/{ticket}/checksum", get(checksum::get))
         .route("/images/{ticket}/checksum/algorithms", get(checksum::algorithms))
@@ -91,11 +88,7 @@ async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> axum::respo
 /// 405 with `Allow` from a route table.
 pub fn refuse_method(routes: &[(&str, &[&str])], method: &Method, path: &str) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let allowed = routes
-        .iter()
-        .find(|(pattern, _)| route_matches(pattern, path))
-        .map(|(_, methods)| methods.join(","))
-        .unwrap_or_default();
+    let allowed = routes.iter().find(|(pattern, _)| route_matches(pattern, path)).map(|(_, methods)| methods.join(",")).unwrap_or_default();
     let mut response = ApiError::MethodNotAllowed(format!("{method} is not allowed on {path}; allowed: {allowed}")).into_response();
     if let Ok(value) = header::HeaderValue::from_str(&allowed) {
         response.headers_mut().insert(header::ALLOW, value);

@@ -75,7 +75,10 @@ async fn full_and_incremental_backups_restore_exactly_for_two_rounds() {
         let client = server.client();
         let incremental = get_stream(&client, format!("{}?format=sparse&context=dirty", server.image_url("src"))).await;
         let meta = meta(&incremental);
-        assert_eq!((meta["incremental"].clone(), meta["context"].clone(), meta["bitmap"].clone()), (true.into(), "dirty".into(), "b1".into()));
+        assert_eq!(
+            (meta["incremental"].clone(), meta["context"].clone(), meta["bitmap"].clone()),
+            (true.into(), "dirty".into(), "b1".into())
+        );
         let dirty = dirty_data(&client, format!("{}/extents?context=dirty", server.image_url("src"))).await;
         assert_eq!(meta["data-size"].as_u64().unwrap(), dirty, "the incremental stream carries the dirty data only");
         assert!(dirty <= 192 * 1024, "64 KiB + 128 KiB of data changed, not {dirty}");
@@ -142,7 +145,14 @@ async fn checksums_follow_the_blkhash_definition_and_the_stream_trailer() {
     let server = Server::start(dir.path(), &[format!("disk={}", image.display())]).await;
     let client = server.client();
     for block_size in [4 << 20, 65536, 4096] {
-        let answer: Value = client.get(format!("{}/checksum?block_size={block_size}", server.image_url("disk"))).send().await.unwrap().json().await.unwrap();
+        let answer: Value = client
+            .get(format!("{}/checksum?block_size={block_size}", server.image_url("disk")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(answer["algorithm"], "blake2b");
         assert_eq!(answer["block_size"], block_size);
         assert_eq!(answer["checksum"], reference_checksum(&image, block_size), "block size {block_size}");
@@ -156,7 +166,8 @@ async fn checksums_follow_the_blkhash_definition_and_the_stream_trailer() {
         let response = client.get(format!("{}/checksum?{bad}", server.image_url("disk"))).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{bad}");
     }
-    let algorithms: Value = client.get(format!("{}/checksum/algorithms", server.image_url("disk"))).send().await.unwrap().json().await.unwrap();
+    let algorithms: Value =
+        client.get(format!("{}/checksum/algorithms", server.image_url("disk"))).send().await.unwrap().json().await.unwrap();
     assert_eq!(algorithms["algorithms"], serde_json::json!(["blake2b"]));
 }
 
@@ -212,8 +223,14 @@ async fn bad_streams_are_refused_and_nothing_after_the_bad_frame_is_applied() {
         assert!(message.contains("were applied before it"), "{name}: {message}");
         let now = std::fs::read(&target).unwrap();
         // Frames 2 to 7 in order: data, zero, data, zero, data, zero.
-        let regions: [(u64, u64, u8); 6] =
-            [(0, MIB, 0x01), (MIB, 8 * MIB, 0), (8 * MIB, 9 * MIB, 0x02), (9 * MIB, 16 * MIB, 0), (16 * MIB, 17 * MIB, 0x03), (17 * MIB, 32 * MIB, 0)];
+        let regions: [(u64, u64, u8); 6] = [
+            (0, MIB, 0x01),
+            (MIB, 8 * MIB, 0),
+            (8 * MIB, 9 * MIB, 0x02),
+            (9 * MIB, 16 * MIB, 0),
+            (16 * MIB, 17 * MIB, 0x03),
+            (17 * MIB, 32 * MIB, 0),
+        ];
         for (index, (start, end, byte)) in regions.iter().enumerate() {
             let expected = if index < frames_applied { *byte } else { 0xee };
             let mut region = now[*start as usize..*end as usize].to_vec();
@@ -244,7 +261,8 @@ async fn dirty_tickets_find_their_one_bitmap_or_say_why_not() {
     let error = Server::try_start(dir.path(), &[format!("x={},dirty", two.display())], &[]).await.err().unwrap();
     assert!(error.contains("several dirty bitmaps (a, b)"), "{error}");
     let server = Server::start(dir.path(), &[format!("x={},dirty", one.display())]).await;
-    let options: Value = server.client().request(reqwest::Method::OPTIONS, server.image_url("x")).send().await.unwrap().json().await.unwrap();
+    let options: Value =
+        server.client().request(reqwest::Method::OPTIONS, server.image_url("x")).send().await.unwrap().json().await.unwrap();
     assert_eq!(options["dirty"], true);
     let response = server.client().get(format!("{}/extents?context=dirty", server.image_url("x"))).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);

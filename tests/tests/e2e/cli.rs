@@ -96,7 +96,16 @@ async fn an_incremental_download_chain_reproduces_the_source() {
     qemu_io(&source, "qcow2", &["write -P 0x02 1M 64k", "write -z 2M 64k", "write -P 0x03 40M 1M"]);
     {
         let server = Server::start(dir.path(), &[format!("src={},bitmap=b1", source.display())]).await;
-        let args = ["download", "--progress", "json", "--incremental", "--backing", full.to_str().unwrap(), &server.image_url("src"), inc1.to_str().unwrap()];
+        let args = [
+            "download",
+            "--progress",
+            "json",
+            "--incremental",
+            "--backing",
+            full.to_str().unwrap(),
+            &server.image_url("src"),
+            inc1.to_str().unwrap(),
+        ];
         let output = ok(blockgate(&server, &args));
         assert_eq!(stats(&output)["data_bytes"], 64 * 1024 + MIB, "only dirty data moved");
     }
@@ -111,7 +120,8 @@ async fn an_incremental_download_chain_reproduces_the_source() {
     }
     compare(&source, &inc2);
     // The chain: inc2 -> inc1 -> full.
-    let info: Value = serde_json::from_slice(&run("qemu-img", &["info", "--output=json", "--backing-chain", inc2.to_str().unwrap()])).unwrap();
+    let info: Value =
+        serde_json::from_slice(&run("qemu-img", &["info", "--output=json", "--backing-chain", inc2.to_str().unwrap()])).unwrap();
     assert_eq!(info.as_array().unwrap().len(), 3, "{info}");
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 pub const MIB: u64 = 1 << 20;
@@ -180,12 +180,7 @@ pub struct QemuNbd {
 
 impl QemuNbd {
     pub fn start(image: &Path, format: &str, socket: &Path) -> QemuNbd {
-        let mut child = Command::new("qemu-nbd")
-            .args(["-t", "-e", "8", "-A", "-f", format, "-k"])
-            .arg(socket)
-            .arg(image)
-            .spawn()
-            .unwrap();
+        let mut child = Command::new("qemu-nbd").args(["-t", "-e", "8", "-A", "-f", format, "-k"]).arg(socket).arg(image).spawn().unwrap();
         for _ in 0..500 {
             if std::os::unix::net::UnixStream::connect(socket).is_ok() {
                 return QemuNbd { child, socket: socket.to_path_buf() };

@@ -2,8 +2,8 @@
 //! land where they should, zeroing reads back as zeros (and holes where the
 //! ticket is sparse), and extents agree with `qemu-img map`.
 
-use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, RANGE};
 use reqwest::StatusCode;
+use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, RANGE};
 use serde_json::Value;
 
 use crate::common::*;
@@ -99,13 +99,8 @@ async fn chunked_put_without_flush_then_patch_flush() {
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> = data.chunks(100_000).map(|chunk| Ok(chunk.to_vec())).collect();
     let body = reqwest::Body::wrap_stream(futures::stream::iter(chunks));
     let client = server.client_builder().http1_only().build().unwrap();
-    let response = client
-        .put(format!("{}?flush=n", server.image_url("disk")))
-        .header(CONTENT_RANGE, "bytes 4096-/*")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let response =
+        client.put(format!("{}?flush=n", server.image_url("disk"))).header(CONTENT_RANGE, "bytes 4096-/*").body(body).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK, "{}", response.text().await.unwrap());
     let flush = client.patch(server.image_url("disk")).body(r#"{"op":"flush"}"#).send().await.unwrap();
     assert_eq!(flush.status(), StatusCode::OK);
@@ -129,11 +124,8 @@ async fn patch_zero_reads_back_zeros_and_deallocates_only_when_sparse() {
         qemu_io(&image, "qcow2", &["write -P 0x55 0 8M"]);
         images.push(image);
     }
-    let server = Server::start(
-        dir.path(),
-        &[format!("dense={}", images[0].display()), format!("sparse={},sparse", images[1].display())],
-    )
-    .await;
+    let server =
+        Server::start(dir.path(), &[format!("dense={}", images[0].display()), format!("sparse={},sparse", images[1].display())]).await;
     let client = server.client();
     for (ticket, image, expect_deallocated) in [("dense", &images[0], false), ("sparse", &images[1], true)] {
         let url = server.image_url(ticket);
@@ -150,7 +142,10 @@ async fn patch_zero_reads_back_zeros_and_deallocates_only_when_sparse() {
         // qemu's own map says whether storage still backs the range.
         let output = run("qemu-img", &["map", "-U", "--output=json", image.to_str().unwrap()]);
         let entries: Vec<Value> = serde_json::from_slice(&output).unwrap();
-        let zeroed = entries.iter().find(|e| e["start"].as_u64().unwrap() <= MIB && MIB < e["start"].as_u64().unwrap() + e["length"].as_u64().unwrap()).unwrap();
+        let zeroed = entries
+            .iter()
+            .find(|e| e["start"].as_u64().unwrap() <= MIB && MIB < e["start"].as_u64().unwrap() + e["length"].as_u64().unwrap())
+            .unwrap();
         assert_eq!(zeroed["data"], false, "{ticket}: {entries:?}");
         assert_eq!(zeroed.get("offset").is_none(), expect_deallocated, "{ticket}: host clusters kept only without sparse: {entries:?}");
     }

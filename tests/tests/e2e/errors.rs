@@ -38,11 +38,27 @@ fn cases() -> Vec<Case> {
         case(Method::GET, "/images/disk?close=maybe", 400, "close"),
         case(Method::GET, "/images/disk?format=vmdk", 400, "format"),
         // PUT.
-        Case { headers: &[("content-range", "bytes 16777215-16777216/*")], body: vec![7; 2], ..case(Method::PUT, "/images/disk", 416, "pass the end") },
-        Case { headers: &[("content-range", "bytes 16777216-16777216/*")], body: vec![7; 1], ..case(Method::PUT, "/images/disk", 416, "pass the end") },
+        Case {
+            headers: &[("content-range", "bytes 16777215-16777216/*")],
+            body: vec![7; 2],
+            ..case(Method::PUT, "/images/disk", 416, "pass the end")
+        },
+        Case {
+            headers: &[("content-range", "bytes 16777216-16777216/*")],
+            body: vec![7; 1],
+            ..case(Method::PUT, "/images/disk", 416, "pass the end")
+        },
         Case { body: vec![7; image_size as usize + 1], ..case(Method::PUT, "/images/disk", 416, "pass the end") },
-        Case { headers: &[("content-range", "bytes 0-99/*")], body: vec![7; 50], ..case(Method::PUT, "/images/disk", 400, "Content-Length") },
-        Case { headers: &[("content-range", "bytes 9-2/*")], body: vec![7; 5], ..case(Method::PUT, "/images/disk", 400, "end before start") },
+        Case {
+            headers: &[("content-range", "bytes 0-99/*")],
+            body: vec![7; 50],
+            ..case(Method::PUT, "/images/disk", 400, "Content-Length")
+        },
+        Case {
+            headers: &[("content-range", "bytes 9-2/*")],
+            body: vec![7; 5],
+            ..case(Method::PUT, "/images/disk", 400, "end before start")
+        },
         Case { headers: &[("content-range", "octets 0-1/*")], body: vec![7; 2], ..case(Method::PUT, "/images/disk", 400, "Content-Range") },
         Case { body: vec![7; 5], ..case(Method::PUT, "/images/disk?flush=maybe", 400, "flush") },
         // PATCH.
@@ -52,7 +68,10 @@ fn cases() -> Vec<Case> {
         Case { body: br#"{"op":"zero","size":-4096}"#.to_vec(), ..case(Method::PATCH, "/images/disk", 400, "\"size\"") },
         Case { body: br#"{"op":"zero","size":"4096"}"#.to_vec(), ..case(Method::PATCH, "/images/disk", 400, "\"size\"") },
         Case { body: br#"{"op":"zero","size":1,"wipe":true}"#.to_vec(), ..case(Method::PATCH, "/images/disk", 400, "\"wipe\"") },
-        Case { body: br#"{"op":"zero","size":4096,"offset":16773121}"#.to_vec(), ..case(Method::PATCH, "/images/disk", 416, "pass the end") },
+        Case {
+            body: br#"{"op":"zero","size":4096,"offset":16773121}"#.to_vec(),
+            ..case(Method::PATCH, "/images/disk", 416, "pass the end")
+        },
         Case { body: vec![b' '; 65 * 1024], ..case(Method::PATCH, "/images/disk", 413, "larger than") },
         // Extents.
         case(Method::GET, "/images/disk/extents?context=colour", 400, "context"),

@@ -44,7 +44,8 @@ async fn client_loop(client: reqwest::Client, url: String, base: u64, seed: u64,
         let (start, end) = (base + offset, base + offset + length - 1);
         if rng.random_bool(0.5) {
             let data = random_bytes(length as usize, rng.random());
-            let response = client.put(&url).header("content-range", format!("bytes {start}-{end}/*")).body(data.clone()).send().await.unwrap();
+            let response =
+                client.put(&url).header("content-range", format!("bytes {start}-{end}/*")).body(data.clone()).send().await.unwrap();
             match response.status() {
                 StatusCode::OK => {
                     model[offset as usize..(offset + length) as usize].copy_from_slice(&data);

@@ -1,9 +1,9 @@
 //! End-to-end tests: the built `blockgate-server` binary, a real qemu-nbd,
 //! and clients (reqwest, curl) doing what users do.
 
-mod common;
 mod backup;
 mod cli;
+mod common;
 mod data;
 mod errors;
 mod lifecycle;

@@ -16,14 +16,8 @@ fn spec_routes() -> BTreeMap<String, Vec<String>> {
     let spec: Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let mut routes = BTreeMap::new();
     for (path, item) in spec["paths"].as_mapping().unwrap() {
-        let methods = item
-            .as_mapping()
-            .unwrap()
-            .keys()
-            .filter_map(Value::as_str)
-            .filter(|key| *key != "parameters")
-            .map(str::to_uppercase)
-            .collect();
+        let methods =
+            item.as_mapping().unwrap().keys().filter_map(Value::as_str).filter(|key| *key != "parameters").map(str::to_uppercase).collect();
         routes.insert(path.as_str().unwrap().to_string(), methods);
     }
     routes

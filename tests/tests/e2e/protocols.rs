@@ -15,7 +15,8 @@ async fn http1_and_http2_are_both_served() {
     let http2 = server.client_builder().http2_prior_knowledge().build().unwrap();
     for (client, version) in [(http1, Version::HTTP_11), (http2, Version::HTTP_2)] {
         let data = random_bytes(MIB as usize, 5);
-        let put = client.put(server.image_url("disk")).header("content-range", "bytes 1024-1049599/*").body(data.clone()).send().await.unwrap();
+        let put =
+            client.put(server.image_url("disk")).header("content-range", "bytes 1024-1049599/*").body(data.clone()).send().await.unwrap();
         assert_eq!((put.status().as_u16(), put.version()), (200, version));
         let get = client.get(server.image_url("disk")).header("range", "bytes=1024-1049599").send().await.unwrap();
         assert_eq!((get.status().as_u16(), get.version()), (206, version));

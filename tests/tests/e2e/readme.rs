@@ -41,7 +41,11 @@ fn run_block(block: &str, dir: &Path, server: Option<&Server>) -> String {
     }
     let output = Command::new("bash").args(["-euo", "pipefail", "-c", &script]).current_dir(dir).output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(output.status.success(), "README block failed:\n{script}\nstdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "README block failed:\n{script}\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     stdout
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use reqwest::StatusCode;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use crate::common::*;
 
@@ -45,12 +45,8 @@ impl Control {
 
     /// curl on the control socket: status code and body.
     fn curl(&self, args: &[&str]) -> (u16, String) {
-        let output = Command::new("curl")
-            .args(["-sS", "-w", "\n%{http_code}", "--unix-socket"])
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .unwrap();
+        let output =
+            Command::new("curl").args(["-sS", "-w", "\n%{http_code}", "--unix-socket"]).arg(&self.socket).args(args).output().unwrap();
         let text = String::from_utf8_lossy(&output.stdout).into_owned();
         let (body, code) = text.rsplit_once('\n').unwrap();
         (code.parse().unwrap(), body.to_string())
@@ -71,7 +67,10 @@ async fn start(dir: &Path, extra: &[&str]) -> (Server, Control) {
 }
 
 fn qemu_nbd_children(server: &Server) -> usize {
-    children(server.pid()).iter().filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with("qemu-nbd"))).count()
+    children(server.pid())
+        .iter()
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with("qemu-nbd")))
+        .count()
 }
 
 async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
@@ -98,7 +97,10 @@ async fn a_ticket_lives_grows_is_extended_and_expires() {
     let (code, said) = control.curl(&[&control.url("/tickets/t1")]);
     assert_eq!(code, 200);
     let status: Value = serde_json::from_str(&said).unwrap();
-    assert_eq!((status["transfer_id"].clone(), status["active"].clone(), status["transferred"].clone()), (json!("x1"), json!(false), json!(0)));
+    assert_eq!(
+        (status["transfer_id"].clone(), status["active"].clone(), status["transferred"].clone()),
+        (json!("x1"), json!(false), json!(0))
+    );
     assert_eq!(qemu_nbd_children(&server), 1, "file:// tickets get their own qemu-nbd");
     // Adding it again replaces it (its qemu-nbd lets go of the image first).
     assert_eq!(control.add(&ticket("t1", &image, &["read"], 300)).await, StatusCode::OK);
@@ -231,7 +233,10 @@ async fn read_only_tickets_unknown_ids_and_reader_limits() {
     assert_eq!(third.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(third.text().await.unwrap().contains("max_readers"));
     drop((first, second));
-    wait_until("a slot frees", async || client.get(&url).header("range", "bytes=0-0").send().await.unwrap().status() == StatusCode::PARTIAL_CONTENT).await;
+    wait_until("a slot frees", async || {
+        client.get(&url).header("range", "bytes=0-0").send().await.unwrap().status() == StatusCode::PARTIAL_CONTENT
+    })
+    .await;
     assert!(std::fs::read(&image).unwrap() == content, "nothing was written");
     // Bad tickets are refused with the field named.
     let mut bad = ticket("bad", &image, &["read"], 300);
@@ -249,14 +254,21 @@ async fn ticket_files_and_the_local_socket() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.qcow2");
     create_image(&image, "qcow2", "16M");
-    let spec = json!({"uuid": "from-file", "size": 16 * MIB, "url": format!("file://{}", image.display()), "ops": ["write"], "timeout": 300});
+    let spec =
+        json!({"uuid": "from-file", "size": 16 * MIB, "url": format!("file://{}", image.display()), "ops": ["write"], "timeout": 300});
     let file = dir.path().join("ticket.json");
     std::fs::write(&file, spec.to_string()).unwrap();
     let local = dir.path().join("local.sock");
-    let server = Server::try_start(dir.path(), &[], &["--ticket", file.to_str().unwrap(), "--local-socket", local.to_str().unwrap()]).await.unwrap();
+    let server =
+        Server::try_start(dir.path(), &[], &["--ticket", file.to_str().unwrap(), "--local-socket", local.to_str().unwrap()]).await.unwrap();
     let mode = std::fs::metadata(&local).unwrap().permissions();
     assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o660);
-    let options = Command::new("curl").args(["-sS", "-X", "OPTIONS", "--unix-socket"]).arg(&local).arg("http://localhost/images/from-file").output().unwrap();
+    let options = Command::new("curl")
+        .args(["-sS", "-X", "OPTIONS", "--unix-socket"])
+        .arg(&local)
+        .arg("http://localhost/images/from-file")
+        .output()
+        .unwrap();
     let options: Value = serde_json::from_slice(&options.stdout).unwrap();
     assert_eq!(options["unix_socket"], local.to_str().unwrap());
     // The CLI uploads over the local socket and reads back over TLS.
