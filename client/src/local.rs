@@ -48,7 +48,7 @@ impl LocalImage {
 
     /// Opens an existing file read-only, format detected.
     pub async fn open_read_only(path: &Path) -> Result<LocalImage> {
-        let info = qemu::image_info(path).await?;
+        let info = qemu::image_info(path, None).await?;
         Self::open(path, &info.format, true).await
     }
 

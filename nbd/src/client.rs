@@ -327,6 +327,15 @@ impl Client {
         Ok(BlockStatus { offset, contexts })
     }
 
+    /// Closes the connection at once: every pending request fails with
+    /// `reason`, and so does every later one.
+    pub fn abort(&self, reason: &str) {
+        self.connection.shared.close(reason.to_string());
+        for task in &self.connection.tasks {
+            task.abort();
+        }
+    }
+
     /// Sends NBD_CMD_DISC; pending requests still get their replies, if the
     /// server sends them before closing.
     pub async fn disconnect(&self) {

@@ -37,6 +37,10 @@ pub enum Error {
     /// was sent.
     #[error("NBD connection lost: {0}")]
     Disconnected(String),
+    /// No reply came in time; the connection was closed, since a late
+    /// reply could no longer be matched with anything.
+    #[error("NBD server sent no reply within {0:?}; connection closed")]
+    TimedOut(std::time::Duration),
     /// The export's flags do not allow this command.
     #[error("the NBD export does not support {0}")]
     Unsupported(&'static str),
@@ -60,7 +64,7 @@ fn message_suffix(message: &str) -> String {
 impl Error {
     /// True when the connection is unusable and a new one might succeed.
     pub fn is_connection_error(&self) -> bool {
-        matches!(self, Error::Io(_) | Error::Protocol(_) | Error::Disconnected(_))
+        matches!(self, Error::Io(_) | Error::Protocol(_) | Error::Disconnected(_) | Error::TimedOut(_))
     }
 }
 

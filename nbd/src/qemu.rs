@@ -7,8 +7,8 @@
 //! of any format.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
@@ -50,7 +50,9 @@ pub struct ExportSettings<'a> {
     pub direct: bool,
 }
 
-/// A running qemu-nbd child.
+/// A running qemu-nbd child and the private directory of its socket. The
+/// child can be started again on the same socket ([`QemuNbd::respawn`]),
+/// so connections made after a restart find it where they left it.
 pub struct QemuNbd {
     child: Child,
     socket: PathBuf,
@@ -58,61 +60,24 @@ pub struct QemuNbd {
 }
 
 impl QemuNbd {
-    /// Starts qemu-nbd and waits until its socket accepts connections.
+    /// Starts qemu-nbd on a new private socket and waits until it accepts
+    /// connections.
     pub async fn start(settings: &ExportSettings<'_>) -> Result<QemuNbd> {
         let socket_dir = tempfile::Builder::new()
             .prefix("blockgate-nbd-")
             .tempdir()
             .map_err(|error| failed(format!("creating a socket directory: {error}")))?;
         let socket = socket_dir.path().join("nbd.sock");
-        let mut command = Command::new("qemu-nbd");
-        command
-            .arg("--persistent")
-            .arg(format!("--shared={}", settings.shared))
-            .arg("--discard=unmap")
-            .arg("--allocation-depth")
-            .args(["--format", settings.format, "--socket"])
-            .arg(&socket);
-        if settings.read_only {
-            command.arg("--read-only");
-        }
-        if let Some(bitmap) = settings.bitmap {
-            command.args(["--bitmap", bitmap]);
-        }
-        if settings.direct {
-            command.args(["--cache=none", "--aio=native"]);
-        }
-        command.arg(settings.path).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
-        let mut child = command.spawn().map_err(|error| failed(format!("starting qemu-nbd (is qemu-utils installed?): {error}")))?;
-        let stderr_lines = Arc::new(Mutex::new(Vec::<String>::new()));
-        if let Some(stderr) = child.stderr.take() {
-            let lines = stderr_lines.clone();
-            tokio::spawn(async move {
-                let mut reader = BufReader::new(stderr).lines();
-                while let Ok(Some(line)) = reader.next_line().await {
-                    tracing::warn!(target: "qemu-nbd", "{line}");
-                    lines.lock().expect("stderr lock").push(line);
-                }
-            });
-        }
-        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
-        loop {
-            if tokio::net::UnixStream::connect(&socket).await.is_ok() {
-                break;
-            }
-            if let Some(status) = child.try_wait().map_err(|error| failed(error.to_string()))? {
-                // Let the stderr task catch the last words.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                let said = stderr_lines.lock().expect("stderr lock").join("; ");
-                return Err(failed(format!("qemu-nbd exited ({status}) while exporting {}: {said}", settings.path.display())));
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(failed(format!("qemu-nbd did not open its socket within {START_TIMEOUT:?}")));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        tracing::info!(image = %settings.path.display(), socket = %socket.display(), "qemu-nbd started");
+        let child = spawn(settings, &socket).await?;
         Ok(QemuNbd { child, socket, _socket_dir: socket_dir })
+    }
+
+    /// Starts a new child on the same socket, after the last one exited.
+    pub async fn respawn(&mut self, settings: &ExportSettings<'_>) -> Result<()> {
+        // qemu-nbd will not bind over the dead child's socket file.
+        let _ = std::fs::remove_file(&self.socket);
+        self.child = spawn(settings, &self.socket).await?;
+        Ok(())
     }
 
     /// The unix socket it listens on.
@@ -120,8 +85,16 @@ impl QemuNbd {
         &self.socket
     }
 
+    /// Waits until the child exits (and reaps it).
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        self.child.wait().await
+    }
+
     /// Stops qemu-nbd: SIGTERM, then SIGKILL if it lingers.
     pub async fn stop(mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
         if let Some(pid) = self.child.id() {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
             if tokio::time::timeout(STOP_TIMEOUT, self.child.wait()).await.is_ok() {
@@ -134,9 +107,69 @@ impl QemuNbd {
     }
 }
 
-/// Creates an image file with qemu-img.
+/// Starts qemu-nbd on `socket` and waits until it accepts connections.
+async fn spawn(settings: &ExportSettings<'_>, socket: &Path) -> Result<Child> {
+    let mut command = Command::new("qemu-nbd");
+    command
+        .arg("--persistent")
+        .arg(format!("--shared={}", settings.shared))
+        .arg("--discard=unmap")
+        .arg("--allocation-depth")
+        .args(["--format", settings.format, "--socket"])
+        .arg(socket);
+    if settings.read_only {
+        command.arg("--read-only");
+    }
+    if let Some(bitmap) = settings.bitmap {
+        command.args(["--bitmap", bitmap]);
+    }
+    if settings.direct {
+        command.args(["--cache=none", "--aio=native"]);
+    }
+    command.arg(settings.path).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
+    let mut child = command.spawn().map_err(|error| failed(format!("starting qemu-nbd (is qemu-utils installed?): {error}")))?;
+    let stderr_lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    if let Some(stderr) = child.stderr.take() {
+        let lines = stderr_lines.clone();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                tracing::warn!(target: "qemu-nbd", "{line}");
+                lines.lock().unwrap_or_else(PoisonError::into_inner).push(line);
+            }
+        });
+    }
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    loop {
+        if tokio::net::UnixStream::connect(socket).await.is_ok() {
+            break;
+        }
+        if let Some(status) = child.try_wait().map_err(|error| failed(error.to_string()))? {
+            // Let the stderr task catch the last words.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let said = stderr_lines.lock().unwrap_or_else(PoisonError::into_inner).join("; ");
+            return Err(failed(format!("qemu-nbd exited ({status}) while exporting {}: {said}", settings.path.display())));
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(failed(format!("qemu-nbd did not open its socket within {START_TIMEOUT:?}")));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tracing::info!(image = %settings.path.display(), socket = %socket.display(), "qemu-nbd started");
+    Ok(child)
+}
+
+/// Creates an image file with qemu-img, readable by its owner only (disk
+/// images hold whatever the guest wrote): the file is made with mode 0600
+/// first, so it is never readable by others, not even for a moment, and
+/// an existing file is never overwritten.
 pub async fn create_image(path: &Path, format: &str, size: u64) -> Result<()> {
-    qemu_img(&["create", "-q", "-f", format, &path.to_string_lossy(), &size.to_string()]).await?;
+    create_private(path)?;
+    let created = qemu_img(&["create", "-q", "-f", format, &path.to_string_lossy(), &size.to_string()]).await;
+    if let Err(error) = created {
+        let _ = std::fs::remove_file(path);
+        return Err(error);
+    }
     tracing::info!(image = %path.display(), format, size, "created image");
     Ok(())
 }
@@ -144,9 +177,26 @@ pub async fn create_image(path: &Path, format: &str, size: u64) -> Result<()> {
 /// Creates a qcow2 overlay on top of `backing` (a qcow2 image): reads of
 /// ranges never written come from the backing file.
 pub async fn create_overlay(path: &Path, backing: &Path) -> Result<()> {
+    create_private(path)?;
     let backing = std::path::absolute(backing).map_err(|error| failed(error.to_string()))?;
-    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &backing.to_string_lossy(), &path.to_string_lossy()]).await?;
-    Ok(())
+    let created =
+        qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &backing.to_string_lossy(), &path.to_string_lossy()]).await;
+    if created.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    created.map(drop)
+}
+
+/// Creates an empty file with mode 0600; fails if it exists.
+fn create_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+        .map_err(|error| failed(format!("creating {}: {error}", path.display())))
 }
 
 /// Runs qemu-img; its stdout.
@@ -164,7 +214,7 @@ async fn qemu_img(args: &[&str]) -> Result<Vec<u8>> {
 
 /// What `qemu-img info` says of a file.
 pub struct ImageInfo {
-    /// Detected format.
+    /// The format it was opened with (detected when none was given).
     pub format: String,
     /// Virtual size in bytes.
     pub size: u64,
@@ -172,9 +222,17 @@ pub struct ImageInfo {
     pub bitmaps: Vec<String>,
 }
 
-/// Asks `qemu-img info` about a file (works while the file is exported).
-pub async fn image_info(path: &Path) -> Result<ImageInfo> {
-    let output = qemu_img(&["info", "-U", "--output=json", &path.to_string_lossy()]).await?;
+/// Asks `qemu-img info` about a file (works while the file is exported),
+/// opened as `format`, or as whatever its content looks like when `None`:
+/// only for files whose content the caller trusts.
+pub async fn image_info(path: &Path, format: Option<&str>) -> Result<ImageInfo> {
+    let path_text = path.to_string_lossy();
+    let mut args = vec!["info", "-U", "--output=json"];
+    if let Some(format) = format {
+        args.extend(["-f", format]);
+    }
+    args.push(&path_text);
+    let output = qemu_img(&args).await?;
     let info: serde_json::Value = serde_json::from_slice(&output).map_err(|error| failed(format!("parsing qemu-img info: {error}")))?;
     let format = info["format"].as_str().map(str::to_string).ok_or_else(|| failed("qemu-img info gave no format"))?;
     let size = info["virtual-size"].as_u64().ok_or_else(|| failed("qemu-img info gave no virtual-size"))?;
@@ -183,4 +241,25 @@ pub async fn image_info(path: &Path) -> Result<ImageInfo> {
         .map(|bitmaps| bitmaps.iter().filter_map(|bitmap| bitmap["name"].as_str().map(str::to_string)).collect())
         .unwrap_or_default();
     Ok(ImageInfo { format, size, bitmaps })
+}
+
+/// Magic numbers at offset 0 of image formats qemu would probe.
+const MAGICS: &[(&[u8], &str)] =
+    &[(b"QFI\xfb", "qcow2"), (b"QED\0", "qed"), (b"KDMV", "vmdk"), (b"vhdxfile", "vhdx"), (b"LUKS\xba\xbe", "luks")];
+
+/// The format a file's first bytes announce, if any, read here without
+/// asking qemu to open it (a forged header names any host file as its
+/// backing or data file).
+pub fn sniff_format(path: &Path) -> std::io::Result<Option<&'static str>> {
+    use std::io::Read;
+    let mut head = [0u8; 8];
+    let mut file = std::fs::File::open(path)?;
+    let mut filled = 0;
+    while filled < head.len() {
+        match file.read(&mut head[filled..])? {
+            0 => break,
+            read => filled += read,
+        }
+    }
+    Ok(MAGICS.iter().find(|(magic, _)| head[..filled].starts_with(magic)).map(|(_, name)| *name))
 }

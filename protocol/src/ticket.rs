@@ -1,7 +1,8 @@
 //! Tickets as the control API carries them, imageio-compatible: the JSON an
 //! orchestrator PUTs (`uuid`, `size`, `url`, `ops`, `timeout`, and the
 //! optional `inactivity_timeout`, `sparse`, `dirty`, `transfer_id`,
-//! `filename`, plus blockgate's `bitmap`), and the status a GET returns.
+//! `filename`, plus blockgate's `bitmap` and `format`), and the status a
+//! GET returns.
 //! Parsed by hand from a JSON value so each refusal names its field;
 //! unknown keys are ignored, as imageio does.
 
@@ -14,6 +15,43 @@ use crate::fields;
 pub const MAX_TICKET_BODY: usize = 64 << 10;
 /// Inactivity timeout when the ticket gives none (seconds).
 pub const DEFAULT_INACTIVITY_TIMEOUT: u64 = 60;
+/// Longest `timeout` or `inactivity_timeout` accepted: ten years. Larger
+/// numbers are a mistake, and past about 2^63 nanoseconds no clock can
+/// hold them.
+pub const MAX_TIMEOUT: u64 = 10 * 365 * 24 * 60 * 60;
+
+/// Format of the image behind a `file://` url. Never probed from the
+/// file's content: a client that wrote a qcow2 header into a raw image
+/// would otherwise choose what qemu opens next (api.md, "Formats and host
+/// files").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    /// Raw bytes (the default).
+    #[default]
+    Raw,
+    /// qcow2.
+    Qcow2,
+}
+
+impl ImageFormat {
+    /// The name qemu uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        }
+    }
+
+    /// Parses `raw` or `qcow2`.
+    pub fn parse(name: &str) -> Result<ImageFormat, String> {
+        match name {
+            "raw" => Ok(ImageFormat::Raw),
+            "qcow2" => Ok(ImageFormat::Qcow2),
+            other => Err(format!("unknown format {other:?}: expected raw or qcow2")),
+        }
+    }
+}
 
 /// A ticket as added.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +81,9 @@ pub struct TicketSpec {
     /// Dirty bitmap by name (blockgate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bitmap: Option<String>,
+    /// Format of a `file://` image (blockgate; default raw).
+    #[serde(default)]
+    pub format: ImageFormat,
 }
 
 impl TicketSpec {
@@ -87,13 +128,17 @@ pub fn parse_ticket(body: &[u8]) -> Result<TicketSpec, TicketError> {
         size: integer(&object, "size")?.ok_or_else(|| missing("size"))?,
         url,
         ops,
-        timeout: integer(&object, "timeout")?.ok_or_else(|| missing("timeout"))?,
-        inactivity_timeout: integer(&object, "inactivity_timeout")?.unwrap_or(DEFAULT_INACTIVITY_TIMEOUT),
+        timeout: seconds(&object, "timeout")?.ok_or_else(|| missing("timeout"))?,
+        inactivity_timeout: seconds(&object, "inactivity_timeout")?.unwrap_or(DEFAULT_INACTIVITY_TIMEOUT),
         sparse: boolean(&object, "sparse")?.unwrap_or(false),
         dirty: boolean(&object, "dirty")?.unwrap_or(false),
         transfer_id: string(&object, "transfer_id")?,
         filename: string(&object, "filename")?,
         bitmap: string(&object, "bitmap")?,
+        format: match string(&object, "format")? {
+            None => ImageFormat::Raw,
+            Some(name) => ImageFormat::parse(&name).map_err(|error| TicketError(format!("field \"format\": {error}")))?,
+        },
     })
 }
 
@@ -103,7 +148,17 @@ pub fn parse_timeout(body: &[u8]) -> Result<u64, TicketError> {
     let Value::Object(object) = value else {
         return Err(TicketError("body must be a JSON object such as {\"timeout\": 300}".into()));
     };
-    integer(&object, "timeout")?.ok_or_else(|| missing("timeout"))
+    seconds(&object, "timeout")?.ok_or_else(|| missing("timeout"))
+}
+
+/// A duration field in seconds, at most [`MAX_TIMEOUT`].
+fn seconds(object: &Map<String, Value>, field: &str) -> Result<Option<u64>, TicketError> {
+    match integer(object, field)? {
+        Some(seconds) if seconds > MAX_TIMEOUT => {
+            Err(TicketError(format!("field {field:?}: {seconds} seconds is more than the {MAX_TIMEOUT} (ten years) a ticket may last")))
+        }
+        seconds => Ok(seconds),
+    }
 }
 
 fn missing(field: &str) -> TicketError {
@@ -146,6 +201,7 @@ pub struct TicketStatus {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use serde_json::json;
 
     const GOOD: &str =
         r#"{"uuid":"t1","size":1073741824,"url":"nbd:unix:/run/nbd.sock","ops":["read","write"],"timeout":300,"extra":"ignored"}"#;
@@ -174,6 +230,29 @@ mod tests {
         assert!(parse_ticket(bad_op.as_bytes()).unwrap_err().0.contains("ops"));
         assert!(parse_timeout(br#"{"timeout":"soon"}"#).unwrap_err().0.contains("timeout"));
         assert_eq!(parse_timeout(br#"{"timeout":30}"#), Ok(30));
+        let bad_format = GOOD.replace(r#""timeout":300"#, r#""timeout":300,"format":"vmdk""#);
+        assert!(parse_ticket(bad_format.as_bytes()).unwrap_err().0.contains("format"));
+    }
+
+    #[test]
+    fn the_format_is_raw_unless_named() {
+        assert_eq!(parse_ticket(GOOD.as_bytes()).unwrap().format, ImageFormat::Raw);
+        let qcow2 = GOOD.replace(r#""timeout":300"#, r#""timeout":300,"format":"qcow2""#);
+        assert_eq!(parse_ticket(qcow2.as_bytes()).unwrap().format, ImageFormat::Qcow2);
+    }
+
+    #[test]
+    fn absurd_timeouts_are_refused_not_wrapped() {
+        for field in ["timeout", "inactivity_timeout"] {
+            for seconds in [u64::MAX, i64::MAX as u64, MAX_TIMEOUT + 1] {
+                let mut value: Value = serde_json::from_str(GOOD).unwrap();
+                value[field] = json!(seconds);
+                let error = parse_ticket(value.to_string().as_bytes()).unwrap_err();
+                assert!(error.0.contains(field) && error.0.contains("ten years"), "{error}");
+            }
+        }
+        assert!(parse_timeout(format!("{{\"timeout\":{}}}", u64::MAX).as_bytes()).is_err());
+        assert_eq!(parse_timeout(format!("{{\"timeout\":{MAX_TIMEOUT}}}").as_bytes()), Ok(MAX_TIMEOUT));
     }
 
     proptest! {
@@ -187,7 +266,13 @@ mod tests {
         }
 
         #[test]
-        fn valid_tickets_round_trip(uuid in "[a-z0-9-]{1,36}", size in any::<u64>(), timeout in any::<u64>(), write in any::<bool>()) {
+        fn timeouts_are_accepted_exactly_up_to_the_limit(seconds in any::<u64>()) {
+            let body = format!("{{\"timeout\":{seconds}}}");
+            prop_assert_eq!(parse_timeout(body.as_bytes()).is_ok(), seconds <= MAX_TIMEOUT);
+        }
+
+        #[test]
+        fn valid_tickets_round_trip(uuid in "[a-z0-9-]{1,36}", size in any::<u64>(), timeout in 0..=MAX_TIMEOUT, write in any::<bool>()) {
             let ops = if write { vec!["read", "write"] } else { vec!["read"] };
             let body = serde_json::json!({"uuid": uuid, "size": size, "url": "file:///x", "ops": ops, "timeout": timeout});
             let ticket = parse_ticket(body.to_string().as_bytes()).unwrap();

@@ -2,10 +2,10 @@
 //! and the `--image ID=SOURCE[,OPTION]...` specs that become tickets.
 //! Parsing only; nothing here opens a file or starts a process.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use blockgate_nbd::Address;
+pub use blockgate_protocol::ticket::ImageFormat;
 use clap::Parser;
 
 /// Command-line arguments of `blockgate-server`.
@@ -17,9 +17,10 @@ use clap::Parser;
     after_help = "Example:\n  blockgate-server --image demo=./demo.qcow2,size=1G\n  curl --cacert ~/.local/state/blockgate/ca.pem https://localhost:54322/images/demo -o demo.raw"
 )]
 pub struct Args {
-    /// Address of the TLS listener.
-    #[arg(long, default_value = "[::]:54322")]
-    pub listen: SocketAddr,
+    /// Address of the TLS listener: HOST:PORT, where HOST is an IP address
+    /// or a name (every address it resolves to is bound).
+    #[arg(long, default_value = "[::]:54322", value_name = "HOST:PORT")]
+    pub listen: String,
     /// PEM certificate chain; without it a self-signed CA and certificate
     /// are made (and reused) in the state directory.
     #[arg(long, requires = "tls_key")]
@@ -38,6 +39,11 @@ pub struct Args {
     /// nbd:unix:PATH[:exportname=NAME]). Repeatable.
     #[arg(long = "image", value_name = "ID=SOURCE[,OPTION]...", value_parser = parse_image_spec)]
     pub images: Vec<ImageSpec>,
+    /// A directory whose images `file://` ticket urls may name (after
+    /// symlinks and `..` are resolved). Repeatable; without it, `file://`
+    /// tickets are refused.
+    #[arg(long = "allow-dir", value_name = "DIR")]
+    pub allow_dirs: Vec<PathBuf>,
     /// A ticket JSON file (imageio's format) to serve from the start. Repeatable.
     #[arg(long = "ticket", value_name = "FILE.json")]
     pub tickets: Vec<PathBuf>,
@@ -65,6 +71,10 @@ pub struct Args {
     /// Seconds a ticket DELETE waits for running operations (else 409).
     #[arg(long, default_value_t = 30, value_name = "SECONDS")]
     pub cancel_timeout: u64,
+    /// Seconds an NBD request may wait for its reply; past it the request
+    /// fails (502) and its connection is replaced.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub nbd_timeout: u64,
     /// NBD connections per image; each one carries many requests at once.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub nbd_connections: u32,
@@ -74,6 +84,17 @@ pub struct Args {
 }
 
 impl Args {
+    /// Refuses what clap cannot see alone: two `--image` with one id.
+    pub fn check(&self) -> Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
+        for spec in &self.images {
+            if !seen.insert(spec.id.as_str()) {
+                return Err(format!("--image id {:?} is given twice; each image needs its own id", spec.id));
+            }
+        }
+        Ok(())
+    }
+
     /// The state directory, resolved from the flag or the environment.
     pub fn state_dir(&self) -> PathBuf {
         if let Some(dir) = &self.state_dir {
@@ -85,33 +106,6 @@ impl Args {
                 let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
                 home.join(".local/state/blockgate")
             }
-        }
-    }
-}
-
-/// Image format of a local file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ImageFormat {
-    /// Raw bytes.
-    Raw,
-    /// qcow2.
-    Qcow2,
-}
-
-impl ImageFormat {
-    /// The name qemu uses.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ImageFormat::Raw => "raw",
-            ImageFormat::Qcow2 => "qcow2",
-        }
-    }
-
-    fn parse(name: &str) -> Result<ImageFormat, String> {
-        match name {
-            "raw" => Ok(ImageFormat::Raw),
-            "qcow2" => Ok(ImageFormat::Qcow2),
-            other => Err(format!("unknown format {other:?}: expected raw or qcow2")),
         }
     }
 }
@@ -142,7 +136,8 @@ pub struct ImageSpec {
     pub create_size: Option<u64>,
     /// Zeroing may deallocate.
     pub sparse: bool,
-    /// Format of the local file (detected when absent).
+    /// Format of the local file; when absent, qcow2 for a `.qcow2` name,
+    /// else raw (never probed from the content).
     pub format: Option<ImageFormat>,
 }
 
@@ -235,5 +230,13 @@ mod tests {
         assert_eq!(parse_size("2T"), Ok(2 << 40));
         assert!(parse_size("0").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn duplicate_image_ids_are_refused() {
+        let args = Args::parse_from(["blockgate-server", "--image", "a=x.raw", "--image", "b=y.raw"]);
+        assert!(args.check().is_ok());
+        let args = Args::parse_from(["blockgate-server", "--image", "a=x.raw", "--image", "a=y.raw"]);
+        assert!(args.check().unwrap_err().contains("\"a\" is given twice"));
     }
 }

@@ -4,9 +4,11 @@
 //! them (`DELETE`, which cancels what runs on them). Opening a ticket's
 //! `url` (an NBD URI, or `file:///PATH` exported by our own qemu-nbd)
 //! happens when it is added, so a bad url or bitmap is a 400 then, not a
-//! failure at the first transfer.
+//! failure at the first transfer. A `file://` url must resolve inside a
+//! directory the operator allowed (`--allow-dir`); anywhere else it is
+//! refused with the same words whether the file exists or not.
 
-use std::path::PathBuf;
+use std::path::{Path as FilePath, PathBuf};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -18,7 +20,7 @@ use axum::{Json, Router};
 use blockgate_nbd::Address;
 use blockgate_protocol::ticket::{MAX_TICKET_BODY, TicketSpec, parse_ticket, parse_timeout};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendSettings};
 use crate::config::{ImageSource, ImageSpec};
 use crate::error::{ApiError, ApiResult};
 use crate::routes::{not_found, refuse_method};
@@ -31,8 +33,10 @@ pub struct ControlState {
     pub tickets: Arc<Tickets>,
     /// Limits of new tickets.
     pub limits: Limits,
-    /// NBD connections per ticket.
-    pub nbd_connections: u32,
+    /// How tickets reach their images.
+    pub backend: BackendSettings,
+    /// Where `file://` urls may point (canonical paths).
+    pub allow_dirs: Arc<Vec<PathBuf>>,
 }
 
 const ROUTES: &[(&str, &[&str])] = &[("/tickets/{id}", &["GET", "PUT", "PATCH", "DELETE"]), ("/tickets/", &["DELETE"])];
@@ -47,10 +51,38 @@ pub fn router(state: ControlState) -> Router {
         .with_state(state)
 }
 
+/// The file a `file://` url names, resolved (symlinks, `..`), if it lies
+/// inside one of `allow_dirs`. The refusal says nothing of the file: not
+/// whether it exists, nor its size.
+fn allowed_file(path: &str, allow_dirs: &[PathBuf]) -> ApiResult<PathBuf> {
+    if allow_dirs.is_empty() {
+        return Err(ApiError::BadRequest(
+            "field \"url\": file:// urls are disabled on this server; start it with --allow-dir DIR to serve images under DIR".into(),
+        ));
+    }
+    let inside = |real: &FilePath| allow_dirs.iter().any(|dir| real.starts_with(dir));
+    let refused = || ApiError::BadRequest("field \"url\": the path is not inside a directory allowed with --allow-dir".into());
+    let path = FilePath::new(path);
+    match std::fs::canonicalize(path) {
+        Ok(real) if inside(&real) => Ok(real),
+        Ok(_) => Err(refused()),
+        Err(_) => {
+            // Missing: say so only where listing the directory is allowed.
+            let parent = path.parent().and_then(|parent| std::fs::canonicalize(parent).ok());
+            match (parent, path.file_name()) {
+                (Some(parent), Some(name)) if inside(&parent) && name != ".." => {
+                    Err(ApiError::BadRequest(format!("field \"url\": {} does not exist", parent.join(name).display())))
+                }
+                _ => Err(refused()),
+            }
+        }
+    }
+}
+
 /// Opens the image a ticket names and makes the ticket.
-pub async fn open_ticket(spec: TicketSpec, limits: Limits, nbd_connections: u32) -> ApiResult<Ticket> {
+pub async fn open_ticket(spec: TicketSpec, limits: Limits, backend: BackendSettings, allow_dirs: &[PathBuf]) -> ApiResult<Ticket> {
     let source = match spec.url.strip_prefix("file://") {
-        Some(path) if path.starts_with('/') => ImageSource::File(PathBuf::from(path)),
+        Some(path) if path.starts_with('/') => ImageSource::File(allowed_file(path, allow_dirs)?),
         Some(_) => return Err(ApiError::BadRequest(format!("field \"url\": {:?} must be file:///ABSOLUTE/PATH", spec.url))),
         None => ImageSource::Nbd(Address::parse(&spec.url).map_err(|error| ApiError::BadRequest(format!("field \"url\": {error}")))?),
     };
@@ -62,9 +94,9 @@ pub async fn open_ticket(spec: TicketSpec, limits: Limits, nbd_connections: u32)
         dirty: spec.dirty,
         create_size: None,
         sparse: spec.sparse,
-        format: None,
+        format: Some(spec.format),
     };
-    let backend = Backend::open(&image, nbd_connections)
+    let backend = Backend::open(&image, backend)
         .await
         .map_err(|error| ApiError::BadRequest(format!("field \"url\": cannot open {}: {error:#}", spec.url)))?;
     if backend.size() != spec.size {
@@ -89,7 +121,7 @@ async fn add(State(state): State<ControlState>, Path(id): Path<String>, body: Bo
     // A ticket replaced by one of the same id goes first, as on DELETE: its
     // qemu-nbd must release the image before a new one can lock it.
     state.tickets.remove(&id).await?;
-    let ticket = open_ticket(spec, state.limits, state.nbd_connections).await?;
+    let ticket = open_ticket(spec, state.limits, state.backend, &state.allow_dirs).await?;
     tracing::info!(ticket = %id, size = ticket.backend.size(), "ticket added");
     if let Some(raced) = state.tickets.insert(ticket) {
         // Another PUT of this id won the race; retire its ticket.
@@ -124,4 +156,33 @@ async fn remove(State(state): State<ControlState>, Path(id): Path<String>) -> Ap
 async fn remove_all(State(state): State<ControlState>) -> ApiResult<Response> {
     state.tickets.remove_all().await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_urls_resolve_inside_the_allowed_directories_only() {
+        let root = tempfile::tempdir().unwrap();
+        let allowed = root.path().join("images");
+        let secret_dir = root.path().join("secret");
+        std::fs::create_dir_all(&allowed).unwrap();
+        std::fs::create_dir_all(&secret_dir).unwrap();
+        std::fs::write(allowed.join("disk.raw"), b"disk").unwrap();
+        std::fs::write(secret_dir.join("key"), b"secret").unwrap();
+        std::os::unix::fs::symlink(secret_dir.join("key"), allowed.join("link")).unwrap();
+        let dirs = vec![std::fs::canonicalize(&allowed).unwrap()];
+        let text = |path: PathBuf| path.to_str().unwrap().to_string();
+        assert_eq!(allowed_file(&text(allowed.join("disk.raw")), &dirs).unwrap(), dirs[0].join("disk.raw"));
+        let refusal = allowed_file(&text(secret_dir.join("key")), &dirs).unwrap_err().to_string();
+        for path in [allowed.join("link"), allowed.join("../secret/key"), allowed.join("../secret/missing"), secret_dir.join("missing")] {
+            assert_eq!(allowed_file(&text(path.clone()), &dirs).unwrap_err().to_string(), refusal, "{}", path.display());
+        }
+        assert!(refusal.contains("--allow-dir") && !refusal.contains("secret"), "{refusal}");
+        let missing = allowed_file(&text(allowed.join("new.raw")), &dirs).unwrap_err().to_string();
+        assert!(missing.contains("does not exist"), "{missing}");
+        let disabled = allowed_file(&text(allowed.join("disk.raw")), &[]).unwrap_err().to_string();
+        assert!(disabled.contains("disabled"), "{disabled}");
+    }
 }

@@ -12,6 +12,7 @@ pub mod control;
 pub mod error;
 pub mod extents;
 pub mod hashing;
+pub mod owned;
 pub mod ranges;
 pub mod restore;
 pub mod routes;

@@ -3,16 +3,17 @@
 //! children), bind the listeners, serve until SIGINT or SIGTERM, then stop
 //! the children and remove the sockets.
 
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use blockgate_protocol::ticket::parse_ticket;
-use blockgate_server::backend::Backend;
-use blockgate_server::config::Args;
+use blockgate_server::backend::{Backend, BackendSettings};
+use blockgate_server::config::{Args, ImageSource};
 use blockgate_server::control::{self, ControlState};
 use blockgate_server::routes::{self, AppState};
 use blockgate_server::server::{self, ConnectionLimits, Endpoint, Listener};
@@ -21,10 +22,15 @@ use blockgate_server::tls;
 use clap::Parser;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Semaphore;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    if let Err(message) = args.check() {
+        eprintln!("blockgate-server: error: {message}");
+        return ExitCode::from(2);
+    }
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -47,12 +53,18 @@ async fn run(args: Args) -> Result<()> {
         }
     };
     let tls = tls::server_config(&cert, &key)?;
-    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
-    let port = listener.local_addr()?.port();
+    let addresses = resolve_listen(&args.listen).await?;
+    let mut tcp_listeners = Vec::new();
+    for address in &addresses {
+        tcp_listeners.push(TcpListener::bind(address).await.with_context(|| format!("listening on {address}"))?);
+    }
+    let port = tcp_listeners[0].local_addr()?.port();
     let limits = Limits { max_readers: args.max_readers, max_writers: args.max_writers };
+    let backend = BackendSettings { connections: args.nbd_connections, request_timeout: Duration::from_secs(args.nbd_timeout) };
+    let allow_dirs = Arc::new(allowed_directories(&args.allow_dirs)?);
 
     let tickets = Arc::new(Tickets::new(Duration::from_secs(args.cancel_timeout)));
-    if let Err(error) = open_tickets(&args, &tickets, limits, port).await {
+    if let Err(error) = open_tickets(&args, &tickets, limits, backend, &allow_dirs, port).await {
         stop_all(&tickets).await;
         return Err(error);
     }
@@ -68,20 +80,32 @@ async fn run(args: Args) -> Result<()> {
             .map(|path| std::path::absolute(path).unwrap_or_else(|_| path.clone()).display().to_string()),
         body_timeout: Duration::from_secs(args.body_timeout),
     };
-    let mut endpoints = vec![Endpoint { listener: Listener::Tls(listener, tls), router: routes::router(state.clone()) }];
-    tracing::info!(address = %format!("https://{}", args.listen), "data API listening (TLS)");
+    // Each listener has its own connection budget (the TCP addresses of
+    // --listen share one): a flood of remote clients never delays the
+    // orchestrator on the control socket, nor local software.
+    let remote_budget = Arc::new(Semaphore::new(args.max_connections));
+    let mut endpoints = Vec::new();
+    for (listener, address) in tcp_listeners.into_iter().zip(&addresses) {
+        endpoints.push(Endpoint {
+            listener: Listener::Tls(listener, tls.clone()),
+            router: routes::router(state.clone()),
+            budget: remote_budget.clone(),
+        });
+        tracing::info!(address = %format!("https://{address}"), "data API listening (TLS)");
+    }
     if let Some(path) = &args.local_socket {
-        endpoints.push(Endpoint { listener: Listener::Unix(bind_unix(path)?), router: routes::router(state.clone()) });
+        let budget = Arc::new(Semaphore::new(args.max_connections));
+        endpoints.push(Endpoint { listener: Listener::Unix(bind_unix(path)?), router: routes::router(state.clone()), budget });
         tracing::info!(socket = %path.display(), "data API listening (local, no TLS)");
     }
     if let Some(path) = &args.control_socket {
-        let control = ControlState { tickets: tickets.clone(), limits, nbd_connections: args.nbd_connections };
-        endpoints.push(Endpoint { listener: Listener::Unix(bind_unix(path)?), router: control::router(control) });
+        let control = ControlState { tickets: tickets.clone(), limits, backend, allow_dirs: allow_dirs.clone() };
+        let budget = Arc::new(Semaphore::new(CONTROL_CONNECTIONS));
+        endpoints.push(Endpoint { listener: Listener::Unix(bind_unix(path)?), router: control::router(control), budget });
         tracing::info!(socket = %path.display(), "control API listening");
     }
     let reaper = tokio::spawn(reap_expired(tickets.clone()));
-    let connection_limits =
-        ConnectionLimits { max_connections: args.max_connections, header_timeout: Duration::from_secs(args.header_timeout) };
+    let connection_limits = ConnectionLimits { header_timeout: Duration::from_secs(args.header_timeout) };
     server::serve(endpoints, connection_limits, shutdown_signal()).await;
     reaper.abort();
     stop_all(&tickets).await;
@@ -102,9 +126,50 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-async fn open_tickets(args: &Args, tickets: &Tickets, limits: Limits, port: u16) -> Result<()> {
+/// Connections the control socket serves at once: an orchestrator needs a
+/// few, and they must never queue behind data clients.
+const CONTROL_CONNECTIONS: usize = 64;
+
+/// Every address `HOST:PORT` names: an IP literal, or a host name.
+async fn resolve_listen(listen: &str) -> Result<Vec<SocketAddr>> {
+    let mut addresses: Vec<SocketAddr> = tokio::net::lookup_host(listen)
+        .await
+        .with_context(|| format!("--listen {listen:?}: expected HOST:PORT, such as [::]:54322, 127.0.0.1:54322 or localhost:54322"))?
+        .collect();
+    addresses.dedup();
+    if addresses.is_empty() {
+        anyhow::bail!("--listen {listen:?}: the name resolves to no address");
+    }
+    Ok(addresses)
+}
+
+/// The `--allow-dir` directories, resolved once so that a ticket's path is
+/// compared with what they really are.
+fn allowed_directories(dirs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    dirs.iter()
+        .map(|dir| {
+            let real = std::fs::canonicalize(dir).with_context(|| format!("--allow-dir {}", dir.display()))?;
+            anyhow::ensure!(real.is_dir(), "--allow-dir {} is not a directory", dir.display());
+            Ok(real)
+        })
+        .collect()
+}
+
+async fn open_tickets(
+    args: &Args,
+    tickets: &Tickets,
+    limits: Limits,
+    backend: BackendSettings,
+    allow_dirs: &[PathBuf],
+    port: u16,
+) -> Result<()> {
     for spec in &args.images {
-        let backend = Backend::open(spec, args.nbd_connections).await.with_context(|| format!("opening image {:?}", spec.id))?;
+        if let ImageSource::File(path) = &spec.source {
+            if spec.create_size.is_none() && !path.exists() {
+                anyhow::bail!("image {:?}: {} does not exist (add ,size=SIZE to create it)", spec.id, path.display());
+            }
+        }
+        let backend = Backend::open(spec, backend).await.with_context(|| format!("opening image {:?}", spec.id))?;
         tracing::info!(id = %spec.id, size = backend.size(), url = %format!("https://localhost:{port}/images/{}", spec.id), "serving image");
         tickets.insert(Ticket::permanent(spec.id.clone(), Arc::new(backend), !spec.read_only, spec.sparse, limits));
     }
@@ -112,8 +177,7 @@ async fn open_tickets(args: &Args, tickets: &Tickets, limits: Limits, port: u16)
         let body = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
         let spec = parse_ticket(&body).with_context(|| format!("ticket {}", file.display()))?;
         let id = spec.uuid.clone();
-        let ticket =
-            control::open_ticket(spec, limits, args.nbd_connections).await.with_context(|| format!("ticket {}", file.display()))?;
+        let ticket = control::open_ticket(spec, limits, backend, allow_dirs).await.with_context(|| format!("ticket {}", file.display()))?;
         tracing::info!(id = %id, url = %format!("https://localhost:{port}/images/{id}"), "serving ticket");
         tickets.insert(ticket);
     }

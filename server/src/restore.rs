@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
+use axum::body::{Body, BodyDataStream};
 use blockgate_protocol::sparse::{Decoder, Event, Summary};
 use blockgate_protocol::{ByteRange, ZeroState};
 use bytes::BytesMut;
@@ -80,6 +80,14 @@ pub async fn restore(
                 if let Err(error) = end {
                     return Err(rejected(pipeline.fail(ApiError::BadRequest(error.to_string())).await));
                 }
+                // The stream is whole only if the body ends here: bytes
+                // that arrive after `stop`, however late, are refused.
+                if !input_done {
+                    if let Err(error) = expect_body_end(&mut frames, body_timeout, received).await {
+                        discard_rest(frames);
+                        return Err(rejected(pipeline.fail(error).await));
+                    }
+                }
                 pipeline.finish().await.map_err(rejected)?;
                 if flush {
                     backend.flush().await?;
@@ -92,6 +100,19 @@ pub async fn restore(
             return Err(rejected(pipeline.fail(error).await));
         }
     }
+}
+
+/// Reads the body to its end; any byte is a 400.
+async fn expect_body_end(frames: &mut BodyDataStream, timeout: Duration, received: u64) -> Result<(), ApiError> {
+    while let Some(chunk) = next_frame(frames, timeout, received).await? {
+        if !chunk.is_empty() {
+            return Err(ApiError::BadRequest(format!(
+                "{} bytes follow the stop frame at offset {received}: the stream ends at its stop frame",
+                chunk.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// True when the whole target reads as zeros (a fresh image).

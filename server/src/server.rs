@@ -1,23 +1,35 @@
 //! The listeners and their connections: the TLS listener (HTTP/1.1 or
 //! HTTP/2 by ALPN) and the plain unix sockets (local data listener, control
-//! API), each with its router. One connection cap spans them all; headers
-//! must arrive within a timeout and within a size limit, so slow or greedy
-//! clients cannot pin connections or memory. Shutdown stops accepting, lets
-//! running requests finish for a grace period, then drops what is left.
+//! API), each with its router and its own connection budget, so a flood on
+//! one never starves another. Headers must arrive within a timeout and
+//! within a size limit, so slow or greedy clients cannot pin connections
+//! or memory. A connection can be cut off ([`ConnectionCut`]): its socket
+//! is reset without a TLS close_notify, so no reader can take a body cut
+//! short for a complete one; an HTTP/1 response body that fails is cut off
+//! this way. Shutdown stops accepting, lets running requests finish for a
+//! grace period, then drops what is left.
 
+use std::convert::Infallible;
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, Version};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 
 /// Time a client has to finish its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,22 +50,46 @@ pub enum Listener {
     Unix(UnixListener),
 }
 
-/// A listener and what it serves.
+/// A listener, what it serves, and the connection budget it draws from.
 pub struct Endpoint {
     /// The socket.
     pub listener: Listener,
     /// The routes.
     pub router: Router,
+    /// Open connections allowed; listeners may share one budget (all the
+    /// TCP addresses of `--listen`) or have their own (each unix socket).
+    pub budget: Arc<Semaphore>,
 }
 
-/// Limits that hold across all listeners.
+/// Limits that hold on every listener.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
-    /// Open connections at most; more wait in the kernel's backlog.
-    pub max_connections: usize,
     /// Time a client has to send a request head (slowloris guard; also
     /// closes idle keep-alive connections).
     pub header_timeout: Duration,
+}
+
+/// Cuts off the connection a request came on: put in every request's
+/// extensions, so a handler can drop a client that no longer reads (a
+/// canceled ticket), and used for HTTP/1 bodies that fail half-way.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionCut(CancellationToken);
+
+impl ConnectionCut {
+    /// Drops the connection: its socket is reset, with no TLS close_notify
+    /// and no HTTP/1.1 last chunk.
+    pub fn cut(&self) {
+        self.0.cancel();
+    }
+
+    /// Completes when the connection is cut.
+    pub async fn cut_off(&self) {
+        self.0.cancelled().await
+    }
+
+    fn is_cut(&self) -> bool {
+        self.0.is_cancelled()
+    }
 }
 
 enum Accepted {
@@ -65,15 +101,14 @@ enum Accepted {
 pub async fn serve(endpoints: Vec<Endpoint>, limits: ConnectionLimits, shutdown: impl Future<Output = ()>) {
     let (accepted_tx, mut accepted) = mpsc::channel::<(Accepted, usize, OwnedSemaphorePermit)>(64);
     let stop = CancellationToken::new();
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut services = Vec::new();
     for (index, endpoint) in endpoints.into_iter().enumerate() {
         let (listener, acceptor) = match endpoint.listener {
             Listener::Tls(tcp, tls) => (Listener::Tls(tcp, tls.clone()), Some(TlsAcceptor::from(tls))),
             unix => (unix, None),
         };
-        services.push((acceptor, TowerToHyperService::new(endpoint.router)));
-        tokio::spawn(accept_loop(listener, index, accepted_tx.clone(), slots.clone(), stop.clone()));
+        services.push((acceptor, endpoint.router));
+        tokio::spawn(accept_loop(listener, index, accepted_tx.clone(), endpoint.budget, stop.clone()));
     }
     drop(accepted_tx);
     let builder = http_builder(limits);
@@ -87,25 +122,34 @@ pub async fn serve(endpoints: Vec<Endpoint>, limits: ConnectionLimits, shutdown:
             },
             () = &mut shutdown => break,
         };
-        let (acceptor, service) = services[index].clone();
+        let (acceptor, router) = services[index].clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
-            let result = match (connection, acceptor) {
+            let cut = ConnectionCut::default();
+            let service = hyper::service::service_fn({
+                let cut = cut.clone();
+                move |request| respond(router.clone(), cut.clone(), request)
+            });
+            let serving: Pin<Box<dyn Future<Output = _> + Send>> = match (connection, acceptor) {
                 (Accepted::Tcp(tcp, peer), Some(acceptor)) => {
+                    let tcp = CuttableTcp { inner: tcp, cut: cut.clone() };
                     let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => tls,
                         Ok(Err(error)) => return tracing::debug!(%peer, %error, "TLS handshake failed"),
                         Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                     };
-                    watcher.watch(builder.serve_connection(TokioIo::new(tls), service).into_owned()).await
+                    Box::pin(watcher.watch(builder.serve_connection(TokioIo::new(tls), service).into_owned()))
                 }
-                (Accepted::Unix(unix), _) => watcher.watch(builder.serve_connection(TokioIo::new(unix), service).into_owned()).await,
+                (Accepted::Unix(unix), _) => Box::pin(watcher.watch(builder.serve_connection(TokioIo::new(unix), service).into_owned())),
                 (Accepted::Tcp(..), None) => unreachable!("TCP listeners always have TLS"),
             };
-            if let Err(error) = result {
-                tracing::debug!(%error, "connection ended with an error");
+            tokio::select! {
+                result = serving => if let Err(error) = result {
+                    tracing::debug!(%error, "connection ended with an error");
+                },
+                () = cut.cut_off() => tracing::info!("connection cut off"),
             }
         });
     }
@@ -113,6 +157,105 @@ pub async fn serve(endpoints: Vec<Endpoint>, limits: ConnectionLimits, shutdown:
     tracing::info!("shutting down: no new connections, waiting for running requests");
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
         tracing::warn!("requests still running after {SHUTDOWN_GRACE:?}; dropping them");
+    }
+}
+
+/// Routes one request, with its connection's [`ConnectionCut`] at hand;
+/// an HTTP/1 response body that fails cuts the connection off (HTTP/2
+/// resets just the stream, which is explicit already).
+async fn respond(router: Router, cut: ConnectionCut, mut request: Request<Incoming>) -> Result<axum::response::Response, Infallible> {
+    request.extensions_mut().insert(cut.clone());
+    let http1 = request.version() < Version::HTTP_2;
+    let response = router.oneshot(request).await?;
+    Ok(if http1 { response.map(|body| Body::new(CutOnError { body, cut })) } else { response })
+}
+
+/// A response body that cuts its connection off if it fails.
+struct CutOnError {
+    body: Body,
+    cut: ConnectionCut,
+}
+
+impl http_body::Body for CutOnError {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            self.cut.cut();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The TCP socket under TLS. Once its connection is cut it writes nothing
+/// more (so no close_notify can follow a cut body) and is reset when
+/// dropped instead of closed in order.
+struct CuttableTcp {
+    inner: TcpStream,
+    cut: ConnectionCut,
+}
+
+impl CuttableTcp {
+    fn refused() -> io::Error {
+        io::Error::new(io::ErrorKind::ConnectionAborted, "connection cut off")
+    }
+}
+
+impl Drop for CuttableTcp {
+    fn drop(&mut self) {
+        if self.cut.is_cut() {
+            // A zero linger resets the socket at once; the deprecation
+            // warns of the blocking close a non-zero linger causes.
+            #[allow(deprecated)]
+            let _ = self.inner.set_linger(Some(Duration::ZERO));
+        }
+    }
+}
+
+impl AsyncRead for CuttableTcp {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CuttableTcp {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if self.cut.is_cut() {
+            return Poll::Ready(Err(Self::refused()));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        if self.cut.is_cut() {
+            return Poll::Ready(Err(Self::refused()));
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.cut.is_cut() {
+            return Poll::Ready(Err(Self::refused()));
+        }
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -131,7 +274,7 @@ fn http_builder(limits: ConnectionLimits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Accepts connections while a connection slot is free.
+/// Accepts connections while the endpoint's budget has a free slot.
 async fn accept_loop(
     listener: Listener,
     index: usize,

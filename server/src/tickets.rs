@@ -9,11 +9,15 @@
 //! records the ranges it completed, and renews the expiry when it ends.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use blockgate_protocol::ticket::{TicketSpec, TicketStatus};
+// parking_lot's locks are not poisoned: a panic in one request must not
+// make every later request (and the reaper) panic on the same lock.
+use parking_lot::{Mutex, MutexGuard, RwLock};
+
+use blockgate_protocol::ticket::{MAX_TIMEOUT, TicketSpec, TicketStatus};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -121,8 +125,8 @@ impl Ticket {
         Ticket::new(spec.uuid.clone(), backend, spec.writable(), spec.sparse, limits, Some(spec), Some(lifetime))
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().expect("ticket state lock")
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock()
     }
 
     /// Why the ticket can no longer be used, if it cannot.
@@ -177,7 +181,7 @@ impl Ticket {
 
     /// Sets the expiry to `timeout` seconds from now.
     pub fn extend(&self, timeout: u64) {
-        self.state().expires = Instant::now() + Duration::from_secs(timeout);
+        self.state().expires = later(Instant::now(), Duration::from_secs(timeout));
     }
 
     /// The status of a control ticket.
@@ -215,11 +219,18 @@ impl Ticket {
     }
 }
 
+/// `now + wait`, checked: the ticket parser caps timeouts at ten years,
+/// and a longer wait from anywhere else is cut to that rather than panic.
+fn later(now: Instant, wait: Duration) -> Instant {
+    let wait = wait.min(Duration::from_secs(MAX_TIMEOUT));
+    now.checked_add(wait).unwrap_or(now)
+}
+
 /// Seconds on the monotonic clock (as imageio reports `expires`) of an
 /// instant.
 fn monotonic_seconds_at(at: Instant, now: Instant) -> u64 {
     let clock = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |now| now.tv_sec() as u64);
-    if at >= now { clock + at.duration_since(now).as_secs() } else { clock.saturating_sub(now.duration_since(at).as_secs()) }
+    if at >= now { clock.saturating_add(at.duration_since(now).as_secs()) } else { clock.saturating_sub(now.duration_since(at).as_secs()) }
 }
 
 /// A request running on a ticket.
@@ -247,7 +258,7 @@ impl Drop for Operation {
             let mut state = self.ticket.state();
             state.last_active = now;
             if let Some(lifetime) = self.ticket.lifetime {
-                state.expires = now + lifetime.timeout;
+                state.expires = later(now, lifetime.timeout);
             }
         }
         self.ticket.active.fetch_sub(1, Ordering::SeqCst);
@@ -270,12 +281,12 @@ impl Tickets {
 
     /// Adds a ticket; a ticket it replaces is returned to be retired.
     pub fn insert(&self, ticket: Ticket) -> Option<Arc<Ticket>> {
-        self.tickets.write().expect("tickets lock").insert(ticket.id.clone(), Arc::new(ticket))
+        self.tickets.write().insert(ticket.id.clone(), Arc::new(ticket))
     }
 
     /// The ticket with this id, or 403.
     pub fn get(&self, id: &str) -> Result<Arc<Ticket>, ApiError> {
-        self.tickets.read().expect("tickets lock").get(id).cloned().ok_or_else(|| ApiError::Forbidden(format!("no such ticket {id:?}")))
+        self.tickets.read().get(id).cloned().ok_or_else(|| ApiError::Forbidden(format!("no such ticket {id:?}")))
     }
 
     /// Starts an operation on the ticket `id`.
@@ -285,7 +296,7 @@ impl Tickets {
 
     /// The ticket for the control API (404 when unknown).
     pub fn find(&self, id: &str) -> Option<Arc<Ticket>> {
-        self.tickets.read().expect("tickets lock").get(id).cloned()
+        self.tickets.read().get(id).cloned()
     }
 
     /// Cancels and removes a ticket, then releases its backend. 409 if its
@@ -304,7 +315,7 @@ impl Tickets {
 
     /// Removes every ticket; the first ticket still busy is a 409.
     pub async fn remove_all(&self) -> Result<(), ApiError> {
-        let ids: Vec<String> = self.tickets.read().expect("tickets lock").keys().cloned().collect();
+        let ids: Vec<String> = self.tickets.read().keys().cloned().collect();
         for id in ids {
             self.remove(&id).await?;
         }
@@ -317,7 +328,6 @@ impl Tickets {
         let expired: Vec<(String, Arc<Ticket>)> = self
             .tickets
             .read()
-            .expect("tickets lock")
             .iter()
             .filter(|(_, ticket)| ticket.lifetime.is_some() && ticket.unusable(now).is_some() && ticket.active.load(Ordering::SeqCst) == 0)
             .map(|(id, ticket)| (id.clone(), ticket.clone()))
@@ -333,7 +343,7 @@ impl Tickets {
     /// stops its backend.
     async fn retire(&self, id: &str, ticket: &Arc<Ticket>) {
         {
-            let mut tickets = self.tickets.write().expect("tickets lock");
+            let mut tickets = self.tickets.write();
             if tickets.get(id).is_some_and(|current| Arc::ptr_eq(current, ticket)) {
                 tickets.remove(id);
             }
@@ -343,6 +353,6 @@ impl Tickets {
 
     /// Removes every ticket, returning them (for shutdown).
     pub fn drain(&self) -> Vec<Arc<Ticket>> {
-        self.tickets.write().expect("tickets lock").drain().map(|(_, ticket)| ticket).collect()
+        self.tickets.write().drain().map(|(_, ticket)| ticket).collect()
     }
 }

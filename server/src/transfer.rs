@@ -18,10 +18,12 @@ use blockgate_protocol::{ByteRange, ZeroState};
 use bytes::{Bytes, BytesMut};
 use futures::stream::{self, Peekable, Stream, StreamExt, TryStreamExt};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, PIPELINE_DEPTH, REQUEST_SIZE};
 use crate::error::ApiError;
 use crate::extents;
+use crate::server::ConnectionCut;
 use crate::tickets::{Operation, Ticket};
 
 static ZEROS: [u8; REQUEST_SIZE] = [0; REQUEST_SIZE];
@@ -147,11 +149,23 @@ pub async fn cancelable<T>(work: impl Future<Output = Result<T, ApiError>>, tick
 /// Ties a response body to its operation: the operation (its slot, its
 /// activity) lasts as long as the body; bytes sent from `start` are
 /// recorded as transferred; a canceled ticket cuts the body off with an
-/// error rather than letting it end short but clean.
-pub fn guard_body(body: Body, operation: Operation, start: Option<u64>) -> Body {
+/// error rather than letting it end short but clean. A client that stopped
+/// reading never lets the body be polled again, so cancellation also cuts
+/// its `connection` off, which drops the body and ends the operation.
+pub fn guard_body(body: Body, operation: Operation, start: Option<u64>, connection: Option<ConnectionCut>) -> Body {
     let token = operation.ticket().cancellation();
-    let state = (body.into_data_stream(), operation, start, false);
-    Body::from_stream(stream::unfold(state, move |(mut frames, operation, position, ended)| {
+    let body_gone = CancellationToken::new();
+    if let Some(connection) = connection {
+        let (canceled, body_gone) = (token.clone(), body_gone.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = canceled.cancelled() => connection.cut(),
+                () = body_gone.cancelled() => {}
+            }
+        });
+    }
+    let state = (body.into_data_stream(), operation, start, false, body_gone.drop_guard());
+    Body::from_stream(stream::unfold(state, move |(mut frames, operation, position, ended, watcher)| {
         let token = token.clone();
         async move {
             if ended {
@@ -174,7 +188,7 @@ pub fn guard_body(body: Body, operation: Operation, start: Option<u64>) -> Body 
                 _ => position,
             };
             let ended = next.is_err();
-            Some((next, (frames, operation, position, ended)))
+            Some((next, (frames, operation, position, ended, watcher)))
         }
     }))
 }

@@ -3,6 +3,7 @@
 //! BLOCK_STATUS so a huge fragmented image costs no more memory than a
 //! small one.
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::header;
@@ -16,10 +17,16 @@ use super::AppState;
 use super::query::{Params, number};
 use crate::error::{ApiError, ApiResult};
 use crate::extents::extents;
+use crate::server::ConnectionCut;
 use crate::tickets::Access;
-use crate::transfer::guard_body;
+use crate::transfer::{guard_body, started};
 
-pub async fn get(State(state): State<AppState>, Path(id): Path<String>, Query(params): Query<Params>) -> ApiResult<Response> {
+pub async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(params): Query<Params>,
+    connection: Option<Extension<ConnectionCut>>,
+) -> ApiResult<Response> {
     let operation = state.tickets.begin(&id, Access::Read)?;
     let backend = operation.ticket().backend.clone();
     let size = backend.size();
@@ -35,18 +42,18 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>, Query(pa
     }
     let range = ByteRange { start, end: start + length };
     let body = match params.get("context").map(String::as_str).unwrap_or("zero") {
-        "zero" => json_array(extents::<ZeroState>(backend, range)),
+        "zero" => json_array(started(extents::<ZeroState>(backend, range)).await?),
         "dirty" => {
             if backend.bitmap().is_none() {
                 return Err(ApiError::NotFound(format!("ticket {id:?} has no dirty bitmap; context=dirty needs one")));
             }
-            json_array(extents::<DirtyState>(backend, range))
+            json_array(started(extents::<DirtyState>(backend, range)).await?)
         }
         other => return Err(ApiError::BadRequest(format!("invalid context={other:?}: expected zero or dirty"))),
     };
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "application/json")
-        .body(guard_body(body, operation, None))
+        .body(guard_body(body, operation, None, connection.map(|Extension(cut)| cut)))
         .expect("valid response"))
 }
 

@@ -4,11 +4,11 @@
 //! body is read, so `Expect: 100-continue` clients get the refusal instead
 //! of a 100.
 
-use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use blockgate_protocol::sparse;
 use blockgate_protocol::{ByteRange, ImageOptions, MAX_PATCH_BODY, PatchRequest, parse_content_range, parse_patch, parse_range};
 
@@ -17,6 +17,7 @@ use super::query::{Params, flag};
 use crate::backup::{Scope, backup_body};
 use crate::error::{ApiError, ApiResult};
 use crate::restore::restore;
+use crate::server::ConnectionCut;
 use crate::tickets::{Access, Operation, Ticket};
 use crate::transfer::{WriteTarget, cancelable, discard_body, guard_body, read_body, write_body};
 
@@ -76,14 +77,16 @@ pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
     Query(params): Query<Params>,
+    connection: Option<Extension<ConnectionCut>>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
+    let connection = connection.map(|Extension(cut)| cut);
     let operation = state.tickets.begin(&id, Access::Read)?;
     let ticket = operation.ticket().clone();
     let close = flag(&params, "close", false)?;
     let scope = sparse_scope(&ticket, &params)?;
     if transfer_format(&params)? == Format::Sparse {
-        return sparse_get(operation, scope, &headers, close).await;
+        return sparse_get(operation, scope, &headers, close, connection).await;
     }
     let size = ticket.backend.size();
     let (status, range) = match headers.get(header::RANGE) {
@@ -94,7 +97,7 @@ pub async fn get(
         }
     };
     let body = cancelable(read_body(ticket.backend.clone(), range), &ticket).await?;
-    let mut response = Response::new(guard_body(body, operation, Some(range.start)));
+    let mut response = Response::new(guard_body(body, operation, Some(range.start), connection));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(range.len()));
@@ -110,13 +113,19 @@ pub async fn get(
 }
 
 /// `GET ?format=sparse[&context=zero|dirty]`: a full or incremental backup.
-async fn sparse_get(operation: Operation, scope: Scope, headers: &HeaderMap, close: bool) -> ApiResult<Response> {
+async fn sparse_get(
+    operation: Operation,
+    scope: Scope,
+    headers: &HeaderMap,
+    close: bool,
+    connection: Option<ConnectionCut>,
+) -> ApiResult<Response> {
     if headers.contains_key(header::RANGE) {
         return Err(ApiError::BadRequest("Range does not apply to format=sparse; the stream covers the image".into()));
     }
     let ticket = operation.ticket().clone();
     let body = cancelable(backup_body(ticket.backend.clone(), scope), &ticket).await?;
-    let mut response = Response::new(guard_body(body, operation, None));
+    let mut response = Response::new(guard_body(body, operation, None, connection));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(sparse::CONTENT_TYPE));
     if close {
