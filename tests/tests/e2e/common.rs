@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -206,4 +209,78 @@ impl Drop for QemuNbd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A client of the control socket.
+pub struct Control {
+    pub socket: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Control {
+    pub fn new(socket: PathBuf) -> Control {
+        let http = reqwest::Client::builder().unix_socket(socket.clone()).build().unwrap();
+        Control { socket, http }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://localhost{path}")
+    }
+
+    pub async fn add(&self, ticket: &Value) -> StatusCode {
+        let id = ticket["uuid"].as_str().unwrap();
+        self.http.put(self.url(&format!("/tickets/{id}"))).json(ticket).send().await.unwrap().status()
+    }
+
+    pub async fn status(&self, id: &str) -> (StatusCode, Value) {
+        let response = self.http.get(self.url(&format!("/tickets/{id}"))).send().await.unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn delete(&self, id: &str) -> StatusCode {
+        self.http.delete(self.url(&format!("/tickets/{id}"))).send().await.unwrap().status()
+    }
+
+    /// curl on the control socket: status code and body.
+    pub fn curl(&self, args: &[&str]) -> (u16, String) {
+        let output =
+            Command::new("curl").args(["-sS", "-w", "\n%{http_code}", "--unix-socket"]).arg(&self.socket).args(args).output().unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.parse().unwrap(), body.to_string())
+    }
+}
+
+/// A ticket JSON for a file:// image.
+pub fn ticket(id: &str, image: &Path, ops: &[&str], timeout: u64) -> Value {
+    let size = std::fs::metadata(image).unwrap().len();
+    json!({"uuid": id, "size": size, "url": format!("file://{}", image.display()), "ops": ops, "timeout": timeout, "transfer_id": "x1"})
+}
+
+/// A server with a control socket that allows file:// images in `dir`.
+pub async fn start_with_control(dir: &Path, extra: &[&str]) -> (Server, Control) {
+    let socket = dir.join("control.sock");
+    let mut args = vec!["--control-socket", socket.to_str().unwrap(), "--allow-dir", dir.to_str().unwrap()];
+    args.extend(extra);
+    let server = Server::try_start(dir, &[], &args).await.unwrap();
+    (server, Control::new(socket))
+}
+
+pub fn qemu_nbd_children(server: &Server) -> usize {
+    children(server.pid())
+        .iter()
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with("qemu-nbd")))
+        .count()
+}
+
+/// Polls `check` every 100 ms for up to 10 s.
+pub async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..100 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting until {what}");
 }

@@ -11,4 +11,5 @@ mod load;
 mod openapi;
 mod protocols;
 mod readme;
+mod security;
 mod tickets;
