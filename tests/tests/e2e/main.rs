@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod data;
 mod errors;
+mod faults;
 mod lifecycle;
 mod load;
 mod openapi;

@@ -1,0 +1,213 @@
+//! Faults of the NBD side and of the network, as a user with bad luck
+//! meets them: the owned qemu-nbd killed (reaped and restarted), every
+//! route answering 502 with a status line while the backend is gone, a
+//! body cut off with neither a last chunk nor a TLS close_notify, a frozen
+//! qemu-nbd (502 after `--nbd-timeout`), a flood of idle TCP connections
+//! that must not delay the control socket, and bytes after a sparse
+//! stream's stop frame.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use reqwest::StatusCode;
+
+use crate::common::*;
+
+/// The server's qemu-nbd children.
+fn qemu_nbd_pids(server: &Server) -> Vec<u32> {
+    children(server.pid())
+        .into_iter()
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with("qemu-nbd")))
+        .collect()
+}
+
+async fn get_range(server: &Server, ticket: &str, range: &str) -> reqwest::Response {
+    server.client().get(server.image_url(ticket)).header("range", range).send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_qemu_nbd_is_reaped_and_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    let content = random_bytes(8 * MIB as usize, 51);
+    std::fs::write(&image, &content).unwrap();
+    let server = Server::start(dir.path(), &[format!("disk={}", image.display())]).await;
+    for round in 0..2 {
+        let [old] = qemu_nbd_pids(&server)[..] else { panic!("one qemu-nbd child") };
+        kill(Pid::from_raw(old as i32), Signal::SIGKILL).unwrap();
+        wait_until("the dead child is reaped and a new one runs", async || {
+            let gone = !std::path::Path::new(&format!("/proc/{old}")).exists();
+            gone && qemu_nbd_pids(&server).iter().any(|&pid| pid != old)
+        })
+        .await;
+        // The first request may still meet the old connection (502); the
+        // next one after the restart succeeds.
+        let mut response = get_range(&server, "disk", "bytes=0-1048575").await;
+        if response.status() == StatusCode::BAD_GATEWAY {
+            response = get_range(&server, "disk", "bytes=0-1048575").await;
+        }
+        assert_eq!(response.status(), StatusCode::PARTIAL_CONTENT, "round {round}");
+        assert!(response.bytes().await.unwrap()[..] == content[..MIB as usize]);
+        let extents = server.client().get(server.image_url("disk") + "/extents").send().await.unwrap();
+        assert_eq!(extents.status(), StatusCode::OK);
+    }
+}
+
+/// curl's view of one request: status code (0 when no status line came)
+/// and body.
+fn curl(server: &Server, args: &[&str]) -> (u16, String) {
+    let output = Command::new("curl").args(["-sS", "-w", "\n%{http_code}", "--cacert"]).arg(server.ca()).args(args).output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_nbd_route_answers_502_with_a_status_line_when_the_backend_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    std::fs::write(&image, random_bytes(4 * MIB as usize, 52)).unwrap();
+    let nbd = QemuNbd::start(&image, "raw", &dir.path().join("nbd.sock"));
+    let server = Server::start(dir.path(), &[format!("disk={}", nbd.uri())]).await;
+    drop(nbd);
+    let url = server.image_url("disk");
+    let zero = r#"{"op":"zero","size":4096}"#;
+    let requests: Vec<Vec<String>> = vec![
+        vec![url.clone()],
+        vec!["-r".into(), "0-99".into(), url.clone()],
+        vec![format!("{url}/extents")],
+        vec![format!("{url}/extents?context=zero&start=0&length=4096")],
+        vec![format!("{url}/checksum")],
+        vec![format!("{url}?format=sparse")],
+        vec!["-X".into(), "PUT".into(), "--data-binary".into(), "abcd".into(), url.clone()],
+        vec!["-X".into(), "PATCH".into(), "-d".into(), zero.into(), url.clone()],
+        vec!["-X".into(), "PATCH".into(), "-d".into(), r#"{"op":"flush"}"#.into(), url.clone()],
+    ];
+    for args in requests {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        for version in ["--http1.1", "--http2"] {
+            let mut all = vec![version];
+            all.extend(&args);
+            let (code, body) = curl(&server, &all);
+            assert_eq!(code, 502, "{args:?} {version}: {body}");
+            assert!(body.contains("NBD"), "{args:?}: {body}");
+        }
+    }
+}
+
+/// Reads a response over raw TLS with Python's ssl module, which tells a
+/// TLS close_notify from a bare end of the connection; prints how it ended.
+const RAW_TLS_READER: &str = r#"
+import os, signal, socket, ssl, sys
+ca, port, request, kill_after, pid = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+context = ssl.create_default_context(cafile=ca)
+tls = context.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost", suppress_ragged_eofs=False)
+tls.sendall(request.encode().decode("unicode_escape").encode())
+got, tail, killed = 0, b"", False
+try:
+    while True:
+        data = tls.recv(1 << 16)
+        if not data:
+            print("close_notify", got, tail.hex())
+            break
+        got += len(data)
+        tail = (tail + data)[-16:]
+        if got > kill_after and not killed:
+            os.kill(pid, signal.SIGKILL)
+            killed = True
+except (ssl.SSLEOFError, ConnectionResetError) as error:
+    print("cut", got, tail.hex())
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_cut_off_ends_without_last_chunk_or_close_notify() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    std::fs::write(&image, random_bytes(256 * MIB as usize, 53)).unwrap();
+    for (version, path) in [("1.0", "/images/disk?format=sparse"), ("1.1", "/images/disk?format=sparse"), ("1.0", "/images/disk")] {
+        let mut nbd = QemuNbd::start(&image, "raw", &dir.path().join(format!("nbd-{}.sock", nbd_suffix(version, path))));
+        let server = Server::start(dir.path(), &[format!("disk={}", nbd.uri())]).await;
+        let request = format!("GET {path} HTTP/{version}\\r\\nHost: localhost\\r\\n\\r\\n");
+        let output = Command::new("python3")
+            .args(["-c", RAW_TLS_READER])
+            .arg(server.ca())
+            .arg(server.port.to_string())
+            .arg(&request)
+            .arg((4 * MIB).to_string())
+            .arg(nbd.child.id().to_string())
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(said.starts_with("cut "), "HTTP/{version} {path}: {said} {}", String::from_utf8_lossy(&output.stderr));
+        assert!(!said.trim_end().ends_with("300d0a0d0a"), "no last chunk: {said}");
+        let _ = nbd.child.wait();
+    }
+}
+
+fn nbd_suffix(version: &str, path: &str) -> String {
+    format!("{}-{}", version.replace('.', ""), path.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_qemu_nbd_costs_a_502_after_the_nbd_timeout_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    let content = random_bytes(4 * MIB as usize, 54);
+    std::fs::write(&image, &content).unwrap();
+    let server = Server::try_start(dir.path(), &[format!("disk={}", image.display())], &["--nbd-timeout", "2"]).await.unwrap();
+    let [child] = qemu_nbd_pids(&server)[..] else { panic!("one qemu-nbd child") };
+    kill(Pid::from_raw(child as i32), Signal::SIGSTOP).unwrap();
+    let started = Instant::now();
+    let frozen = tokio::time::timeout(Duration::from_secs(20), get_range(&server, "disk", "bytes=0-1048575")).await.expect("no hang");
+    assert_eq!(frozen.status(), StatusCode::BAD_GATEWAY);
+    assert!(frozen.text().await.unwrap().contains("no reply within"));
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(2) && waited < Duration::from_secs(10), "{waited:?}");
+    kill(Pid::from_raw(child as i32), Signal::SIGCONT).unwrap();
+    let thawed = get_range(&server, "disk", "bytes=0-1048575").await;
+    assert_eq!(thawed.status(), StatusCode::PARTIAL_CONTENT, "a new connection serves the next request");
+    assert!(thawed.bytes().await.unwrap()[..] == content[..MIB as usize]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_on_the_tcp_port_does_not_delay_the_control_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, control) = start_with_control(dir.path(), &[]).await;
+    let flood: Vec<std::net::TcpStream> = (0..520).map(|_| std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap()).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..5 {
+        let started = Instant::now();
+        assert_eq!(control.status("none").await.0, StatusCode::NOT_FOUND);
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(100), "a control request took {took:?} under the flood");
+    }
+    drop(flood);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_after_the_stop_frame_are_refused_however_late_they_come() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, target) = (dir.path().join("source.raw"), dir.path().join("target.raw"));
+    std::fs::write(&source, random_bytes(MIB as usize, 55)).unwrap();
+    std::fs::write(&target, vec![0u8; MIB as usize]).unwrap();
+    let server = Server::start(dir.path(), &[format!("src={}", source.display()), format!("dst={}", target.display())]).await;
+    let stream = server.client().get(server.image_url("src") + "?format=sparse").send().await.unwrap().bytes().await.unwrap();
+    let late =
+        futures::stream::iter([Ok::<_, std::io::Error>(stream.clone()), Ok(bytes::Bytes::from_static(b"late"))]).then(|chunk| async move {
+            if chunk.as_ref().is_ok_and(|bytes| bytes.len() == 4) {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            chunk
+        });
+    let response =
+        server.client().put(server.image_url("dst") + "?format=sparse").body(reqwest::Body::wrap_stream(late)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert!(response.text().await.unwrap().contains("follow the stop frame"));
+    // The same stream alone is applied and verified.
+    let whole = server.client().put(server.image_url("dst") + "?format=sparse").body(stream).send().await.unwrap();
+    assert_eq!(whole.status(), StatusCode::OK);
+    assert_eq!(whole.json::<serde_json::Value>().await.unwrap()["verified"], true);
+}
