@@ -1,7 +1,9 @@
 //! The client's one error type. Policy: a transfer retries what may pass
 //! (connection trouble, 5xx such as the 502 of a restarted qemu-nbd, a
-//! short read) a bounded number of times; a 4xx is the caller's mistake and
-//! fails at once with the server's one-line message.
+//! body cut off or short) a bounded number of times; a 4xx is the caller's
+//! mistake and fails at once with the server's one-line message. Each
+//! variant's text names only its own level; its source carries the rest
+//! of the chain, so a printed chain never says a thing twice.
 
 use reqwest::StatusCode;
 
@@ -21,7 +23,7 @@ pub enum ClientError {
         message: String,
     },
     /// The request did not complete.
-    #[error("{0}")]
+    #[error(transparent)]
     Transport(#[from] reqwest::Error),
     /// A body had fewer or more bytes than asked for.
     #[error("short read: {got} of {expected} bytes at offset {offset}")]
@@ -34,13 +36,13 @@ pub enum ClientError {
         got: u64,
     },
     /// The local image failed.
-    #[error("local image: {0}")]
+    #[error("local image")]
     Local(#[from] blockgate_nbd::Error),
     /// qemu-img or qemu-nbd failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Qemu(#[from] blockgate_nbd::qemu::QemuError),
     /// A local file or stream failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     /// The server sent something that does not parse.
     #[error("unexpected answer from the server: {0}")]
@@ -55,7 +57,9 @@ impl ClientError {
     pub fn is_retryable(&self) -> bool {
         match self {
             ClientError::Status { status, .. } => status.is_server_error() && *status != StatusCode::NOT_IMPLEMENTED,
-            ClientError::Transport(error) => !error.is_builder() && !error.is_redirect() && !error.is_decode(),
+            // Connection trouble, and a body cut off half-way (read again
+            // from where it stopped).
+            ClientError::Transport(error) => !error.is_builder() && !error.is_redirect(),
             ClientError::ShortRead { .. } => true,
             _ => false,
         }
@@ -64,3 +68,38 @@ impl ClientError {
 
 /// Result alias of the client library.
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// An error and its sources on one line, each cause once: a cause whose
+/// text the line already holds (many libraries repeat their source in
+/// their own message) is left out.
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line.replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer ({0})")]
+    struct Repeats(#[source] std::io::Error);
+
+    #[test]
+    fn a_chain_names_each_cause_once() {
+        let io = || std::io::Error::other("connection refused");
+        assert_eq!(chain(&Repeats(io())), "outer (connection refused)");
+        let local = ClientError::Local(blockgate_nbd::Error::Protocol("bad reply".into()));
+        assert_eq!(chain(&local), "local image: NBD protocol violation: bad reply");
+        assert_eq!(chain(&ClientError::Io(io())), "connection refused");
+    }
+}

@@ -47,6 +47,20 @@ impl Context {
     }
 }
 
+/// The certificates of a PEM file; an error when it holds none (a key, a
+/// DER file, a typo'd path to something else), rather than trusting
+/// nothing and failing later with a confusing TLS error.
+fn pem_certificates(pem: &[u8], path: &std::path::Path) -> Result<Vec<Vec<u8>>> {
+    let certificates: Vec<Vec<u8>> = rustls_pemfile::certs(&mut &pem[..])
+        .map(|certificate| certificate.map(|der| der.to_vec()))
+        .collect::<std::io::Result<_>>()
+        .map_err(|error| ClientError::Invalid(format!("{} is not a PEM certificate file: {error}", path.display())))?;
+    if certificates.is_empty() {
+        return Err(ClientError::Invalid(format!("{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)", path.display())));
+    }
+    Ok(certificates)
+}
+
 /// A client of one image URL (`https://HOST:PORT/images/TICKET`).
 #[derive(Clone)]
 pub struct ImageClient {
@@ -72,8 +86,11 @@ impl ImageClient {
         builder = match trust {
             Trust::CaFile(path) => {
                 let pem = std::fs::read(path).map_err(|error| ClientError::Invalid(format!("reading {}: {error}", path.display())))?;
-                let ca = reqwest::Certificate::from_pem(&pem)?;
-                builder.tls_built_in_root_certs(false).add_root_certificate(ca)
+                let mut builder = builder.tls_built_in_root_certs(false);
+                for certificate in pem_certificates(&pem, path)? {
+                    builder = builder.add_root_certificate(reqwest::Certificate::from_der(&certificate)?);
+                }
+                builder
             }
             Trust::System => builder,
             Trust::Insecure => builder.danger_accept_invalid_certs(true),
@@ -119,7 +136,10 @@ impl ImageClient {
             return Ok(response);
         }
         let status = response.status();
-        let message = response.text().await.unwrap_or_default().trim().to_string();
+        let mut message = response.text().await.unwrap_or_default().trim().to_string();
+        if message.is_empty() {
+            message = "the server gave no reason".into();
+        }
         Err(ClientError::Status { method, url, status, message })
     }
 
@@ -133,16 +153,19 @@ impl ImageClient {
             .await
     }
 
-    /// The image size, from `HEAD` (no data touched).
+    /// The image size, from the `Content-Range` of a one-byte GET: it works
+    /// on imageio (which has no HEAD), and a refusal carries the server's
+    /// reason in its body, which a HEAD answer cannot.
     pub async fn size(&self) -> Result<u64> {
         self.retry
-            .run("HEAD", || async {
-                let response = self.send(self.http.head(&self.url)).await?;
-                response
-                    .headers()
-                    .get(CONTENT_LENGTH)
-                    .and_then(|value| value.to_str().ok()?.parse().ok())
-                    .ok_or_else(|| ClientError::Protocol("HEAD without Content-Length".into()))
+            .run("GET size", || async {
+                let response = self.send(self.http.get(&self.url).header(RANGE, "bytes=0-0")).await?;
+                let content_range = response.headers().get(CONTENT_RANGE).and_then(|value| value.to_str().ok()).map(str::to_string);
+                let size = match content_range {
+                    Some(value) => value.rsplit_once('/').and_then(|(_, size)| size.parse().ok()),
+                    None => response.headers().get(CONTENT_LENGTH).and_then(|value| value.to_str().ok()?.parse().ok()),
+                };
+                size.ok_or_else(|| ClientError::Protocol("a ranged GET gave no Content-Range with the size".into()))
             })
             .await
     }
@@ -204,18 +227,29 @@ impl ImageClient {
         }))
     }
 
-    /// `length` bytes at `offset`, whole; retried.
+    /// `length` bytes at `offset`, whole. A body cut off half-way is read
+    /// on from its last byte (a flaky backend costs a retry, not the
+    /// transfer), within the retry policy's attempts.
     pub async fn read(&self, offset: u64, length: u64) -> Result<Bytes> {
-        self.retry
-            .run("GET", || async {
-                let mut buffer = BytesMut::with_capacity(length as usize);
-                let mut body = std::pin::pin!(self.read_stream(offset, length).await?);
-                while let Some(chunk) = body.next().await {
-                    buffer.extend_from_slice(&chunk?);
+        let mut buffer = BytesMut::with_capacity(length as usize);
+        let mut attempt = 1;
+        loop {
+            let at = offset + buffer.len() as u64;
+            let failure = match self.read_stream(at, length - buffer.len() as u64).await {
+                Ok(body) => {
+                    let mut body = std::pin::pin!(body);
+                    loop {
+                        match body.next().await {
+                            Some(Ok(chunk)) => buffer.extend_from_slice(&chunk),
+                            Some(Err(error)) => break error,
+                            None => return Ok(buffer.freeze()),
+                        }
+                    }
                 }
-                Ok(buffer.freeze())
-            })
-            .await
+                Err(error) => error,
+            };
+            self.retry.pause(&format!("GET at offset {at}"), failure, &mut attempt).await?;
+        }
     }
 
     /// Writes `data` at `offset`; retried (a PUT of a range is idempotent).

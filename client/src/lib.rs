@@ -13,7 +13,7 @@ mod local;
 mod retry;
 pub mod transfer;
 
-pub use error::{ClientError, Result};
+pub use error::{ClientError, Result, chain};
 pub use image::{Context, ImageClient, Trust};
 pub use local::{LocalImage, Run};
-pub use retry::RetryPolicy;
+pub use retry::{RETRY_LOG, RetryPolicy};

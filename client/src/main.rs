@@ -9,13 +9,14 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, Result, bail};
 use blockgate_client::transfer::{self, DEFAULT_CONNECTIONS, Progress, Stats, TransferOptions};
-use blockgate_client::{Context, ImageClient, LocalImage, Trust};
+use blockgate_client::{Context, ImageClient, LocalImage, RETRY_LOG, Trust, chain};
 use blockgate_protocol::blkhash::{BlockHasher, DEFAULT_BLOCK_SIZE, check_block_size};
 use blockgate_protocol::{DirtyState, ZeroState};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::io::AsyncWriteExt;
+use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
 #[command(name = "blockgate", version, about = "Client for blockgate and imageio-compatible disk image servers")]
@@ -151,14 +152,83 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let level = if cli.global.verbose { "warn" } else { "off" };
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(level)).with_writer(std::io::stderr).without_time().init();
+    // Retries are always announced (a transfer that waits must say why);
+    // -v adds every other warning.
+    let filter = if cli.global.verbose { "warn".to_string() } else { format!("off,{RETRY_LOG}=warn") };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .without_time()
+        .with_target(false)
+        .with_level(false)
+        .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    match run(cli).await {
+    let outcome = tokio::select! {
+        outcome = run(cli) => outcome,
+        signal = interrupted() => Err(anyhow::Error::new(Interrupted(signal))),
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("blockgate: error: {}", format!("{error:#}").replace('\n', " "));
-            ExitCode::FAILURE
+            eprintln!("blockgate: error: {}", chain(error.as_ref()));
+            if error.downcast_ref::<Interrupted>().is_some() { ExitCode::from(130) } else { ExitCode::FAILURE }
+        }
+    }
+}
+
+/// SIGINT or SIGTERM arrived: the transfer was stopped (its future
+/// dropped, so a partial download was removed by its [`PartialFile`]).
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted by {0}; the transfer was stopped and nothing partial was kept")]
+struct Interrupted(&'static str);
+
+/// Completes at the first SIGINT or SIGTERM, with its name.
+async fn interrupted() -> &'static str {
+    let (Ok(mut interrupt), Ok(mut terminate)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => "SIGINT",
+        _ = terminate.recv() => "SIGTERM",
+    }
+}
+
+/// A download's file while it is written: a hidden name beside the target,
+/// linked to the target's name only when the download is complete, and
+/// removed if it never is (failure, Ctrl-C), so no file that looks like a
+/// finished backup is ever left behind.
+struct PartialFile {
+    temporary: PathBuf,
+    target: PathBuf,
+    committed: bool,
+}
+
+impl PartialFile {
+    fn new(target: &Path) -> Result<PartialFile> {
+        if target.exists() {
+            bail!("{} exists; choose a new file", target.display());
+        }
+        let name = target.file_name().with_context(|| format!("{} is not a file name", target.display()))?;
+        let temporary = target.with_file_name(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
+        Ok(PartialFile { temporary, target: target.to_path_buf(), committed: false })
+    }
+
+    /// Gives the complete file its name; never replaces a file that
+    /// appeared there meanwhile.
+    fn commit(mut self) -> Result<()> {
+        std::fs::hard_link(&self.temporary, &self.target)
+            .with_context(|| format!("naming the download {} (from {})", self.target.display(), self.temporary.display()))?;
+        let _ = std::fs::remove_file(&self.temporary);
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if !self.committed && std::fs::remove_file(&self.temporary).is_ok() {
+            eprintln!("blockgate: removed the partial download {}", self.temporary.display());
         }
     }
 }
@@ -194,15 +264,13 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{checksum}  {target}");
         }
         Command::Download { url, file, format, incremental, backing } => {
-            if file.exists() {
-                bail!("{} exists; choose a new file", file.display());
-            }
+            let partial = PartialFile::new(file)?;
             let client = client(url)?;
             let reporter = Reporter::new(global.progress);
             let options = TransferOptions { connections, progress: reporter.callback() };
             let stats = match backing {
                 Some(backing) if *incremental => {
-                    let local = LocalImage::create_overlay(file, backing).await?;
+                    let local = LocalImage::create_overlay(&partial.temporary, backing).await?;
                     finish(transfer::download_incremental(&client, &local, &options).await, local).await?
                 }
                 _ => {
@@ -212,10 +280,12 @@ async fn run(cli: Cli) -> Result<()> {
                         None if file.extension().is_some_and(|e| e == "qcow2") => "qcow2",
                         None => "raw",
                     };
-                    let local = LocalImage::create(file, format, client.size().await?).await?;
+                    let size = client.size().await?;
+                    let local = LocalImage::create(&partial.temporary, format, size).await?;
                     finish(transfer::download(&client, &local, &options).await, local).await?
                 }
             };
+            partial.commit()?;
             reporter.done("downloaded", &stats);
         }
         Command::Upload { file, url } => {

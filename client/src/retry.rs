@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use crate::error::Result;
 
+/// The log target of retry notices, so a CLI can show them alone.
+pub const RETRY_LOG: &str = "blockgate_client::retry";
+
 /// How often and how patiently to retry.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
@@ -32,20 +35,29 @@ impl RetryPolicy {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T>>,
     {
-        let mut delay = self.first_delay;
         let mut attempt = 1;
         loop {
             match operation().await {
                 Ok(value) => return Ok(value),
-                Err(error) if error.is_retryable() && attempt < self.attempts => {
-                    tracing::warn!(%error, attempt, "{what} failed; retrying in {delay:?}");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(self.max_delay);
-                    attempt += 1;
-                }
-                Err(error) => return Err(error),
+                Err(error) => self.pause(what, error, &mut attempt).await?,
             }
         }
+    }
+
+    /// After a failed attempt: waits before the next one and counts it, or
+    /// gives the error back when it is not worth retrying or attempts are
+    /// used up. For callers that keep state across attempts (a read that
+    /// resumes where the last one stopped).
+    pub async fn pause(&self, what: &str, error: crate::ClientError, attempt: &mut u32) -> Result<()> {
+        if !error.is_retryable() || *attempt >= self.attempts {
+            return Err(error);
+        }
+        let delay = (0..*attempt - 1).fold(self.first_delay, |delay, _| (delay * 2).min(self.max_delay));
+        let error = crate::error::chain(&error);
+        tracing::warn!(target: RETRY_LOG, "{what} failed ({error}); retrying in {delay:?} (attempt {} of {})", *attempt + 1, self.attempts);
+        tokio::time::sleep(delay).await;
+        *attempt += 1;
+        Ok(())
     }
 }
 

@@ -284,3 +284,37 @@ pub async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
     }
     panic!("timed out waiting until {what}");
 }
+
+/// An nbdkit server this test owns (its filters inject delays and errors).
+pub struct Nbdkit {
+    child: Child,
+    pub socket: PathBuf,
+}
+
+impl Nbdkit {
+    /// `nbdkit ARGS...` on a unix socket in `dir`, once it answers.
+    pub fn start(dir: &Path, name: &str, args: &[&str]) -> Nbdkit {
+        let socket = dir.join(format!("{name}.sock"));
+        let mut child =
+            Command::new("nbdkit").args(["-f", "--exit-with-parent", "-U"]).arg(&socket).args(args).stderr(Stdio::null()).spawn().unwrap();
+        for _ in 0..500 {
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                return Nbdkit { child, socket };
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        panic!("nbdkit {args:?} did not start (is nbdkit installed? tests/run installs it)");
+    }
+
+    pub fn uri(&self) -> String {
+        QemuNbd::uri_of(&self.socket)
+    }
+}
+
+impl Drop for Nbdkit {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -3,6 +3,7 @@
 
 mod backup;
 mod cli;
+mod cli_safety;
 mod common;
 mod data;
 mod errors;
