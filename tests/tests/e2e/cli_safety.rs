@@ -40,7 +40,7 @@ async fn an_interrupted_download_leaves_no_file_behind() {
     let server = Server::start(dir.path(), &[format!("slow={},ro", slow.uri())]).await;
     for (signal, name) in [(Signal::SIGINT, "disk.raw"), (Signal::SIGTERM, "disk.qcow2")] {
         let target = dir.path().join(name);
-        let mut child = Command::new(binary("blockgate"))
+        let child = Command::new(binary("blockgate"))
             .arg("--cacert")
             .arg(server.ca())
             .args(["download", "--progress", "json", &server.image_url("slow"), target.to_str().unwrap()])

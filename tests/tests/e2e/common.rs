@@ -304,6 +304,7 @@ impl Nbdkit {
             std::thread::sleep(Duration::from_millis(10));
         }
         let _ = child.kill();
+        let _ = child.wait();
         panic!("nbdkit {args:?} did not start (is nbdkit installed? tests/run installs it)");
     }
 
