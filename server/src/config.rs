@@ -59,17 +59,18 @@ pub struct Args {
     /// Requests that may write one ticket at once (503 past it).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_writers: u32,
-    /// Open connections across all listeners; more wait to be accepted.
-    #[arg(long, default_value_t = 512)]
-    pub max_connections: usize,
+    /// Open connections on the TLS listener (the local socket has a budget
+    /// of the same size of its own); more wait to be accepted.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
     /// Seconds a client has to send a request head.
-    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    #[arg(long, default_value_t = 30, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub header_timeout: u64,
     /// Seconds a request body may stall before the request fails.
-    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    #[arg(long, default_value_t = 60, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub body_timeout: u64,
     /// Seconds a ticket DELETE waits for running operations (else 409).
-    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    #[arg(long, default_value_t = 30, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(0..=86400))]
     pub cancel_timeout: u64,
     /// Seconds an NBD request may wait for its reply; past it the request
     /// fails (502) and its connection is replaced.
@@ -230,6 +231,16 @@ mod tests {
         assert_eq!(parse_size("2T"), Ok(2 << 40));
         assert!(parse_size("0").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn durations_a_clock_cannot_hold_are_refused() {
+        for flag in ["--header-timeout", "--body-timeout", "--cancel-timeout", "--nbd-timeout"] {
+            for value in ["18446744073709551615", "-1", "86401"] {
+                assert!(Args::try_parse_from(["blockgate-server", flag, value]).is_err(), "{flag} {value}");
+            }
+        }
+        assert!(Args::try_parse_from(["blockgate-server", "--max-connections", "0"]).is_err());
     }
 
     #[test]

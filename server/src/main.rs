@@ -83,7 +83,7 @@ async fn run(args: Args) -> Result<()> {
     // Each listener has its own connection budget (the TCP addresses of
     // --listen share one): a flood of remote clients never delays the
     // orchestrator on the control socket, nor local software.
-    let remote_budget = Arc::new(Semaphore::new(args.max_connections));
+    let remote_budget = Arc::new(Semaphore::new(args.max_connections as usize));
     let mut endpoints = Vec::new();
     for (listener, address) in tcp_listeners.into_iter().zip(&addresses) {
         endpoints.push(Endpoint {
@@ -94,7 +94,7 @@ async fn run(args: Args) -> Result<()> {
         tracing::info!(address = %format!("https://{address}"), "data API listening (TLS)");
     }
     if let Some(path) = &args.local_socket {
-        let budget = Arc::new(Semaphore::new(args.max_connections));
+        let budget = Arc::new(Semaphore::new(args.max_connections as usize));
         endpoints.push(Endpoint { listener: Listener::Unix(bind_unix(path)?), router: routes::router(state.clone()), budget });
         tracing::info!(socket = %path.display(), "data API listening (local, no TLS)");
     }

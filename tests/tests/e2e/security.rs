@@ -128,7 +128,7 @@ async fn file_urls_outside_the_allowed_directories_are_refused_without_a_word_ab
     assert!(!refused.1.contains("123456") && !refused.1.contains("secret"), "{}", refused.1);
     let missing = add(images.join("new.raw").display().to_string());
     assert_eq!(missing.0, 400);
-    assert!(missing.1.contains("does not exist"), "{}", missing.1);
+    assert!(missing.1.contains("does not exist") && !missing.1.contains("size="), "no --image hint in a ticket answer: {}", missing.1);
     let inside = add(images.join("disk.raw").display().to_string());
     assert_eq!(inside.0, 400, "inside, the size check applies as before");
     assert!(inside.1.contains("\"size\""), "{}", inside.1);
