@@ -32,7 +32,9 @@ async fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colour only for a person at a terminal, never in a log file.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
     let _ = rustls::crypto::ring::default_provider().install_default();
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,8 +21,8 @@ use crate::server::ConnectionCut;
 use crate::tickets::{Access, Operation, Ticket};
 use crate::transfer::{WriteTarget, cancelable, discard_body, guard_body, read_body, write_body};
 
-const ALLOW_WRITABLE: &str = "OPTIONS,GET,PUT,PATCH";
-const ALLOW_READ_ONLY: &str = "OPTIONS,GET";
+const ALLOW_WRITABLE: &str = "OPTIONS,HEAD,GET,PUT,PATCH";
+const ALLOW_READ_ONLY: &str = "OPTIONS,HEAD,GET";
 
 fn features(writable: bool) -> Vec<String> {
     let features: &[&str] = if writable { &["checksum", "extents", "flush", "zero"] } else { &["checksum", "extents"] };

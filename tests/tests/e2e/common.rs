@@ -183,16 +183,8 @@ pub struct QemuNbd {
 
 impl QemuNbd {
     pub fn start(image: &Path, format: &str, socket: &Path) -> QemuNbd {
-        let mut child = Command::new("qemu-nbd").args(["-t", "-e", "8", "-A", "-f", format, "-k"]).arg(socket).arg(image).spawn().unwrap();
-        for _ in 0..500 {
-            if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-                return QemuNbd { child, socket: socket.to_path_buf() };
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("qemu-nbd did not start");
+        let child = Command::new("qemu-nbd").args(["-t", "-e", "8", "-A", "-f", format, "-k"]).arg(socket).arg(image).spawn().unwrap();
+        QemuNbd { child: serving(child, socket, "qemu-nbd"), socket: socket.to_path_buf() }
     }
 
     pub fn uri(&self) -> String {
@@ -285,6 +277,19 @@ pub async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
     panic!("timed out waiting until {what}");
 }
 
+/// The child once its unix socket accepts connections (5 s at most).
+fn serving(mut child: Child, socket: &Path, what: &str) -> Child {
+    for _ in 0..500 {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("{what} did not start on {}", socket.display());
+}
+
 /// An nbdkit server this test owns (its filters inject delays and errors).
 pub struct Nbdkit {
     child: Child,
@@ -295,17 +300,9 @@ impl Nbdkit {
     /// `nbdkit ARGS...` on a unix socket in `dir`, once it answers.
     pub fn start(dir: &Path, name: &str, args: &[&str]) -> Nbdkit {
         let socket = dir.join(format!("{name}.sock"));
-        let mut child =
+        let child =
             Command::new("nbdkit").args(["-f", "--exit-with-parent", "-U"]).arg(&socket).args(args).stderr(Stdio::null()).spawn().unwrap();
-        for _ in 0..500 {
-            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-                return Nbdkit { child, socket };
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("nbdkit {args:?} did not start (is nbdkit installed? tests/run installs it)");
+        Nbdkit { child: serving(child, &socket, "nbdkit (tests/run installs it)"), socket }
     }
 
     pub fn uri(&self) -> String {

@@ -200,3 +200,17 @@ async fn extents_of_a_raw_image_match_qemu_img_map() {
 async fn extents_of_a_qcow2_image_match_qemu_img_map() {
     check_extents_against_qemu_map("qcow2").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn options_allow_names_every_method_the_ticket_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rw, ro) = (dir.path().join("rw.raw"), dir.path().join("ro.raw"));
+    let server = Server::start(dir.path(), &[format!("rw={},size=1M", rw.display()), format!("ro={},size=1M,ro", ro.display())]).await;
+    let client = server.client();
+    for (ticket, allow) in [("rw", "OPTIONS,HEAD,GET,PUT,PATCH"), ("ro", "OPTIONS,HEAD,GET")] {
+        let options = client.request(reqwest::Method::OPTIONS, server.image_url(ticket)).send().await.unwrap();
+        assert_eq!(options.headers()["allow"], allow, "{ticket}");
+        let head = client.head(server.image_url(ticket)).send().await.unwrap();
+        assert_eq!(head.status(), reqwest::StatusCode::OK, "{ticket}: HEAD is listed, so it is served");
+    }
+}

@@ -86,6 +86,7 @@ async fn a_qcow2_header_written_into_a_raw_image_never_reaches_a_host_file() {
     )
     .unwrap();
     assert!(log.contains("looks like qcow2"), "the server warns about the forged header: {log}");
+    assert!(!log.contains('\x1b'), "no terminal colour codes in a log file");
 
     // An --image spec is opened by its name, not by its content, too.
     std::fs::write(&disk, &backing_header).unwrap();
