@@ -176,15 +176,32 @@ pub async fn create_image(path: &Path, format: &str, size: u64) -> Result<()> {
 
 /// Creates a qcow2 overlay on top of `backing` (a qcow2 image): reads of
 /// ranges never written come from the backing file.
+///
+/// The backing file is recorded relative to the overlay's directory, as
+/// qemu-img does when given a relative path, so a backup directory can be
+/// moved or restored elsewhere without breaking its chain.
 pub async fn create_overlay(path: &Path, backing: &Path) -> Result<()> {
+    let real = |path: &Path| std::fs::canonicalize(path).map_err(|error| failed(format!("{}: {error}", path.display())));
+    let backing = real(backing)?;
+    let absolute = std::path::absolute(path).map_err(|error| failed(error.to_string()))?;
+    let directory = real(absolute.parent().unwrap_or(Path::new("/")))?;
+    let backing = relative_path(&backing, &directory);
     create_private(path)?;
-    let backing = std::path::absolute(backing).map_err(|error| failed(error.to_string()))?;
     let created =
         qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &backing.to_string_lossy(), &path.to_string_lossy()]).await;
     if created.is_err() {
         let _ = std::fs::remove_file(path);
     }
     created.map(drop)
+}
+
+/// `target` as seen from `base` (both absolute and resolved).
+fn relative_path(target: &Path, base: &Path) -> PathBuf {
+    let (target, base): (Vec<_>, Vec<_>) = (target.components().collect(), base.components().collect());
+    let shared = target.iter().zip(&base).take_while(|(a, b)| a == b).count();
+    let mut relative: PathBuf = base[shared..].iter().map(|_| std::path::Component::ParentDir).collect();
+    relative.extend(&target[shared..]);
+    relative
 }
 
 /// Creates an empty file with mode 0600; fails if it exists.
@@ -262,4 +279,22 @@ pub fn sniff_format(path: &Path) -> std::io::Result<Option<&'static str>> {
         }
     }
     Ok(MAGICS.iter().find(|(magic, _)| head[..filled].starts_with(magic)).map(|(_, name)| *name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_walk_up_then_down() {
+        let cases = [
+            ("/b/full.qcow2", "/b", "full.qcow2"),
+            ("/b/full.qcow2", "/b/inc", "../full.qcow2"),
+            ("/b/x/full.qcow2", "/b/y/z", "../../x/full.qcow2"),
+            ("/full.qcow2", "/b", "../full.qcow2"),
+        ];
+        for (target, base, expected) in cases {
+            assert_eq!(relative_path(Path::new(target), Path::new(base)), PathBuf::from(expected), "{target} from {base}");
+        }
+    }
 }

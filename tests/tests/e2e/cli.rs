@@ -123,6 +123,14 @@ async fn an_incremental_download_chain_reproduces_the_source() {
     let info: Value =
         serde_json::from_slice(&run("qemu-img", &["info", "--output=json", "--backing-chain", inc2.to_str().unwrap()])).unwrap();
     assert_eq!(info.as_array().unwrap().len(), 3, "{info}");
+    assert_eq!(info[0]["backing-filename"], "inc1.qcow2", "backing files are recorded relative to the overlay");
+    // A backup directory moved elsewhere keeps its chain.
+    let moved = dir.path().join("moved");
+    std::fs::create_dir(&moved).unwrap();
+    for file in [&full, &inc1, &inc2] {
+        std::fs::rename(file, moved.join(file.file_name().unwrap())).unwrap();
+    }
+    compare(&source, &moved.join("inc2.qcow2"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
