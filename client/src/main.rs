@@ -180,7 +180,7 @@ async fn main() -> ExitCode {
 /// SIGINT or SIGTERM arrived: the transfer was stopped (its future
 /// dropped, so a partial download was removed by its [`PartialFile`]).
 #[derive(Debug, thiserror::Error)]
-#[error("interrupted by {0}; the transfer was stopped and nothing partial was kept")]
+#[error("interrupted by {0}; the transfer was stopped")]
 struct Interrupted(&'static str);
 
 /// Completes at the first SIGINT or SIGTERM, with its name.
