@@ -224,13 +224,23 @@ impl Backend {
     }
 
     /// Runs one NBD command on a live connection within the request
-    /// timeout. A command that times out closes its connection (its late
-    /// reply could only confuse the next one), so the next command opens
-    /// a new one.
+    /// timeout.
     async fn call<T>(&self, command: impl AsyncFnOnce(&Client) -> Result<T, blockgate_nbd::Error>) -> Result<T, blockgate_nbd::Error> {
         let timeout = self.request_timeout;
         let client = tokio::time::timeout(timeout, self.client()).await.map_err(|_| blockgate_nbd::Error::TimedOut(timeout))??;
-        match tokio::time::timeout(timeout, command(&client)).await {
+        self.within_timeout(&client, command).await
+    }
+
+    /// Runs `command` on `client` within the request timeout. A command
+    /// that times out closes its connection (its late reply could only
+    /// confuse the next one), so the next command opens a new one.
+    async fn within_timeout<T>(
+        &self,
+        client: &Client,
+        command: impl AsyncFnOnce(&Client) -> Result<T, blockgate_nbd::Error>,
+    ) -> Result<T, blockgate_nbd::Error> {
+        let timeout = self.request_timeout;
+        match tokio::time::timeout(timeout, command(client)).await {
             Ok(result) => result,
             Err(_) => {
                 tracing::warn!(address = %self.address, "NBD request got no reply within {timeout:?}; replacing the connection");
@@ -273,8 +283,7 @@ impl Backend {
         for slot in &self.slots {
             let other = slot.lock().await.clone();
             if let Some(other) = other.filter(|other| !other.is_closed()) {
-                let timeout = self.request_timeout;
-                tokio::time::timeout(timeout, other.flush()).await.map_err(|_| blockgate_nbd::Error::TimedOut(timeout))??;
+                self.within_timeout(&other, async |client| client.flush().await).await?;
             }
         }
         Ok(())

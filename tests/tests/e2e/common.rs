@@ -236,12 +236,17 @@ impl Control {
 
     /// curl on the control socket: status code and body.
     pub fn curl(&self, args: &[&str]) -> (u16, String) {
-        let output =
-            Command::new("curl").args(["-sS", "-w", "\n%{http_code}", "--unix-socket"]).arg(&self.socket).args(args).output().unwrap();
-        let text = String::from_utf8_lossy(&output.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap();
-        (code.parse().unwrap(), body.to_string())
+        curl_status(Command::new("curl").arg("--unix-socket").arg(&self.socket).args(args))
     }
+}
+
+/// Runs a curl command: the status code (0 when no status line came) and
+/// the body.
+pub fn curl_status(curl: &mut Command) -> (u16, String) {
+    let output = curl.args(["-sS", "-w", "\n%{http_code}"]).output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), body.to_string())
 }
 
 /// A ticket JSON for a file:// image.
@@ -259,11 +264,16 @@ pub async fn start_with_control(dir: &Path, extra: &[&str]) -> (Server, Control)
     (server, Control::new(socket))
 }
 
-pub fn qemu_nbd_children(server: &Server) -> usize {
+/// The server's qemu-nbd children.
+pub fn qemu_nbd_pids(server: &Server) -> Vec<u32> {
     children(server.pid())
-        .iter()
+        .into_iter()
         .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with("qemu-nbd")))
-        .count()
+        .collect()
+}
+
+pub fn qemu_nbd_children(server: &Server) -> usize {
+    qemu_nbd_pids(server).len()
 }
 
 /// Polls `check` every 100 ms for up to 10 s.

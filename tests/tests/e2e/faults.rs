@@ -16,14 +16,6 @@ use reqwest::StatusCode;
 
 use crate::common::*;
 
-/// The server's qemu-nbd children.
-fn qemu_nbd_pids(server: &Server) -> Vec<u32> {
-    children(server.pid())
-        .into_iter()
-        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with("qemu-nbd")))
-        .collect()
-}
-
 async fn get_range(server: &Server, ticket: &str, range: &str) -> reqwest::Response {
     server.client().get(server.image_url(ticket)).header("range", range).send().await.unwrap()
 }
@@ -59,10 +51,7 @@ async fn a_killed_qemu_nbd_is_reaped_and_restarted() {
 /// curl's view of one request: status code (0 when no status line came)
 /// and body.
 fn curl(server: &Server, args: &[&str]) -> (u16, String) {
-    let output = Command::new("curl").args(["-sS", "-w", "\n%{http_code}", "--cacert"]).arg(server.ca()).args(args).output().unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap();
-    (code.parse().unwrap(), body.to_string())
+    curl_status(Command::new("curl").arg("--cacert").arg(server.ca()).args(args))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
