@@ -22,6 +22,7 @@ mod client;
 mod error;
 mod handshake;
 pub mod qemu;
+pub mod qmp;
 pub mod reply;
 pub mod wire;
 

@@ -1,10 +1,12 @@
-//! qemu's tools for local images: `qemu-img` to create and inspect files,
-//! and a qemu-nbd child exporting one on a private unix socket
-//! (`-t -e N --discard=unmap -A`, `-B` for a bitmap), started without
-//! `--fork` so its owner can wait for it and reap it, and stopped with
-//! SIGTERM so qcow2 metadata and persistent bitmaps are written back
-//! cleanly. The server uses it for `--image FILE`; the CLI for local files
-//! of any format.
+//! qemu's tools for local images: `qemu-img` to create and inspect files;
+//! a qemu-nbd child exporting one on a private unix socket
+//! (`-t -e N --discard=unmap -A`, `-B` for a bitmap), which the CLI uses
+//! for local files of any format; and a qemu-storage-daemon child with an
+//! NBD server and a QMP monitor on private sockets, which the server uses
+//! for the images it owns (exports and bitmaps are managed live over
+//! [`crate::qmp`]). Children are started without a shell or `--fork`, so
+//! their owner waits for them and reaps them, and stopped with SIGTERM so
+//! qcow2 metadata and persistent bitmaps are written back cleanly.
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -22,6 +24,13 @@ use tokio::process::{Child, Command};
 pub struct QemuError(String);
 
 type Result<T> = std::result::Result<T, QemuError>;
+
+impl QemuError {
+    /// An error with this message.
+    pub fn new(message: impl Into<String>) -> QemuError {
+        QemuError(message.into())
+    }
+}
 
 fn failed(message: impl Into<String>) -> QemuError {
     QemuError(message.into())
@@ -92,18 +101,7 @@ impl QemuNbd {
 
     /// Stops qemu-nbd: SIGTERM, then SIGKILL if it lingers.
     pub async fn stop(mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        if let Some(pid) = self.child.id() {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-            if tokio::time::timeout(STOP_TIMEOUT, self.child.wait()).await.is_ok() {
-                tracing::info!(socket = %self.socket.display(), "qemu-nbd stopped");
-                return;
-            }
-            tracing::warn!("qemu-nbd ignored SIGTERM; killing it");
-        }
-        let _ = self.child.kill().await;
+        terminate(&mut self.child, "qemu-nbd").await;
     }
 }
 
@@ -126,37 +124,156 @@ async fn spawn(settings: &ExportSettings<'_>, socket: &Path) -> Result<Child> {
     if settings.direct {
         command.args(["--cache=none", "--aio=native"]);
     }
-    command.arg(settings.path).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
-    let mut child = command.spawn().map_err(|error| failed(format!("starting qemu-nbd (is qemu-utils installed?): {error}")))?;
+    command.arg(settings.path);
+    launch(command, "qemu-nbd", &[socket], settings.path).await
+}
+
+/// Spawns a qemu program (no shell, stderr logged and kept for the error
+/// message) and waits until every one of `sockets` accepts connections.
+async fn launch(mut command: Command, program: &'static str, sockets: &[&Path], image: &Path) -> Result<Child> {
+    command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
+    let mut child = command.spawn().map_err(|error| failed(format!("starting {program} (is qemu-utils installed?): {error}")))?;
     let stderr_lines = Arc::new(Mutex::new(Vec::<String>::new()));
     if let Some(stderr) = child.stderr.take() {
         let lines = stderr_lines.clone();
         tokio::spawn(async move {
             let mut reader = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = reader.next_line().await {
-                tracing::warn!(target: "qemu-nbd", "{line}");
+                tracing::warn!(program, "{line}");
                 lines.lock().unwrap_or_else(PoisonError::into_inner).push(line);
             }
         });
     }
     let deadline = tokio::time::Instant::now() + START_TIMEOUT;
-    loop {
-        if tokio::net::UnixStream::connect(socket).await.is_ok() {
-            break;
+    for socket in sockets {
+        loop {
+            if tokio::net::UnixStream::connect(socket).await.is_ok() {
+                break;
+            }
+            if let Some(status) = child.try_wait().map_err(|error| failed(error.to_string()))? {
+                // Let the stderr task catch the last words.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let said = stderr_lines.lock().unwrap_or_else(PoisonError::into_inner).join("; ");
+                return Err(failed(format!("{program} exited ({status}) while opening {}: {said}", image.display())));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(failed(format!("{program} did not open {} within {START_TIMEOUT:?}", socket.display())));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if let Some(status) = child.try_wait().map_err(|error| failed(error.to_string()))? {
-            // Let the stderr task catch the last words.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let said = stderr_lines.lock().unwrap_or_else(PoisonError::into_inner).join("; ");
-            return Err(failed(format!("qemu-nbd exited ({status}) while exporting {}: {said}", settings.path.display())));
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(failed(format!("qemu-nbd did not open its socket within {START_TIMEOUT:?}")));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    tracing::info!(image = %settings.path.display(), socket = %socket.display(), "qemu-nbd started");
+    tracing::info!(program, image = %image.display(), "started");
     Ok(child)
+}
+
+/// Stops a child: SIGTERM (qemu writes qcow2 metadata and persistent
+/// bitmaps back on it), then SIGKILL if it lingers.
+async fn terminate(child: &mut Child, program: &str) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    if let Some(pid) = child.id() {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        if tokio::time::timeout(STOP_TIMEOUT, child.wait()).await.is_ok() {
+            tracing::info!(program, "stopped");
+            return;
+        }
+        tracing::warn!(program, "ignored SIGTERM; killing it");
+    }
+    let _ = child.kill().await;
+}
+
+/// What qemu-storage-daemon should open.
+#[derive(Debug, Clone)]
+pub struct DaemonSettings<'a> {
+    /// Image file.
+    pub path: &'a Path,
+    /// Its format, never probed.
+    pub format: &'a str,
+    /// Open the image read-only (no writes, no persistent bitmaps).
+    pub read_only: bool,
+}
+
+/// A running qemu-storage-daemon with the image open as the block node
+/// [`StorageDaemon::NODE`], an NBD server with no exports yet, and a QMP
+/// monitor, both on unix sockets in a private directory. Exports and dirty
+/// bitmaps are added live through QMP. Like [`QemuNbd`], it can be started
+/// again on the same sockets.
+pub struct StorageDaemon {
+    child: Child,
+    nbd_socket: PathBuf,
+    qmp_socket: PathBuf,
+    _socket_dir: tempfile::TempDir,
+}
+
+impl StorageDaemon {
+    /// Name of the image's format node, as QMP commands name it.
+    pub const NODE: &'static str = "disk0";
+
+    /// Starts the daemon and waits until both sockets accept connections.
+    pub async fn start(settings: &DaemonSettings<'_>) -> Result<StorageDaemon> {
+        let socket_dir = tempfile::Builder::new()
+            .prefix("blockgate-qsd-")
+            .tempdir()
+            .map_err(|error| failed(format!("creating a socket directory: {error}")))?;
+        let nbd_socket = socket_dir.path().join("nbd.sock");
+        let qmp_socket = socket_dir.path().join("qmp.sock");
+        let child = spawn_daemon(settings, &nbd_socket, &qmp_socket).await?;
+        Ok(StorageDaemon { child, nbd_socket, qmp_socket, _socket_dir: socket_dir })
+    }
+
+    /// Starts a new daemon on the same sockets, after the last one exited.
+    pub async fn respawn(&mut self, settings: &DaemonSettings<'_>) -> Result<()> {
+        let _ = std::fs::remove_file(&self.nbd_socket);
+        let _ = std::fs::remove_file(&self.qmp_socket);
+        self.child = spawn_daemon(settings, &self.nbd_socket, &self.qmp_socket).await?;
+        Ok(())
+    }
+
+    /// The NBD server's socket.
+    pub fn nbd_socket(&self) -> &Path {
+        &self.nbd_socket
+    }
+
+    /// The QMP monitor's socket.
+    pub fn qmp_socket(&self) -> &Path {
+        &self.qmp_socket
+    }
+
+    /// Waits until the daemon exits (and reaps it).
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        self.child.wait().await
+    }
+
+    /// Stops the daemon; its persistent bitmaps are written back.
+    pub async fn stop(&mut self) {
+        terminate(&mut self.child, "qemu-storage-daemon").await;
+    }
+}
+
+/// `qemu-storage-daemon` with the image's two block nodes (JSON, so no
+/// path needs quoting), the NBD server and the monitor.
+async fn spawn_daemon(settings: &DaemonSettings<'_>, nbd_socket: &Path, qmp_socket: &Path) -> Result<Child> {
+    let filename = settings.path.to_str().ok_or_else(|| failed(format!("{} is not UTF-8", settings.path.display())))?;
+    let file = serde_json::json!({
+        "driver": "file", "node-name": "file0", "filename": filename, "discard": "unmap", "read-only": settings.read_only,
+    });
+    let format = serde_json::json!({
+        "driver": settings.format, "node-name": StorageDaemon::NODE, "file": "file0", "discard": "unmap", "read-only": settings.read_only,
+    });
+    let keyval_path = |path: &Path| path.to_string_lossy().replace(',', ",,");
+    let mut command = Command::new("qemu-storage-daemon");
+    command
+        .arg("--blockdev")
+        .arg(file.to_string())
+        .arg("--blockdev")
+        .arg(format.to_string())
+        .arg("--nbd-server")
+        .arg(format!("addr.type=unix,addr.path={}", keyval_path(nbd_socket)))
+        .arg("--chardev")
+        .arg(format!("socket,id=qmp0,path={},server=on,wait=off", keyval_path(qmp_socket)))
+        .args(["--monitor", "chardev=qmp0"]);
+    launch(command, "qemu-storage-daemon", &[nbd_socket, qmp_socket], settings.path).await
 }
 
 /// Creates an image file with qemu-img, readable by its owner only (disk

@@ -25,6 +25,9 @@ pub struct ImageOptions {
     /// `format=sparse` is served (extension).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sparse_stream: Option<bool>,
+    /// The image can hold checkpoints (extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoints: Option<bool>,
 }
 
 /// The body of `GET /info/`.

@@ -84,6 +84,13 @@ pub struct Meta {
     /// `blockgate X.Y.Z` (blockgate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generator: Option<String>,
+    /// The checkpoint an incremental stream continues from (blockgate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// The checkpoint the image reaches once the stream is applied
+    /// (blockgate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
 }
 
 /// A checksum as the checksum route and the trailer carry it.
@@ -460,6 +467,8 @@ mod tests {
             context: None,
             bitmap: None,
             generator: Some("test".into()),
+            since: plan.incremental.then(|| "cp1".into()),
+            checkpoint: Some("cp2".into()),
         };
         let mut out = json_frame(Kind::Meta, &meta).to_vec();
         let mut hasher = BlockHasher::new(DEFAULT_BLOCK_SIZE);

@@ -62,7 +62,7 @@ pub struct TicketSpec {
     pub size: u64,
     /// NBD URI or `file:///PATH`.
     pub url: String,
-    /// `read`, `write` (write implies read).
+    /// `read`, `write` (write implies read), `checkpoint` (blockgate).
     pub ops: Vec<String>,
     /// Seconds until expiry, renewed by every operation.
     pub timeout: u64,
@@ -91,6 +91,13 @@ impl TicketSpec {
     pub fn writable(&self) -> bool {
         self.ops.iter().any(|op| op == "write")
     }
+
+    /// True if the ticket may make and delete checkpoints: `write`, or the
+    /// extension op `checkpoint` (a read-only backup ticket that rotates
+    /// its chain).
+    pub fn may_checkpoint(&self) -> bool {
+        self.ops.iter().any(|op| op == "write" || op == "checkpoint")
+    }
 }
 
 /// A ticket refused; the message names the field.
@@ -112,8 +119,8 @@ pub fn parse_ticket(body: &[u8]) -> Result<TicketSpec, TicketError> {
         Some(Value::Array(ops)) => ops
             .iter()
             .map(|op| match op.as_str() {
-                Some(op @ ("read" | "write")) => Ok(op.to_string()),
-                _ => Err(TicketError(format!("field \"ops\" may hold \"read\" and \"write\", not {op}"))),
+                Some(op @ ("read" | "write" | "checkpoint")) => Ok(op.to_string()),
+                _ => Err(TicketError(format!("field \"ops\" may hold \"read\", \"write\" and \"checkpoint\", not {op}"))),
             })
             .collect::<Result<Vec<_>, _>>()?,
         Some(_) => return Err(TicketError("field \"ops\" must be an array such as [\"read\"]".into())),

@@ -1,10 +1,14 @@
-//! The storage behind a ticket: an NBD export (our own supervised
-//! qemu-nbd child for a local file, or a URI given to us) and a small pool
-//! of pipelined NBD connections to it. A connection that breaks (qemu-nbd
-//! restarted, say) is replaced on next use, so a client that retries after
-//! a 502 gets through. Every request has a deadline: a frozen NBD server
-//! costs a 502 and a new connection, never a request that hangs forever.
+//! The storage behind a ticket: an NBD export (on the qemu-storage-daemon
+//! the server owns for a local file, or a URI given to us) and a small
+//! pool of pipelined NBD connections to it. A connection that breaks (the
+//! daemon restarted, say) is replaced on next use, so a client that
+//! retries after a 502 gets through. Every request has a deadline: a
+//! frozen NBD server costs a 502 and a new connection, never a request
+//! that hangs forever. Dirty maps of an owned image are read through a
+//! frozen view ([`Backend::dirty_view`]): a backend of its own on a
+//! temporary export, removed when the last request using it is dropped.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -15,8 +19,10 @@ use blockgate_nbd::{
 };
 use bytes::Bytes;
 
+use crate::checkpoints::{self, Checkpoints};
 use crate::config::{ImageFormat, ImageSource, ImageSpec};
-use crate::owned::{OwnedExport, OwnedSettings};
+use crate::error::{ApiError, ApiResult};
+use crate::owned::{MAIN_EXPORT, OwnedImage, OwnedSettings};
 
 /// Largest single READ or WRITE the data routes issue. nbd.md measured
 /// 256 KiB to 1 MiB as the best request sizes; 256 KiB was as fast as 1 MiB
@@ -29,12 +35,44 @@ pub const PIPELINE_DEPTH: usize = 8;
 const EIO: u32 = 5;
 
 /// How the server reaches its images.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct BackendSettings {
     /// NBD connections per image.
     pub connections: u32,
     /// Longest wait for one NBD request's reply (or a connection).
     pub request_timeout: Duration,
+    /// Where checkpoint and restore records are kept.
+    pub state_dir: Arc<std::path::Path>,
+}
+
+/// Which dirty map a request reads.
+#[derive(Debug, Clone, Copy)]
+pub enum DirtySource<'a> {
+    /// The ticket's own bitmap (imageio's `context=dirty`).
+    Ticket,
+    /// What changed since a checkpoint; `next` names the checkpoint that
+    /// starts the next round (made now if it does not exist).
+    Since {
+        /// The checkpoint of the last backup.
+        since: &'a str,
+        /// The checkpoint this backup reaches.
+        next: Option<&'a str>,
+    },
+}
+
+/// A frozen view's export and bitmap, removed when its backend goes.
+struct View {
+    owned: Arc<OwnedImage>,
+    name: String,
+}
+
+impl Drop for View {
+    fn drop(&mut self) {
+        let (owned, name) = (self.owned.clone(), std::mem::take(&mut self.name));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { checkpoints::release_view(owned.monitor(), &name).await });
+        }
+    }
 }
 
 /// An NBD export and connections to it.
@@ -47,8 +85,21 @@ pub struct Backend {
     size: u64,
     read_only: bool,
     contexts: Vec<String>,
+    /// The dirty bitmap context of these connections.
     dirty_context: Option<String>,
-    owned: Option<OwnedExport>,
+    /// The ticket's own bitmap.
+    bitmap: Option<String>,
+    owned: Option<Arc<OwnedImage>>,
+    checkpoints: Result<Checkpoints, String>,
+    /// What a restore record is kept for: the image's path or the URI.
+    target: String,
+    /// Kept for its `Drop`, which removes the view from the daemon.
+    _view: Option<View>,
+    settings: BackendSettings,
+}
+
+fn no_bitmap() -> ApiError {
+    ApiError::NotFound("the ticket has no dirty bitmap; context=dirty needs one (or since=CHECKPOINT)".into())
 }
 
 /// The one bitmap of a `dirty` image, or why there is not exactly one.
@@ -92,95 +143,158 @@ impl Backend {
     /// exports a local file, or connects to a URI, and checks what the
     /// spec asks for.
     pub async fn open(spec: &ImageSpec, settings: BackendSettings) -> Result<Backend> {
-        let mut bitmap = spec.bitmap.clone();
-        let (address, owned) = match &spec.source {
-            ImageSource::Nbd(address) => (address.clone(), None),
-            ImageSource::File(path) => {
-                let format = file_format(spec, path);
-                match (path.exists(), spec.create_size) {
-                    (true, _) => warn_if_content_differs(path, format),
-                    (false, Some(size)) => qemu::create_image(path, format.as_str(), size).await?,
-                    (false, None) => bail!("{} does not exist", path.display()),
+        match &spec.source {
+            ImageSource::Nbd(address) => {
+                let mut bitmap = spec.bitmap.clone();
+                if spec.dirty && bitmap.is_none() {
+                    bitmap = Some(only_bitmap(Self::listed_bitmaps(address, &settings).await?, &address.to_string())?);
                 }
-                let info = qemu::image_info(path, Some(format.as_str())).await?;
-                if spec.dirty && spec.bitmap.is_none() {
-                    bitmap = Some(only_bitmap(info.bitmaps, &path.display().to_string())?);
-                }
-                let owned = OwnedExport::start(OwnedSettings {
-                    path: path.clone(),
-                    format,
-                    read_only: spec.read_only,
-                    bitmap: bitmap.clone(),
-                    shared: settings.connections + 4,
-                })
-                .await?;
-                (Address::unix(owned.socket(), ""), Some(owned))
+                let mut backend = Self::connect(address.clone(), bitmap.clone(), spec.read_only, settings).await?;
+                backend.bitmap = bitmap;
+                backend.target = address.to_string();
+                Ok(backend)
             }
-        };
-        let opened = Self::connect(spec, settings, address, bitmap, owned.as_ref()).await;
-        match (opened, owned) {
-            (Ok(backend), owned) => Ok(Backend { owned, ..backend }),
-            (Err(error), Some(owned)) => {
-                owned.stop().await;
-                Err(error)
-            }
-            (Err(error), None) => Err(error),
+            ImageSource::File(path) => Self::open_file(spec, path, settings).await,
         }
     }
 
-    /// Negotiates the first connection and learns the export's size,
-    /// flags and contexts.
-    async fn connect(
-        spec: &ImageSpec,
-        settings: BackendSettings,
-        address: Address,
-        mut bitmap: Option<String>,
-        owned: Option<&OwnedExport>,
-    ) -> Result<Backend> {
-        let connect = async |options: &ConnectOptions| {
-            tokio::time::timeout(settings.request_timeout, Client::connect(&address, options))
-                .await
-                .map_err(|_| blockgate_nbd::Error::TimedOut(settings.request_timeout))?
-                .with_context(|| format!("connecting to {address}"))
-        };
-        if spec.dirty && bitmap.is_none() && owned.is_none() {
-            let listing = ConnectOptions { list_meta_contexts: vec![DIRTY_BITMAP_PREFIX.to_string()], ..Default::default() };
-            let probe = connect(&listing).await?;
-            let names =
-                probe.info().listed_contexts.iter().filter_map(|c| c.strip_prefix(DIRTY_BITMAP_PREFIX)).map(str::to_string).collect();
-            probe.disconnect().await;
-            bitmap = Some(only_bitmap(names, &address.to_string())?);
+    /// Opens a local file on a qemu-storage-daemon of our own.
+    async fn open_file(spec: &ImageSpec, path: &std::path::Path, settings: BackendSettings) -> Result<Backend> {
+        let format = file_format(spec, path);
+        match (path.exists(), spec.create_size) {
+            (true, _) => warn_if_content_differs(path, format),
+            (false, Some(size)) => qemu::create_image(path, format.as_str(), size).await?,
+            (false, None) => bail!("{} does not exist", path.display()),
         }
+        let path = std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
+        let info = qemu::image_info(&path, Some(format.as_str())).await?;
+        let image = path.display().to_string();
+        let bitmap = match (&spec.bitmap, spec.dirty) {
+            (Some(name), _) if !info.bitmaps.contains(name) => bail!("{image} has no dirty bitmap {name:?}"),
+            (Some(name), _) => Some(name.clone()),
+            (None, true) => Some(only_bitmap(info.bitmaps, &image)?),
+            (None, false) => None,
+        };
+        // Checkpoints need the image open for writing even when the
+        // ticket's data is read-only: a backup ticket rotates its chain.
+        let node_read_only = spec.read_only && !(format == ImageFormat::Qcow2 && spec.checkpoints);
+        let checkpoints = match (format, node_read_only) {
+            (ImageFormat::Raw, _) => Err("the image is raw, which cannot hold persistent bitmaps; checkpoints need qcow2".to_string()),
+            (_, true) => Err("the ticket may not change the image: checkpoints need the \"write\" or \"checkpoint\" op".to_string()),
+            (ImageFormat::Qcow2, false) => Ok(Checkpoints::open(&path, &settings.state_dir)?),
+        };
+        let owned = OwnedImage::start(OwnedSettings { path: path.clone(), format, read_only: spec.read_only, node_read_only }).await?;
+        let owned = Arc::new(owned);
+        let address = Address::unix(owned.nbd_socket(), MAIN_EXPORT);
+        match Self::connect(address, None, spec.read_only, settings).await {
+            Ok(backend) => Ok(Backend { bitmap, owned: Some(owned), checkpoints, target: image, ..backend }),
+            Err(error) => {
+                owned.stop().await;
+                Err(error)
+            }
+        }
+    }
+
+    /// The dirty bitmaps an NBD server lists.
+    async fn listed_bitmaps(address: &Address, settings: &BackendSettings) -> Result<Vec<String>> {
+        let listing = ConnectOptions { list_meta_contexts: vec![DIRTY_BITMAP_PREFIX.to_string()], ..Default::default() };
+        let probe = tokio::time::timeout(settings.request_timeout, Client::connect(address, &listing))
+            .await
+            .map_err(|_| blockgate_nbd::Error::TimedOut(settings.request_timeout))?
+            .with_context(|| format!("connecting to {address}"))?;
+        let names = probe.info().listed_contexts.iter().filter_map(|c| c.strip_prefix(DIRTY_BITMAP_PREFIX)).map(str::to_string).collect();
+        probe.disconnect().await;
+        Ok(names)
+    }
+
+    /// Negotiates the first connection and learns the export's size,
+    /// flags and contexts (`bitmap`'s among them).
+    async fn connect(address: Address, bitmap: Option<String>, read_only: bool, settings: BackendSettings) -> Result<Backend> {
         let dirty_context = bitmap.as_ref().map(|name| format!("{DIRTY_BITMAP_PREFIX}{name}"));
         let mut wanted = vec![BASE_ALLOCATION.to_string(), ALLOCATION_DEPTH.to_string()];
         wanted.extend(dirty_context.clone());
         let options = ConnectOptions { meta_contexts: wanted, ..Default::default() };
-        let first = connect(&options).await?;
+        let first = tokio::time::timeout(settings.request_timeout, Client::connect(&address, &options))
+            .await
+            .map_err(|_| blockgate_nbd::Error::TimedOut(settings.request_timeout))?
+            .with_context(|| format!("connecting to {address}"))?;
         let contexts: Vec<String> = first.info().contexts.iter().map(|(_, name)| name.clone()).collect();
         if let (Some(context), Some(name)) = (&dirty_context, &bitmap) {
             if !contexts.contains(context) {
                 bail!("the NBD export {address} has no dirty bitmap {name:?} (is it exported with -B {name}?)");
             }
         }
-        let read_only = first.is_read_only();
-        if read_only && !spec.read_only {
+        let export_read_only = first.is_read_only();
+        if export_read_only && !read_only {
             bail!("the NBD export {address} is read-only; add ,ro to the image spec");
         }
         let size = first.size();
         let mut slots: Vec<_> = (1..settings.connections).map(|_| tokio::sync::Mutex::new(None)).collect();
         slots.insert(0, tokio::sync::Mutex::new(Some(first)));
         Ok(Backend {
+            target: address.to_string(),
             address,
             options,
             slots,
             next_slot: AtomicUsize::new(0),
             request_timeout: settings.request_timeout,
             size,
-            read_only,
+            read_only: export_read_only,
             contexts,
             dirty_context,
+            bitmap,
             owned: None,
+            checkpoints: Err("checkpoints need an image the server owns (a file), not an NBD URI".to_string()),
+            _view: None,
+            settings,
         })
+    }
+
+    /// A backend that reads the dirty map of `source`, frozen now. For an
+    /// NBD URI (imageio's bitmap, exported by someone else) it is this one.
+    pub async fn dirty_view(self: &Arc<Self>, source: DirtySource<'_>) -> ApiResult<Arc<Backend>> {
+        let (owned, name) = match (source, &self.owned) {
+            (DirtySource::Ticket, None) if self.dirty_context.is_some() => return Ok(self.clone()),
+            (DirtySource::Ticket, None) => return Err(no_bitmap()),
+            (DirtySource::Ticket, Some(owned)) => {
+                (owned, checkpoints::freeze_bitmap(owned.monitor(), self.bitmap.as_deref().ok_or_else(no_bitmap)?).await?)
+            }
+            (DirtySource::Since { since, next }, _) => {
+                let (checkpoints, owned) = self.checkpoints()?;
+                (owned, checkpoints.freeze_since(owned.monitor(), since, next).await?)
+            }
+        };
+        let view = View { owned: owned.clone(), name: name.clone() };
+        let address = Address::unix(owned.nbd_socket(), name.as_str());
+        let backend = Self::connect(address, Some(name), true, self.settings.clone())
+            .await
+            .map_err(|error| ApiError::Daemon(format!("opening a frozen view: {error:#}")))?;
+        Ok(Arc::new(Backend { _view: Some(view), ..backend }))
+    }
+
+    /// The image's checkpoints and the daemon that keeps them, or 409
+    /// saying why this image has none.
+    pub fn checkpoints(&self) -> ApiResult<(&Checkpoints, &Arc<OwnedImage>)> {
+        match (&self.checkpoints, &self.owned) {
+            (Ok(checkpoints), Some(owned)) => Ok((checkpoints, owned)),
+            (Err(why), _) => Err(ApiError::Conflict(why.clone())),
+            (Ok(_), None) => Err(ApiError::Internal("checkpoints without a daemon".into())),
+        }
+    }
+
+    /// True if the image can hold checkpoints.
+    pub fn supports_checkpoints(&self) -> bool {
+        self.checkpoints.is_ok()
+    }
+
+    /// The image's path, or the URI: what restore records are kept for.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// Where checkpoint and restore records live.
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.settings.state_dir
     }
 
     /// Image size in bytes.
@@ -203,9 +317,9 @@ impl Backend {
         self.dirty_context.as_deref()
     }
 
-    /// The dirty bitmap's name, when the image has one.
+    /// The ticket's dirty bitmap, when it has one.
     pub fn bitmap(&self) -> Option<&str> {
-        self.dirty_context.as_deref().and_then(|context| context.strip_prefix(DIRTY_BITMAP_PREFIX))
+        self.bitmap.as_deref()
     }
 
     /// A live connection, reconnecting a broken one.
@@ -296,10 +410,10 @@ impl Backend {
 
     /// Times the owned NBD server was restarted after dying.
     pub fn restarts(&self) -> u64 {
-        self.owned.as_ref().map_or(0, OwnedExport::restarts)
+        self.owned.as_ref().map_or(0, |owned| owned.restarts())
     }
 
-    /// Closes the connections and stops the qemu-nbd child, if this
+    /// Closes the connections and stops the qemu-storage-daemon, if this
     /// backend owns one.
     pub async fn stop(&self) {
         for slot in &self.slots {

@@ -1,6 +1,7 @@
 //! The sparse stream out (`GET ?format=sparse`): a full backup tiles the
-//! image with data and zero frames; an incremental one (`context=dirty`)
-//! covers exactly the dirty ranges, dirty zero ranges as zero frames. The
+//! image with data and zero frames; an incremental one (`context=dirty`,
+//! `since=CHECKPOINT`) covers exactly the dirty ranges of a frozen view,
+//! dirty zero ranges as zero frames. The
 //! `meta` frame needs the data size up front, so the extents are walked
 //! twice (cheap: no data is read the first time) rather than held in
 //! memory. Data is read pipelined; the full stream's blkhash is computed
@@ -22,13 +23,17 @@ use crate::extents::extents;
 use crate::hashing::ParallelHasher;
 use crate::transfer::{Piece, abort_body, started};
 
-/// Which frames a stream carries.
-#[derive(Debug, Clone)]
-pub enum Scope {
-    /// The whole image.
-    Full,
-    /// The dirty ranges of this bitmap.
-    Dirty(String),
+/// What a stream carries and how its `meta` frame labels it.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    /// Only the dirty ranges of the backend's bitmap (a frozen view).
+    pub incremental: bool,
+    /// The ticket's bitmap, for imageio's `context=dirty`.
+    pub bitmap: Option<String>,
+    /// The checkpoint an incremental continues from.
+    pub since: Option<String>,
+    /// The checkpoint the stream reaches.
+    pub checkpoint: Option<String>,
 }
 
 /// A range the stream carries as one frame.
@@ -93,7 +98,7 @@ enum Output {
 
 /// The sparse stream of `scope` as a response body.
 pub async fn backup_body(backend: Arc<Backend>, scope: Scope) -> Result<Body, ApiError> {
-    let incremental = matches!(scope, Scope::Dirty(_));
+    let incremental = scope.incremental;
     let data_size = frame_ranges(backend.clone(), incremental)
         .try_fold(0u64, |sum, frame| std::future::ready(Ok(sum + if frame.zero { 0 } else { frame.length })))
         .await?;
@@ -103,11 +108,10 @@ pub async fn backup_body(backend: Arc<Backend>, scope: Scope) -> Result<Body, Ap
         date: Some(now_rfc3339()),
         incremental,
         context: Some(if incremental { "dirty" } else { "zero" }.to_string()),
-        bitmap: match &scope {
-            Scope::Dirty(bitmap) => Some(bitmap.clone()),
-            Scope::Full => None,
-        },
+        bitmap: scope.bitmap,
         generator: Some(format!("blockgate {}", env!("CARGO_PKG_VERSION"))),
+        since: scope.since,
+        checkpoint: scope.checkpoint,
     };
     let steps = frame_ranges(backend.clone(), incremental)
         .map_ok(|frame| {
@@ -226,7 +230,8 @@ impl<S: Stream<Item = Result<Output, ApiError>> + Unpin> Frames<S> {
     }
 }
 
-fn now_rfc3339() -> String {
+/// The current time, RFC 3339, to the second.
+pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .ok()

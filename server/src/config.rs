@@ -140,6 +140,9 @@ pub struct ImageSpec {
     /// Format of the local file; when absent, qcow2 for a `.qcow2` name,
     /// else raw (never probed from the content).
     pub format: Option<ImageFormat>,
+    /// Checkpoints may be made and deleted (`--image` tickets, and tickets
+    /// with the `write` or `checkpoint` op).
+    pub checkpoints: bool,
 }
 
 /// Parses `ID=SOURCE[,OPTION]...`.
@@ -164,6 +167,7 @@ pub fn parse_image_spec(text: &str) -> Result<ImageSpec, String> {
         create_size: None,
         sparse: false,
         format: None,
+        checkpoints: true,
     };
     for option in parts {
         match option.split_once('=') {

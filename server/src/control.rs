@@ -95,6 +95,7 @@ pub async fn open_ticket(spec: TicketSpec, limits: Limits, backend: BackendSetti
         create_size: None,
         sparse: spec.sparse,
         format: Some(spec.format),
+        checkpoints: spec.may_checkpoint(),
     };
     let backend = Backend::open(&image, backend)
         .await
@@ -121,7 +122,7 @@ async fn add(State(state): State<ControlState>, Path(id): Path<String>, body: Bo
     // A ticket replaced by one of the same id goes first, as on DELETE: its
     // qemu-nbd must release the image before a new one can lock it.
     state.tickets.remove(&id).await?;
-    let ticket = open_ticket(spec, state.limits, state.backend, &state.allow_dirs).await?;
+    let ticket = open_ticket(spec, state.limits, state.backend.clone(), &state.allow_dirs).await?;
     tracing::info!(ticket = %id, size = ticket.backend.size(), "ticket added");
     if let Some(raced) = state.tickets.insert(ticket) {
         // Another PUT of this id won the race; retire its ticket.

@@ -25,7 +25,8 @@ pub enum ApiError {
     /// 405: the route exists but not with this method.
     #[error("{0}")]
     MethodNotAllowed(String),
-    /// 409: the ticket is busy and cannot be removed yet.
+    /// 409: the request conflicts with the state of the ticket or image
+    /// (busy ticket, checkpoint exists or is unusable, chain out of order).
     #[error("{0}")]
     Conflict(String),
     /// 413: a JSON body over the limit.
@@ -45,6 +46,9 @@ pub enum ApiError {
     /// 502: the NBD server failed or is gone.
     #[error("NBD backend failed: {0}")]
     Backend(#[from] blockgate_nbd::Error),
+    /// 502: the owned qemu-storage-daemon failed a QMP command.
+    #[error("qemu-storage-daemon failed: {0}")]
+    Daemon(String),
     /// 500: a bug or a local failure we cannot blame on anyone else.
     #[error("internal error: {0}")]
     Internal(String),
@@ -62,7 +66,7 @@ impl ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
-            ApiError::Backend(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Backend(_) | ApiError::Daemon(_) => StatusCode::BAD_GATEWAY,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod backup;
+pub mod checkpoints;
 pub mod config;
 pub mod control;
 pub mod error;
@@ -15,8 +16,10 @@ pub mod hashing;
 pub mod owned;
 pub mod ranges;
 pub mod restore;
+pub mod restore_record;
 pub mod routes;
 pub mod server;
+pub mod state_file;
 pub mod tickets;
 pub mod tls;
 pub mod transfer;

@@ -62,11 +62,15 @@ async fn run(args: Args) -> Result<()> {
     }
     let port = tcp_listeners[0].local_addr()?.port();
     let limits = Limits { max_readers: args.max_readers, max_writers: args.max_writers };
-    let backend = BackendSettings { connections: args.nbd_connections, request_timeout: Duration::from_secs(args.nbd_timeout) };
+    let backend = BackendSettings {
+        connections: args.nbd_connections,
+        request_timeout: Duration::from_secs(args.nbd_timeout),
+        state_dir: args.state_dir().into(),
+    };
     let allow_dirs = Arc::new(allowed_directories(&args.allow_dirs)?);
 
     let tickets = Arc::new(Tickets::new(Duration::from_secs(args.cancel_timeout)));
-    if let Err(error) = open_tickets(&args, &tickets, limits, backend, &allow_dirs, port).await {
+    if let Err(error) = open_tickets(&args, &tickets, limits, &backend, &allow_dirs, port).await {
         stop_all(&tickets).await;
         return Err(error);
     }
@@ -161,7 +165,7 @@ async fn open_tickets(
     args: &Args,
     tickets: &Tickets,
     limits: Limits,
-    backend: BackendSettings,
+    backend: &BackendSettings,
     allow_dirs: &[PathBuf],
     port: u16,
 ) -> Result<()> {
@@ -171,7 +175,7 @@ async fn open_tickets(
                 anyhow::bail!("image {:?}: {} does not exist (add ,size=SIZE to create it)", spec.id, path.display());
             }
         }
-        let backend = Backend::open(spec, backend).await.with_context(|| format!("opening image {:?}", spec.id))?;
+        let backend = Backend::open(spec, backend.clone()).await.with_context(|| format!("opening image {:?}", spec.id))?;
         tracing::info!(id = %spec.id, size = backend.size(), url = %format!("https://localhost:{port}/images/{}", spec.id), "serving image");
         tickets.insert(Ticket::permanent(spec.id.clone(), Arc::new(backend), !spec.read_only, spec.sparse, limits));
     }
@@ -179,7 +183,8 @@ async fn open_tickets(
         let body = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
         let spec = parse_ticket(&body).with_context(|| format!("ticket {}", file.display()))?;
         let id = spec.uuid.clone();
-        let ticket = control::open_ticket(spec, limits, backend, allow_dirs).await.with_context(|| format!("ticket {}", file.display()))?;
+        let ticket =
+            control::open_ticket(spec, limits, backend.clone(), allow_dirs).await.with_context(|| format!("ticket {}", file.display()))?;
         tracing::info!(id = %id, url = %format!("https://localhost:{port}/images/{id}"), "serving ticket");
         tickets.insert(ticket);
     }

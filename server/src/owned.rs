@@ -1,17 +1,22 @@
-//! The NBD server blockgate owns for a local image: a qemu-nbd child on a
-//! private socket, opened with an explicit format, and a task that watches
-//! it. When the child dies (killed, crashed) the task reaps it at once, so
-//! no zombie is left, and starts it again on the same socket, waiting
-//! longer after each failed start, until the image is released. Requests
-//! that were in flight get 502; the backend reconnects on the next one.
+//! The qemu-storage-daemon blockgate owns for a local image: the image
+//! opened with an explicit format, an NBD server and a QMP monitor on
+//! private sockets, the image's main export added over QMP, and a task
+//! that watches the child. When the child dies (killed, crashed) the task
+//! reaps it at once, so no zombie is left, and starts it again on the same
+//! sockets with the main export, waiting longer after each failed start,
+//! until the image is released. Requests that were in flight get 502; the
+//! backend reconnects on the next one. Bitmaps of a daemon that died are
+//! reported by [`crate::checkpoints`], which reads them over [`Monitor`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use blockgate_nbd::qemu::{ExportSettings, QemuError, QemuNbd};
+use blockgate_nbd::qemu::{DaemonSettings, QemuError, StorageDaemon};
+use blockgate_nbd::qmp::{Qmp, QmpError};
 use blockgate_protocol::ticket::ImageFormat;
+use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -21,66 +26,100 @@ const FIRST_DELAY: Duration = Duration::from_millis(100);
 const MAX_DELAY: Duration = Duration::from_secs(30);
 /// A child that ran this long was healthy: the next restart is quick again.
 const STABLE: Duration = Duration::from_secs(60);
+/// Longest wait for a QMP reply; bitmap and export commands take
+/// milliseconds.
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Name (and id) of the export data requests use.
+pub const MAIN_EXPORT: &str = "disk";
 
-/// What the child exports and how.
+/// What the daemon opens and exports.
 #[derive(Debug, Clone)]
 pub struct OwnedSettings {
     /// Image file.
     pub path: PathBuf,
     /// Its format, never probed.
     pub format: ImageFormat,
-    /// Export read-only.
+    /// The main export refuses writes.
     pub read_only: bool,
-    /// Persistent bitmap to export.
-    pub bitmap: Option<String>,
-    /// Client connections the child accepts.
-    pub shared: u32,
+    /// The image is opened read-only too (then it cannot hold new bitmaps).
+    pub node_read_only: bool,
 }
 
-impl OwnedSettings {
-    fn export(&self) -> ExportSettings<'_> {
-        ExportSettings {
-            path: &self.path,
-            format: self.format.as_str(),
-            read_only: self.read_only,
-            bitmap: self.bitmap.as_deref(),
-            shared: self.shared,
-            direct: false,
+/// The daemon's QMP monitor: one connection, opened when first needed and
+/// again after a failure, one command at a time.
+pub struct Monitor {
+    socket: PathBuf,
+    connection: tokio::sync::Mutex<Option<Qmp>>,
+}
+
+impl Monitor {
+    /// Runs a QMP command within [`QMP_TIMEOUT`].
+    pub async fn execute(&self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        let mut connection = self.connection.lock().await;
+        let run = async {
+            if connection.is_none() {
+                *connection = Some(Qmp::connect(&self.socket).await?);
+            }
+            connection.as_mut().expect("connected above").execute(command, arguments).await
+        };
+        let result = tokio::time::timeout(QMP_TIMEOUT, run)
+            .await
+            .unwrap_or_else(|_| Err(QmpError::Protocol(format!("no reply to {command} within {QMP_TIMEOUT:?}"))));
+        if matches!(result, Err(QmpError::Io(_) | QmpError::Protocol(_))) {
+            // A broken or confused connection is not reused.
+            *connection = None;
         }
+        result
+    }
+
+    /// Forgets the connection (the daemon behind it was replaced).
+    async fn reset(&self) {
+        *self.connection.lock().await = None;
     }
 }
 
-/// A supervised qemu-nbd child.
-pub struct OwnedExport {
-    socket: PathBuf,
+/// A supervised qemu-storage-daemon child.
+pub struct OwnedImage {
+    nbd_socket: PathBuf,
+    monitor: Arc<Monitor>,
     stop: CancellationToken,
     supervisor: tokio::sync::Mutex<Option<JoinHandle<()>>>,
     restarts: Arc<AtomicU64>,
 }
 
-impl OwnedExport {
-    /// Starts the child and its watcher.
-    pub async fn start(settings: OwnedSettings) -> Result<OwnedExport, QemuError> {
-        let child = QemuNbd::start(&settings.export()).await?;
-        let socket = child.socket().to_path_buf();
+impl OwnedImage {
+    /// Starts the daemon, adds the main export and starts the watcher.
+    pub async fn start(settings: OwnedSettings) -> Result<OwnedImage, QemuError> {
+        let mut daemon = StorageDaemon::start(&daemon_settings(&settings)).await?;
+        let monitor = Arc::new(Monitor { socket: daemon.qmp_socket().to_path_buf(), connection: tokio::sync::Mutex::new(None) });
+        if let Err(error) = add_main_export(&monitor, &settings).await {
+            daemon.stop().await;
+            return Err(error);
+        }
+        let nbd_socket = daemon.nbd_socket().to_path_buf();
         let stop = CancellationToken::new();
         let restarts = Arc::new(AtomicU64::new(0));
-        let supervisor = tokio::spawn(supervise(child, settings, stop.clone(), restarts.clone()));
-        Ok(OwnedExport { socket, stop, supervisor: tokio::sync::Mutex::new(Some(supervisor)), restarts })
+        let supervisor = tokio::spawn(supervise(daemon, settings, monitor.clone(), stop.clone(), restarts.clone()));
+        Ok(OwnedImage { nbd_socket, monitor, stop, supervisor: tokio::sync::Mutex::new(Some(supervisor)), restarts })
     }
 
-    /// The socket the child listens on (the same across restarts).
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    /// The NBD server's socket (the same across restarts).
+    pub fn nbd_socket(&self) -> &Path {
+        &self.nbd_socket
     }
 
-    /// How many times the child was started again after dying.
+    /// The QMP monitor.
+    pub fn monitor(&self) -> &Monitor {
+        &self.monitor
+    }
+
+    /// How many times the daemon was started again after dying.
     pub fn restarts(&self) -> u64 {
         self.restarts.load(Ordering::Relaxed)
     }
 
-    /// Stops the child (SIGTERM, so qcow2 metadata and bitmaps are written
-    /// back) and its watcher; waits for both.
+    /// Stops the daemon (SIGTERM, so qcow2 metadata and bitmaps are
+    /// written back) and its watcher; waits for both.
     pub async fn stop(&self) {
         self.stop.cancel();
         if let Some(supervisor) = self.supervisor.lock().await.take() {
@@ -89,38 +128,70 @@ impl OwnedExport {
     }
 }
 
-/// Waits for the child to exit and starts it again, until `stop`.
-async fn supervise(mut child: QemuNbd, settings: OwnedSettings, stop: CancellationToken, restarts: Arc<AtomicU64>) {
+fn daemon_settings(settings: &OwnedSettings) -> DaemonSettings<'_> {
+    DaemonSettings { path: &settings.path, format: settings.format.as_str(), read_only: settings.node_read_only }
+}
+
+/// Adds the export data requests use. It carries no bitmap: dirty maps
+/// are served from frozen copies on exports of their own
+/// ([`crate::checkpoints`]), because qemu refuses an enabled bitmap on a
+/// read-only export, and a bitmap that changes under a running request
+/// would split one round's writes between two backups.
+async fn add_main_export(monitor: &Monitor, settings: &OwnedSettings) -> Result<(), QemuError> {
+    let export = json!({
+        "type": "nbd", "id": MAIN_EXPORT, "node-name": StorageDaemon::NODE, "name": MAIN_EXPORT,
+        "writable": !settings.read_only, "allocation-depth": true,
+    });
+    monitor
+        .execute("block-export-add", export)
+        .await
+        .map(drop)
+        .map_err(|error| QemuError::new(format!("exporting {}: {error}", settings.path.display())))
+}
+
+/// Waits for the daemon to exit and starts it again, until `stop`.
+async fn supervise(
+    mut daemon: StorageDaemon,
+    settings: OwnedSettings,
+    monitor: Arc<Monitor>,
+    stop: CancellationToken,
+    restarts: Arc<AtomicU64>,
+) {
     let image = settings.path.display().to_string();
     let mut delay = FIRST_DELAY;
     loop {
         let started = Instant::now();
         let exited = tokio::select! {
-            status = child.wait() => Some(status),
+            status = daemon.wait() => Some(status),
             () = stop.cancelled() => None,
         };
         let Some(status) = exited else {
-            child.stop().await;
+            daemon.stop().await;
             return;
         };
         if started.elapsed() > STABLE {
             delay = FIRST_DELAY;
         }
         let status = status.map_or_else(|error| error.to_string(), |status| status.to_string());
-        tracing::warn!(%image, %status, "qemu-nbd exited; restarting it in {delay:?}");
+        tracing::warn!(%image, %status, "qemu-storage-daemon exited; restarting it in {delay:?}");
+        monitor.reset().await;
         loop {
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = stop.cancelled() => return,
             }
             delay = (delay * 2).min(MAX_DELAY);
-            match child.respawn(&settings.export()).await {
+            let restarted = match daemon.respawn(&daemon_settings(&settings)).await {
+                Ok(()) => add_main_export(&monitor, &settings).await,
+                Err(error) => Err(error),
+            };
+            match restarted {
                 Ok(()) => {
                     restarts.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(%image, "qemu-nbd restarted");
+                    tracing::info!(%image, "qemu-storage-daemon restarted; checkpoints made before the crash need a new full backup");
                     break;
                 }
-                Err(error) => tracing::warn!(%image, %error, "restarting qemu-nbd failed; next try in {delay:?}"),
+                Err(error) => tracing::warn!(%image, %error, "restarting qemu-storage-daemon failed; next try in {delay:?}"),
             }
         }
     }

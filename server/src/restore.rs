@@ -4,6 +4,8 @@
 //! frames cost nothing when the target already reads as zeros throughout.
 //! A bad frame stops everything after it; the error names the frame and
 //! how much was applied before it, because storage cannot undo what landed.
+//! An incremental that does not continue the target's chain is refused
+//! before anything is written ([`crate::restore_record`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,20 +15,42 @@ use blockgate_protocol::sparse::{Decoder, Event, Summary};
 use blockgate_protocol::{ByteRange, ZeroState};
 use bytes::BytesMut;
 use futures::TryStreamExt;
+use serde::Serialize;
 
 use crate::backend::{Backend, REQUEST_SIZE};
 use crate::error::ApiError;
 use crate::extents::extents;
+use crate::restore_record;
 use crate::transfer::{Applied, Pipeline, WriteFailure, discard_rest, next_frame};
 
-/// Applies a sparse stream; the stream's summary on success.
-pub async fn restore(
-    backend: Arc<Backend>,
-    body: Body,
-    may_deallocate: bool,
-    flush: bool,
-    body_timeout: Duration,
-) -> Result<Summary, ApiError> {
+/// What a restore answers: the stream's summary and the checkpoint the
+/// target reached.
+#[derive(Debug, Serialize)]
+pub struct Restored {
+    /// The stream's summary.
+    #[serde(flatten)]
+    pub summary: Summary,
+    /// The checkpoint the stream's `meta` frame named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+}
+
+/// How a restore writes.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreSettings {
+    /// Zero frames may deallocate.
+    pub may_deallocate: bool,
+    /// Flush once the stream is applied.
+    pub flush: bool,
+    /// Apply an incremental that does not continue the target's chain.
+    pub force: bool,
+    /// Longest stall of the body.
+    pub body_timeout: Duration,
+}
+
+/// Applies a sparse stream; its summary on success.
+pub async fn restore(backend: Arc<Backend>, body: Body, settings: RestoreSettings) -> Result<Restored, ApiError> {
+    let RestoreSettings { may_deallocate, flush, force, body_timeout } = settings;
     let mut frames = body.into_data_stream();
     let mut decoder = Decoder::new(backend.size());
     let mut buffer = BytesMut::new();
@@ -34,6 +58,7 @@ pub async fn restore(
     let mut skip_zero_frames = false;
     let mut input_done = false;
     let mut received = 0u64;
+    let mut checkpoint = None;
     loop {
         let event = match decoder.decode(&mut buffer) {
             Ok(Some(event)) => event,
@@ -59,6 +84,11 @@ pub async fn restore(
         };
         let applied = match event {
             Event::Meta(meta) => {
+                if let Err(refused) = restore_record::admit(&backend, meta.since.as_deref(), meta.checkpoint.as_deref(), force) {
+                    discard_rest(frames);
+                    return Err(refused);
+                }
+                checkpoint = meta.checkpoint;
                 skip_zero_frames = !meta.incremental && reads_as_zeros(&backend).await?;
                 Ok(())
             }
@@ -92,7 +122,10 @@ pub async fn restore(
                 if flush {
                     backend.flush().await?;
                 }
-                return Ok(summary);
+                if let Some(checkpoint) = &checkpoint {
+                    restore_record::set(&backend, checkpoint)?;
+                }
+                return Ok(Restored { summary, checkpoint });
             }
         };
         if let Err(error) = applied {

@@ -47,6 +47,9 @@ pub enum Access {
     Read,
     /// Writes (PUT, PATCH).
     Write,
+    /// Makes or deletes a checkpoint (a reader slot; needs `write` or the
+    /// `checkpoint` op).
+    Checkpoint,
 }
 
 /// Expiry rules of a control ticket.
@@ -73,6 +76,8 @@ pub struct Ticket {
     pub writable: bool,
     /// Zeroing may deallocate.
     pub sparse: bool,
+    /// Checkpoints may be made and deleted.
+    pub may_checkpoint: bool,
     /// Connection limits.
     pub limits: Limits,
     spec: Option<TicketSpec>,
@@ -91,6 +96,7 @@ impl Ticket {
         backend: Arc<Backend>,
         writable: bool,
         sparse: bool,
+        may_checkpoint: bool,
         limits: Limits,
         spec: Option<TicketSpec>,
         lifetime: Option<Lifetime>,
@@ -102,6 +108,7 @@ impl Ticket {
             backend,
             writable,
             sparse,
+            may_checkpoint,
             limits,
             spec,
             lifetime,
@@ -114,15 +121,16 @@ impl Ticket {
         }
     }
 
-    /// A ticket that never expires (`--image`).
+    /// A ticket that never expires (`--image`); it may always make and
+    /// delete checkpoints.
     pub fn permanent(id: String, backend: Arc<Backend>, writable: bool, sparse: bool, limits: Limits) -> Ticket {
-        Ticket::new(id, backend, writable, sparse, limits, None, None)
+        Ticket::new(id, backend, writable, sparse, true, limits, None, None)
     }
 
     /// A ticket of the control API.
     pub fn from_spec(spec: TicketSpec, backend: Arc<Backend>, limits: Limits) -> Ticket {
         let lifetime = Lifetime { timeout: Duration::from_secs(spec.timeout), inactivity: Duration::from_secs(spec.inactivity_timeout) };
-        Ticket::new(spec.uuid.clone(), backend, spec.writable(), spec.sparse, limits, Some(spec), Some(lifetime))
+        Ticket::new(spec.uuid.clone(), backend, spec.writable(), spec.sparse, spec.may_checkpoint(), limits, Some(spec), Some(lifetime))
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -153,6 +161,13 @@ impl Ticket {
         }
         let (slots, limit, what) = match access {
             Access::Read => (&self.readers, self.limits.max_readers, "readers"),
+            Access::Checkpoint if !self.may_checkpoint => {
+                return Err(ApiError::Forbidden(format!(
+                    "ticket {:?} may not change checkpoints: that needs the \"write\" or \"checkpoint\" op",
+                    self.id
+                )));
+            }
+            Access::Checkpoint => (&self.readers, self.limits.max_readers, "readers"),
             Access::Write if !self.writable => {
                 return Err(ApiError::Forbidden(format!("ticket {:?} is read-only: writing needs the \"write\" op", self.id)));
             }

@@ -1,7 +1,7 @@
-//! `GET /images/{ticket}/extents?context=zero|dirty[&start=S&length=L]`:
+//! `GET /images/{ticket}/extents?context=zero|dirty[&since=ID][&checkpoint=ID2][&start=S&length=L]`:
 //! the image map as imageio's JSON array, streamed as it is read from
 //! BLOCK_STATUS so a huge fragmented image costs no more memory than a
-//! small one.
+//! small one. A dirty map is frozen when the request starts.
 
 use axum::Extension;
 use axum::body::Body;
@@ -14,12 +14,13 @@ use futures::stream::{self, Stream, StreamExt};
 use serde::Serialize;
 
 use super::AppState;
+use super::dirty;
 use super::query::{Params, number};
 use crate::error::{ApiError, ApiResult};
 use crate::extents::extents;
 use crate::server::ConnectionCut;
 use crate::tickets::Access;
-use crate::transfer::{guard_body, started};
+use crate::transfer::{cancelable, guard_body, started};
 
 pub async fn get(
     State(state): State<AppState>,
@@ -41,15 +42,12 @@ pub async fn get(
         _ => return Err(ApiError::range(format!("extents start={start} length={length} do not fit an image of {size} bytes"), size)),
     }
     let range = ByteRange { start, end: start + length };
-    let body = match params.get("context").map(String::as_str).unwrap_or("zero") {
-        "zero" => json_array(started(extents::<ZeroState>(backend, range)).await?),
-        "dirty" => {
-            if backend.bitmap().is_none() {
-                return Err(ApiError::NotFound(format!("ticket {id:?} has no dirty bitmap; context=dirty needs one")));
-            }
-            json_array(started(extents::<DirtyState>(backend, range)).await?)
-        }
-        other => return Err(ApiError::BadRequest(format!("invalid context={other:?}: expected zero or dirty"))),
+    let map = dirty::parse(&params)?;
+    let ticket = operation.ticket();
+    let backend = cancelable(dirty::open(ticket, &map), ticket).await?;
+    let body = match map.incremental {
+        false => json_array(started(extents::<ZeroState>(backend, range)).await?),
+        true => json_array(started(extents::<DirtyState>(backend, range)).await?),
     };
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "application/json")

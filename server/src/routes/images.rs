@@ -13,10 +13,12 @@ use blockgate_protocol::sparse;
 use blockgate_protocol::{ByteRange, ImageOptions, MAX_PATCH_BODY, PatchRequest, parse_content_range, parse_patch, parse_range};
 
 use super::AppState;
+use super::dirty::{self, MapRequest};
 use super::query::{Params, flag};
 use crate::backup::{Scope, backup_body};
 use crate::error::{ApiError, ApiResult};
-use crate::restore::restore;
+use crate::restore::{RestoreSettings, restore};
+use crate::restore_record;
 use crate::server::ConnectionCut;
 use crate::tickets::{Access, Operation, Ticket};
 use crate::transfer::{WriteTarget, cancelable, discard_body, guard_body, read_body, write_body};
@@ -44,6 +46,7 @@ pub async fn options(State(state): State<AppState>, Path(id): Path<String>) -> A
         size: Some(ticket.backend.size()),
         dirty: Some(ticket.backend.bitmap().is_some()),
         sparse_stream: Some(true),
+        checkpoints: Some(ticket.backend.supports_checkpoints()),
     };
     let allow = if ticket.writable { ALLOW_WRITABLE } else { ALLOW_READ_ONLY };
     Ok(([(header::ALLOW, allow)], Json(body)).into_response())
@@ -58,6 +61,7 @@ fn server_options(state: &AppState) -> Response {
         size: None,
         dirty: None,
         sparse_stream: Some(true),
+        checkpoints: None,
     };
     ([(header::ALLOW, "OPTIONS")], Json(body)).into_response()
 }
@@ -84,9 +88,12 @@ pub async fn get(
     let operation = state.tickets.begin(&id, Access::Read)?;
     let ticket = operation.ticket().clone();
     let close = flag(&params, "close", false)?;
-    let scope = sparse_scope(&ticket, &params)?;
+    let map = dirty::parse(&params)?;
     if transfer_format(&params)? == Format::Sparse {
-        return sparse_get(operation, scope, &headers, close, connection).await;
+        return sparse_get(operation, map, &headers, close, connection).await;
+    }
+    if map.since.is_some() || map.checkpoint.is_some() {
+        return Err(ApiError::BadRequest("since= and checkpoint= apply to format=sparse and to extents, not to raw data".into()));
     }
     let size = ticket.backend.size();
     let (status, range) = match headers.get(header::RANGE) {
@@ -112,10 +119,11 @@ pub async fn get(
     Ok(response)
 }
 
-/// `GET ?format=sparse[&context=zero|dirty]`: a full or incremental backup.
+/// `GET ?format=sparse[&context=zero|dirty][&since=ID][&checkpoint=ID2]`:
+/// a full or incremental backup.
 async fn sparse_get(
     operation: Operation,
-    scope: Scope,
+    map: MapRequest,
     headers: &HeaderMap,
     close: bool,
     connection: Option<ConnectionCut>,
@@ -124,7 +132,15 @@ async fn sparse_get(
         return Err(ApiError::BadRequest("Range does not apply to format=sparse; the stream covers the image".into()));
     }
     let ticket = operation.ticket().clone();
-    let body = cancelable(backup_body(ticket.backend.clone(), scope), &ticket).await?;
+    let backend = cancelable(dirty::open(&ticket, &map), &ticket).await?;
+    let legacy = map.incremental && map.since.is_none();
+    let scope = Scope {
+        incremental: map.incremental,
+        bitmap: if legacy { ticket.backend.bitmap().map(str::to_string) } else { None },
+        since: map.since,
+        checkpoint: map.checkpoint,
+    };
+    let body = cancelable(backup_body(backend, scope), &ticket).await?;
     let mut response = Response::new(guard_body(body, operation, None, connection));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(sparse::CONTENT_TYPE));
@@ -141,6 +157,8 @@ struct PutPlan {
     /// Body length from Content-Range or Content-Length, if announced.
     expected: Option<u64>,
     flush: bool,
+    /// Apply an incremental stream out of its chain.
+    force: bool,
     format: Format,
 }
 
@@ -158,12 +176,14 @@ pub async fn put(
             return Err(error);
         }
     };
-    let PutPlan { operation, start, expected, flush, format } = plan;
+    let PutPlan { operation, start, expected, flush, force, format } = plan;
     let ticket = operation.ticket().clone();
     if format == Format::Sparse {
-        let summary = cancelable(restore(ticket.backend.clone(), body, ticket.sparse, flush, state.body_timeout), &ticket).await?;
-        return Ok(Json(summary).into_response());
+        let settings = RestoreSettings { may_deallocate: ticket.sparse, flush, force, body_timeout: state.body_timeout };
+        let restored = cancelable(restore(ticket.backend.clone(), body, settings), &ticket).await?;
+        return Ok(Json(restored).into_response());
     }
+    restore_record::forget(&ticket.backend)?;
     let size = ticket.backend.size();
     let limit = expected.unwrap_or(size - start);
     let over_limit = |received: u64| match expected {
@@ -197,11 +217,12 @@ fn plan_put(state: &AppState, id: &str, params: &Params, headers: &HeaderMap) ->
     let ticket = operation.ticket();
     let format = transfer_format(params)?;
     let flush = flag(params, "flush", true)?;
+    let force = flag(params, "force", false)?;
     if format == Format::Sparse {
         if headers.contains_key(header::CONTENT_RANGE) {
             return Err(ApiError::BadRequest("Content-Range does not apply to format=sparse; frames carry their offsets".into()));
         }
-        return Ok(PutPlan { operation, start: 0, expected: None, flush, format });
+        return Ok(PutPlan { operation, start: 0, expected: None, flush, force, format });
     }
     let size = ticket.backend.size();
     let content_range = match headers.get(header::CONTENT_RANGE) {
@@ -236,7 +257,7 @@ fn plan_put(state: &AppState, id: &str, params: &Params, headers: &HeaderMap) ->
             size,
         ));
     }
-    Ok(PutPlan { operation, start, expected, flush, format })
+    Ok(PutPlan { operation, start, expected, flush, force, format })
 }
 
 /// Adds how much of a failed write landed to its message.
@@ -283,23 +304,12 @@ async fn zero(ticket: &Ticket, offset: u64, length: u64, flush: bool) -> ApiResu
             size,
         ));
     }
+    restore_record::forget(&ticket.backend)?;
     ticket.backend.zero(offset, length, ticket.sparse).await?;
     if flush {
         ticket.backend.flush().await?;
     }
     Ok(())
-}
-
-/// What a sparse GET carries, from `context` (checked whatever the format).
-fn sparse_scope(ticket: &Ticket, params: &Params) -> ApiResult<Scope> {
-    match params.get("context").map(String::as_str).unwrap_or("zero") {
-        "zero" => Ok(Scope::Full),
-        "dirty" => match ticket.backend.bitmap() {
-            Some(bitmap) => Ok(Scope::Dirty(bitmap.to_string())),
-            None => Err(ApiError::NotFound(format!("ticket {:?} has no dirty bitmap; context=dirty needs one", ticket.id))),
-        },
-        other => Err(ApiError::BadRequest(format!("invalid context={other:?}: expected zero or dirty"))),
-    }
 }
 
 /// How a GET or PUT body carries the image.

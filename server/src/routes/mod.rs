@@ -3,8 +3,10 @@
 //! span. Each submodule owns one family of routes; handlers parse and
 //! authorize, then hand the work to the ticket's backend.
 
+mod checkpoints;
 mod checksum;
 mod cors;
+mod dirty;
 mod extents;
 mod images;
 mod info;
@@ -15,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
 use axum::http::{Method, Request, header};
-use axum::routing::{get, options};
+use axum::routing::{delete, get, options};
 use tower_http::trace::TraceLayer;
 
 use crate::error::ApiError;
@@ -39,6 +41,8 @@ pub struct AppState {
 pub const ROUTES: &[(&str, &[&str])] = &[
     ("/images/{ticket}", &["OPTIONS", "HEAD", "GET", "PUT", "PATCH"]),
     ("/images/{ticket}/extents", &["GET"]),
+    ("/images/{ticket}/checkpoints", &["GET", "POST"]),
+    ("/images/{ticket}/checkpoints/{id}", &["DELETE"]),
     ("/images/{ticket}/checksum", &["GET"]),
     ("/images/{ticket}/checksum/algorithms", &["GET"]),
     ("/info/", &["GET"]),
@@ -54,6 +58,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/images/{ticket}", options(images::options).head(images::head).get(images::get).put(images::put).patch(images::patch))
         .route("/images/{ticket}/extents", get(extents::get))
+        .route("/images/{ticket}/checkpoints", get(checkpoints::list).post(checkpoints::create))
+        .route("/images/{ticket}/checkpoints/{id}", delete(checkpoints::delete))
         .route("/images/{ticket}/checksum", get(checksum::get))
         .route("/images/{ticket}/checksum/algorithms", get(checksum::algorithms))
         .route("/info/", get(info::get))

@@ -1,0 +1,84 @@
+//! Where a restore target's chain stands: the checkpoint the last restore
+//! reached, so an incremental is applied only onto the image it continues
+//! (checkpoints.md, "The stream and the restore").
+//!
+//! The record is a file in the state directory, keyed by the target (the
+//! image's resolved path, or its NBD URI). That works for every target,
+//! raw or qcow2, owned or reached by URI, and survives restarts; a bitmap
+//! in the target would only work for qcow2 images the server owns. Every
+//! write through blockgate that is not a link of the chain (PUT of raw
+//! data, PATCH zero, a stream that names no checkpoint) clears the record
+//! before it writes, and a restore clears it before its first write and
+//! sets it only once the whole stream is applied, so a failed restore
+//! leaves no record. Writes that bypass blockgate (a VM started on the
+//! target) are not seen: nothing else should write a target between the
+//! links of its chain.
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Backend;
+use crate::backup::now_rfc3339;
+use crate::checkpoints::check_id;
+use crate::error::{ApiError, ApiResult};
+use crate::state_file;
+
+/// The record's content.
+#[derive(Debug, Serialize, Deserialize)]
+struct Reached {
+    target: String,
+    checkpoint: String,
+    restored: String,
+}
+
+fn record_path(backend: &Backend) -> std::path::PathBuf {
+    state_file::path_for(backend.state_dir(), "restores", backend.target())
+}
+
+fn failed(error: impl std::fmt::Display) -> ApiError {
+    ApiError::Internal(format!("restore record: {error:#}"))
+}
+
+/// The checkpoint the target reached, if a restore recorded one.
+pub fn reached(backend: &Backend) -> ApiResult<Option<String>> {
+    Ok(state_file::load::<Reached>(&record_path(backend)).map_err(failed)?.map(|reached| reached.checkpoint))
+}
+
+/// Records that the target now holds the image at `checkpoint`.
+pub fn set(backend: &Backend, checkpoint: &str) -> ApiResult<()> {
+    let reached = Reached { target: backend.target().to_string(), checkpoint: checkpoint.to_string(), restored: now_rfc3339() };
+    state_file::save(&record_path(backend), &reached).map_err(failed)
+}
+
+/// Clears the record: the target is about to change outside its chain.
+pub fn forget(backend: &Backend) -> ApiResult<()> {
+    match std::fs::remove_file(record_path(backend)) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(failed(error)),
+        _ => Ok(()),
+    }
+}
+
+/// Decides whether a stream labelled `since` → `checkpoint` may be
+/// applied, then clears the record until it is. An incremental must
+/// continue exactly where the last restore left the target; `force`
+/// applies it anyway.
+pub fn admit(backend: &Backend, since: Option<&str>, checkpoint: Option<&str>, force: bool) -> ApiResult<()> {
+    for (key, id) in [("since", since), ("checkpoint", checkpoint)] {
+        if let Some(id) = id {
+            check_id(id).map_err(|error| ApiError::BadRequest(format!("meta frame, key {key:?}: {error}")))?;
+        }
+    }
+    if let Some(since) = since {
+        let reached = reached(backend)?;
+        if reached.as_deref() != Some(since) && !force {
+            let at = match &reached {
+                Some(reached) => format!("the target is at checkpoint {reached:?}"),
+                None => "the target has no checkpoint recorded (restore the full backup of the chain first)".to_string(),
+            };
+            return Err(ApiError::Conflict(format!(
+                "this incremental continues from checkpoint {since:?}{}, but {at}; restore the chain in order, or add force=y",
+                checkpoint.map(|checkpoint| format!(" to {checkpoint:?}")).unwrap_or_default()
+            )));
+        }
+    }
+    forget(backend)
+}
