@@ -354,6 +354,9 @@ pub struct ImageInfo {
     pub size: u64,
     /// Names of its persistent dirty bitmaps (qcow2).
     pub bitmaps: Vec<String>,
+    /// Those of them flagged `in-use`: left inconsistent by a writer that
+    /// did not close the image.
+    pub inconsistent_bitmaps: Vec<String>,
 }
 
 /// Asks `qemu-img info` about a file (works while the file is exported),
@@ -370,11 +373,15 @@ pub async fn image_info(path: &Path, format: Option<&str>) -> Result<ImageInfo> 
     let info: serde_json::Value = serde_json::from_slice(&output).map_err(|error| failed(format!("parsing qemu-img info: {error}")))?;
     let format = info["format"].as_str().map(str::to_string).ok_or_else(|| failed("qemu-img info gave no format"))?;
     let size = info["virtual-size"].as_u64().ok_or_else(|| failed("qemu-img info gave no virtual-size"))?;
-    let bitmaps = info["format-specific"]["data"]["bitmaps"]
-        .as_array()
-        .map(|bitmaps| bitmaps.iter().filter_map(|bitmap| bitmap["name"].as_str().map(str::to_string)).collect())
-        .unwrap_or_default();
-    Ok(ImageInfo { format, size, bitmaps })
+    let listed = info["format-specific"]["data"]["bitmaps"].as_array().cloned().unwrap_or_default();
+    let names = |in_use_only: bool| {
+        listed
+            .iter()
+            .filter(|bitmap| !in_use_only || bitmap["flags"].as_array().is_some_and(|flags| flags.iter().any(|flag| flag == "in-use")))
+            .filter_map(|bitmap| bitmap["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    Ok(ImageInfo { format, size, bitmaps: names(false), inconsistent_bitmaps: names(true) })
 }
 
 /// Magic numbers at offset 0 of image formats qemu would probe.

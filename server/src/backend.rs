@@ -175,13 +175,15 @@ impl Backend {
             (None, true) => Some(only_bitmap(info.bitmaps, &image)?),
             (None, false) => None,
         };
+        if let Some(name) = bitmap.as_ref().filter(|name| info.inconsistent_bitmaps.contains(name)) {
+            bail!("{image}: dirty bitmap {name:?} is inconsistent (its writer did not close the image); it cannot be used");
+        }
         // Checkpoints need the image open for writing even when the
         // ticket's data is read-only: a backup ticket rotates its chain.
         let node_read_only = spec.read_only && !(format == ImageFormat::Qcow2 && spec.checkpoints);
-        let checkpoints = match (format, node_read_only) {
-            (ImageFormat::Raw, _) => Err("the image is raw, which cannot hold persistent bitmaps; checkpoints need qcow2".to_string()),
-            (_, true) => Err("the ticket may not change the image: checkpoints need the \"write\" or \"checkpoint\" op".to_string()),
-            (ImageFormat::Qcow2, false) => Ok(Checkpoints::open(&path, &settings.state_dir)?),
+        let checkpoints = match format {
+            ImageFormat::Raw => Err("the image is raw, which cannot hold persistent bitmaps; checkpoints need qcow2".to_string()),
+            ImageFormat::Qcow2 => Ok(Checkpoints::open(&path, &settings.state_dir)?),
         };
         let owned = OwnedImage::start(OwnedSettings { path: path.clone(), format, read_only: spec.read_only, node_read_only }).await?;
         let owned = Arc::new(owned);

@@ -12,24 +12,6 @@ use serde_json::Value;
 
 use crate::common::*;
 
-async fn get_stream(client: &reqwest::Client, url: String) -> Vec<u8> {
-    let response = client.get(url).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(response.headers()["content-type"], "application/x-blockgate-sparse");
-    response.bytes().await.unwrap().to_vec()
-}
-
-async fn put_stream(client: &reqwest::Client, url: String, stream: Vec<u8>) -> (StatusCode, String) {
-    let response = client.put(url).body(stream).send().await.unwrap();
-    (response.status(), response.text().await.unwrap())
-}
-
-/// The stream's meta frame.
-fn meta(stream: &[u8]) -> Value {
-    let length = usize::from_str_radix(std::str::from_utf8(&stream[22..38]).unwrap(), 16).unwrap();
-    serde_json::from_slice(&stream[40..40 + length]).unwrap()
-}
-
 /// Bytes that are dirty and not zero, from the extents route.
 async fn dirty_data(client: &reqwest::Client, url: String) -> u64 {
     let extents: Vec<Value> = client.get(url).send().await.unwrap().json().await.unwrap();

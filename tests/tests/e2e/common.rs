@@ -264,16 +264,16 @@ pub async fn start_with_control(dir: &Path, extra: &[&str]) -> (Server, Control)
     (server, Control::new(socket))
 }
 
-/// The server's qemu-nbd children.
-pub fn qemu_nbd_pids(server: &Server) -> Vec<u32> {
+/// The server's qemu-storage-daemon children.
+pub fn daemon_pids(server: &Server) -> Vec<u32> {
     children(server.pid())
         .into_iter()
-        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with("qemu-nbd")))
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with("qemu-storage-daemon")))
         .collect()
 }
 
-pub fn qemu_nbd_children(server: &Server) -> usize {
-    qemu_nbd_pids(server).len()
+pub fn daemon_children(server: &Server) -> usize {
+    daemon_pids(server).len()
 }
 
 /// Polls `check` every 100 ms for up to 10 s.
@@ -325,4 +325,24 @@ impl Drop for Nbdkit {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A sparse stream, checked to be one.
+pub async fn get_stream(client: &reqwest::Client, url: String) -> Vec<u8> {
+    let response = client.get(url).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "application/x-blockgate-sparse");
+    response.bytes().await.unwrap().to_vec()
+}
+
+/// PUTs a sparse stream; status and body.
+pub async fn put_stream(client: &reqwest::Client, url: String, stream: Vec<u8>) -> (StatusCode, String) {
+    let response = client.put(url).body(stream).send().await.unwrap();
+    (response.status(), response.text().await.unwrap())
+}
+
+/// The stream's meta frame.
+pub fn meta(stream: &[u8]) -> Value {
+    let length = usize::from_str_radix(std::str::from_utf8(&stream[22..38]).unwrap(), 16).unwrap();
+    serde_json::from_slice(&stream[40..40 + length]).unwrap()
 }

@@ -1,8 +1,8 @@
 //! Faults of the NBD side and of the network, as a user with bad luck
-//! meets them: the owned qemu-nbd killed (reaped and restarted), every
+//! meets them: the owned qemu-storage-daemon killed (reaped and restarted), every
 //! route answering 502 with a status line while the backend is gone, a
 //! body cut off with neither a last chunk nor a TLS close_notify, a frozen
-//! qemu-nbd (502 after `--nbd-timeout`), a flood of idle TCP connections
+//! qemu-storage-daemon (502 after `--nbd-timeout`), a flood of idle TCP connections
 //! that must not delay the control socket, and bytes after a sparse
 //! stream's stop frame.
 
@@ -21,18 +21,18 @@ async fn get_range(server: &Server, ticket: &str, range: &str) -> reqwest::Respo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_qemu_nbd_is_reaped_and_restarted() {
+async fn a_killed_storage_daemon_is_reaped_and_restarted() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.raw");
     let content = random_bytes(8 * MIB as usize, 51);
     std::fs::write(&image, &content).unwrap();
     let server = Server::start(dir.path(), &[format!("disk={}", image.display())]).await;
     for round in 0..2 {
-        let [old] = qemu_nbd_pids(&server)[..] else { panic!("one qemu-nbd child") };
+        let [old] = daemon_pids(&server)[..] else { panic!("one qemu-storage-daemon child") };
         kill(Pid::from_raw(old as i32), Signal::SIGKILL).unwrap();
         wait_until("the dead child is reaped and a new one runs", async || {
             let gone = !std::path::Path::new(&format!("/proc/{old}")).exists();
-            gone && qemu_nbd_pids(&server).iter().any(|&pid| pid != old)
+            gone && daemon_pids(&server).iter().any(|&pid| pid != old)
         })
         .await;
         // The first request may still meet the old connection (502); the
@@ -141,13 +141,13 @@ fn nbd_suffix(version: &str, path: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frozen_qemu_nbd_costs_a_502_after_the_nbd_timeout_not_a_hang() {
+async fn a_frozen_storage_daemon_costs_a_502_after_the_nbd_timeout_not_a_hang() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.raw");
     let content = random_bytes(4 * MIB as usize, 54);
     std::fs::write(&image, &content).unwrap();
     let server = Server::try_start(dir.path(), &[format!("disk={}", image.display())], &["--nbd-timeout", "2"]).await.unwrap();
-    let [child] = qemu_nbd_pids(&server)[..] else { panic!("one qemu-nbd child") };
+    let [child] = daemon_pids(&server)[..] else { panic!("one qemu-storage-daemon child") };
     kill(Pid::from_raw(child as i32), Signal::SIGSTOP).unwrap();
     let started = Instant::now();
     let frozen = tokio::time::timeout(Duration::from_secs(20), get_range(&server, "disk", "bytes=0-1048575")).await.expect("no hang");

@@ -1,6 +1,6 @@
 //! The server's life and its backends' deaths: a qemu-nbd that dies
 //! mid-download must abort the body (never a clean short end), SIGTERM
-//! stops the server and its qemu-nbd children, and bad startup arguments
+//! stops the server and its qemu-storage-daemon children, and bad startup arguments
 //! fail at once with a clear message.
 
 use std::time::Duration;
@@ -77,15 +77,15 @@ async fn a_restarted_backend_serves_the_next_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_stops_the_server_and_its_qemu_nbd_children() {
+async fn sigterm_stops_the_server_and_its_daemon_children() {
     let dir = tempfile::tempdir().unwrap();
     let specs = [format!("a={}/a.qcow2,size=8M", dir.path().display()), format!("b={}/b.raw,size=8M,ro", dir.path().display())];
     let mut server = Server::start(dir.path(), &specs).await;
     let children = children(server.pid());
-    assert_eq!(children.len(), 2, "one qemu-nbd per image: {children:?}");
+    assert_eq!(children.len(), 2, "one qemu-storage-daemon per image: {children:?}");
     for child in &children {
         let command = std::fs::read_to_string(format!("/proc/{child}/cmdline")).unwrap();
-        assert!(command.starts_with("qemu-nbd"), "{command}");
+        assert!(command.starts_with("qemu-storage-daemon"), "{command}");
     }
     // An open download must not keep the server alive past its grace.
     let client = server.client();
@@ -94,7 +94,7 @@ async fn sigterm_stops_the_server_and_its_qemu_nbd_children() {
     drop(response);
     assert!(status.success(), "exit status {status}");
     for child in children {
-        assert!(!std::path::Path::new(&format!("/proc/{child}")).exists(), "qemu-nbd {child} outlived the server");
+        assert!(!std::path::Path::new(&format!("/proc/{child}")).exists(), "qemu-storage-daemon {child} outlived the server");
     }
     // The qcow2 image was closed cleanly: qemu-img check finds no leak.
     run("qemu-img", &["check", dir.path().join("a.qcow2").to_str().unwrap()]);

@@ -1,7 +1,8 @@
-//! End-to-end tests: the built `blockgate-server` binary, a real qemu-nbd,
+//! End-to-end tests: the built `blockgate-server` binary, a real qemu-nbd and qemu-storage-daemon,
 //! and clients (reqwest, curl) doing what users do.
 
 mod backup;
+mod checkpoints;
 mod cli;
 mod cli_safety;
 mod common;

@@ -30,10 +30,10 @@ async fn a_ticket_lives_grows_is_extended_and_expires() {
         (status["transfer_id"].clone(), status["active"].clone(), status["transferred"].clone()),
         (json!("x1"), json!(false), json!(0))
     );
-    assert_eq!(qemu_nbd_children(&server), 1, "file:// tickets get their own qemu-nbd");
-    // Adding it again replaces it (its qemu-nbd lets go of the image first).
+    assert_eq!(daemon_children(&server), 1, "file:// tickets get their own qemu-storage-daemon");
+    // Adding it again replaces it (its daemon lets go of the image first).
     assert_eq!(control.add(&ticket("t1", &image, &["read"], 300)).await, StatusCode::OK);
-    assert_eq!(qemu_nbd_children(&server), 1, "the replaced ticket's qemu-nbd is gone");
+    assert_eq!(daemon_children(&server), 1, "the replaced ticket's daemon is gone");
 
     // A slow reader: transferred grows while the transfer runs.
     let client = server.client_builder().http1_only().build().unwrap();
@@ -69,7 +69,7 @@ async fn a_ticket_lives_grows_is_extended_and_expires() {
     let refused = client.get(server.image_url("t1")).header("range", "bytes=0-0").send().await.unwrap();
     assert_eq!(refused.status(), StatusCode::FORBIDDEN);
     wait_until("the expired ticket is gone", async || control.status("t1").await.0 == StatusCode::NOT_FOUND).await;
-    wait_until("its qemu-nbd is gone", async || qemu_nbd_children(&server) == 0).await;
+    wait_until("its daemon is gone", async || daemon_children(&server) == 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,7 +97,7 @@ async fn deleting_a_ticket_stops_its_transfer_and_releases_everything() {
     let outcome = tokio::time::timeout(Duration::from_secs(20), reading).await.unwrap().unwrap();
     assert!(outcome.is_err(), "the transfer was cut off, not completed: {outcome:?}");
     assert_eq!(control.status("t2").await.0, StatusCode::NOT_FOUND);
-    assert_eq!(qemu_nbd_children(&server), 0, "no qemu-nbd child left");
+    assert_eq!(daemon_children(&server), 0, "no daemon left");
     let refused = client.get(server.image_url("t2")).send().await.unwrap();
     assert_eq!(refused.status(), StatusCode::FORBIDDEN);
     assert_eq!(control.delete("t2").await, StatusCode::NO_CONTENT, "DELETE is idempotent");
@@ -141,7 +141,7 @@ async fn delete_cuts_off_a_download_whose_client_stopped_reading() {
         };
         assert!(ended.is_err(), "the cut download must fail, not end (http1: {http1}, {received} bytes)");
         assert!(received < 64 * MIB);
-        wait_until("the qemu-nbd child is released", async || qemu_nbd_children(&server) == 0).await;
+        wait_until("the daemon is released", async || daemon_children(&server) == 0).await;
     }
 }
 
