@@ -30,8 +30,10 @@ async fn the_spec_and_the_router_agree() {
     let client = server.client();
     let routes = spec_routes();
     assert!(routes.len() >= 4, "{routes:?}");
+    let made = client.post(server.url("/images/demo/checkpoints")).json(&serde_json::json!({"id": "spec"})).send().await.unwrap();
+    assert_eq!(made.status(), StatusCode::CREATED);
     for (path, methods) in &routes {
-        let url = server.url(&path.replace("{ticket}", "demo"));
+        let url = server.url(&path.replace("{ticket}", "demo").replace("{id}", "spec"));
         for method in methods {
             let method = Method::from_bytes(method.as_bytes()).unwrap();
             let body = if method == Method::PATCH { r#"{"op":"flush"}"# } else { "" };
