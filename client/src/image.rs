@@ -6,8 +6,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use blockgate_protocol::checkpoint::{Checkpoint, Restored, check_id};
 use blockgate_protocol::json_array::ArrayDecoder;
-use blockgate_protocol::sparse::{Checksum, Summary};
+use blockgate_protocol::sparse::Checksum;
 use blockgate_protocol::{Extent, ImageOptions};
 use bytes::{Bytes, BytesMut};
 use futures::stream::{self, Stream, StreamExt, TryStreamExt};
@@ -29,21 +30,40 @@ pub enum Trust {
     Insecure,
 }
 
-/// Which extents to list.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Context {
-    /// Data and zero ranges.
-    Zero,
-    /// Ranges the ticket's dirty bitmap marks.
-    Dirty,
+/// What a backup (an extents listing or a sparse stream) covers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// Only what changed: since `since`, else what the ticket's bitmap
+    /// marks (imageio's `context=dirty`).
+    pub incremental: bool,
+    /// The checkpoint of the previous backup.
+    pub since: Option<String>,
+    /// The checkpoint this backup reaches (the server makes it if it does
+    /// not exist).
+    pub checkpoint: Option<String>,
 }
 
-impl Context {
-    fn as_str(self) -> &'static str {
-        match self {
-            Context::Zero => "zero",
-            Context::Dirty => "dirty",
+impl Scope {
+    /// Data and zero ranges of the whole image.
+    pub fn full() -> Scope {
+        Scope::default()
+    }
+
+    /// What the ticket's bitmap marks.
+    pub fn dirty() -> Scope {
+        Scope { incremental: true, ..Scope::default() }
+    }
+
+    /// The query string, ids checked so none needs escaping.
+    fn query(&self) -> Result<String> {
+        let mut query = String::from(if self.incremental || self.since.is_some() { "context=dirty" } else { "context=zero" });
+        for (key, id) in [("since", &self.since), ("checkpoint", &self.checkpoint)] {
+            if let Some(id) = id {
+                check_id(id).map_err(ClientError::Invalid)?;
+                query.push_str(&format!("&{key}={id}"));
+            }
         }
+        Ok(query)
     }
 }
 
@@ -172,11 +192,11 @@ impl ImageClient {
 
     /// The extents of `context`, optionally of one range, as a stream that
     /// parses the JSON array as it arrives.
-    pub async fn extents<F>(&self, context: Context, range: Option<(u64, u64)>) -> Result<impl Stream<Item = Result<Extent<F>>> + use<F>>
+    pub async fn extents<F>(&self, scope: &Scope, range: Option<(u64, u64)>) -> Result<impl Stream<Item = Result<Extent<F>>> + use<F>>
     where
         F: DeserializeOwned + Send + 'static,
     {
-        let mut url = format!("{}/extents?context={}", self.url, context.as_str());
+        let mut url = format!("{}/extents?{}", self.url, scope.query()?);
         if let Some((start, length)) = range {
             url.push_str(&format!("&start={start}&length={length}"));
         }
@@ -293,21 +313,56 @@ impl ImageClient {
             .await
     }
 
-    /// The sparse stream: full, or of the dirty ranges. Only starting the
-    /// request is retried; a stream cut later fails (it has no stop frame).
-    pub async fn backup(&self, incremental: bool) -> Result<impl Stream<Item = Result<Bytes>> + use<>> {
-        let url = format!("{}?format=sparse&context={}", self.url, if incremental { "dirty" } else { "zero" });
+    /// The sparse stream of `scope`. Only starting the request is retried;
+    /// a stream cut later fails (it has no stop frame).
+    pub async fn backup(&self, scope: &Scope) -> Result<impl Stream<Item = Result<Bytes>> + use<>> {
+        let url = format!("{}?format=sparse&{}", self.url, scope.query()?);
         let response = self.retry.run("GET sparse", || self.send(self.http.get(&url))).await?;
         Ok(response.bytes_stream().map_err(ClientError::from))
     }
 
-    /// Applies a sparse stream.
-    pub async fn restore<S>(&self, stream: S) -> Result<Summary>
+    /// Applies a sparse stream; `force` applies an incremental that does
+    /// not continue the target's chain.
+    pub async fn restore<S>(&self, stream: S, force: bool) -> Result<Restored>
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send + Sync + 'static,
     {
-        let url = format!("{}?format=sparse", self.url);
+        let url = format!("{}?format=sparse&force={}", self.url, if force { "y" } else { "n" });
         let response = self.send(self.http.put(&url).body(reqwest::Body::wrap_stream(stream))).await?;
         response.json().await.map_err(|error| ClientError::Protocol(format!("restore summary: {error}")))
+    }
+
+    /// The image's checkpoints, oldest first.
+    pub async fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
+        let url = format!("{}/checkpoints", self.url);
+        self.retry
+            .run("GET checkpoints", || async {
+                let response = self.send(self.http.get(&url)).await?;
+                response.json().await.map_err(|error| ClientError::Protocol(format!("checkpoints: {error}")))
+            })
+            .await
+    }
+
+    /// Makes a checkpoint (named by the server when `id` is `None`). Not
+    /// retried: a lost answer would make a retry fail with "exists".
+    pub async fn create_checkpoint(&self, id: Option<&str>) -> Result<Checkpoint> {
+        let body = match id {
+            Some(id) => {
+                check_id(id).map_err(ClientError::Invalid)?;
+                serde_json::json!({ "id": id })
+            }
+            None => serde_json::json!({}),
+        };
+        let request = self.http.post(format!("{}/checkpoints", self.url)).header(CONTENT_TYPE, "application/json").body(body.to_string());
+        let response = self.send(request).await?;
+        response.json().await.map_err(|error| ClientError::Protocol(format!("new checkpoint: {error}")))
+    }
+
+    /// Deletes a checkpoint. Not retried either: a retry after a lost
+    /// answer would report a 404 for a checkpoint that was deleted.
+    pub async fn delete_checkpoint(&self, id: &str) -> Result<()> {
+        check_id(id).map_err(ClientError::Invalid)?;
+        self.send(self.http.delete(format!("{}/checkpoints/{id}", self.url))).await?;
+        Ok(())
     }
 }

@@ -2,7 +2,8 @@
 //! imageio-compatible server) and the `blockgate` command-line tool.
 //!
 //! [`ImageClient`] makes single requests (options, size, extents, ranged
-//! reads and writes, zero, flush, checksum, the sparse stream), retried
+//! reads and writes, zero, flush, checksum, the sparse stream,
+//! checkpoints), retried
 //! with backoff when that is safe. [`transfer`] moves whole images between
 //! a local file of any format ([`LocalImage`], through a local qemu-nbd)
 //! and a server on several connections, following extents.
@@ -14,6 +15,6 @@ mod retry;
 pub mod transfer;
 
 pub use error::{ClientError, Result, chain};
-pub use image::{Context, ImageClient, Trust};
+pub use image::{ImageClient, Scope, Trust};
 pub use local::{LocalImage, Run};
 pub use retry::{RETRY_LOG, RetryPolicy};

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, Result, bail};
 use blockgate_client::transfer::{self, DEFAULT_CONNECTIONS, Progress, Stats, TransferOptions};
-use blockgate_client::{Context, ImageClient, LocalImage, RETRY_LOG, Trust, chain};
+use blockgate_client::{ImageClient, LocalImage, RETRY_LOG, Scope, Trust, chain};
 use blockgate_protocol::blkhash::{BlockHasher, DEFAULT_BLOCK_SIZE, check_block_size};
 use blockgate_protocol::{DirtyState, ZeroState};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -87,9 +87,13 @@ enum Command {
     Extents {
         /// Image URL.
         url: String,
-        /// zero: data and zero ranges; dirty: what the bitmap marks.
+        /// zero: data and zero ranges; dirty: what the bitmap marks (or
+        /// what changed since --since).
         #[arg(long, value_enum, default_value_t = ContextArg::Zero)]
         context: ContextArg,
+        /// What changed since this checkpoint (implies --context dirty).
+        #[arg(long, value_name = "ID")]
+        since: Option<String>,
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
@@ -107,7 +111,7 @@ enum Command {
     },
     /// Download an image into a local raw or qcow2 file.
     #[command(
-        after_help = "Examples:\n  blockgate download --cacert ca.pem https://host:54322/images/disk full.qcow2\n  blockgate download --cacert ca.pem --incremental --backing full.qcow2 https://host:54322/images/disk inc1.qcow2"
+        after_help = "Examples:\n  blockgate download --cacert ca.pem --checkpoint cp1 https://host:54322/images/disk full.qcow2\n  blockgate download --cacert ca.pem --incremental --since cp1 --checkpoint cp2 --backing full.qcow2 https://host:54322/images/disk inc1.qcow2"
     )]
     Download {
         /// Image URL.
@@ -123,6 +127,14 @@ enum Command {
         /// The previous backup (qcow2) the overlay sits on.
         #[arg(long, value_name = "BASE.qcow2", requires = "incremental")]
         backing: Option<PathBuf>,
+        /// With --incremental: what changed since this checkpoint (else
+        /// what the ticket's bitmap marks).
+        #[arg(long, value_name = "ID", requires = "incremental")]
+        since: Option<String>,
+        /// The checkpoint this backup reaches; made when the image map is
+        /// read if it does not exist.
+        #[arg(long, value_name = "ID2")]
+        checkpoint: Option<String>,
     },
     /// Upload a local image of any format qemu-img reads.
     #[command(after_help = "Example:\n  blockgate upload --cacert ca.pem disk.vmdk https://host:54322/images/disk")]
@@ -132,20 +144,65 @@ enum Command {
         /// Image URL.
         url: String,
     },
-    /// Write the sparse stream (full, or --incremental) to stdout.
-    #[command(after_help = "Example:\n  blockgate backup --cacert ca.pem https://host:54322/images/disk | zstd > full.sparse.zst")]
+    /// Write the sparse stream (full, or incremental) to stdout.
+    #[command(
+        after_help = "Examples:\n  blockgate backup --cacert ca.pem --checkpoint cp1 https://host:54322/images/disk > full.sparse\n  blockgate backup --cacert ca.pem --since cp1 --checkpoint cp2 https://host:54322/images/disk > inc1.sparse"
+    )]
     Backup {
         /// Image URL.
         url: String,
-        /// Only what the ticket's dirty bitmap marks.
+        /// Only what the ticket's dirty bitmap marks (imageio's bitmap).
         #[arg(long)]
         incremental: bool,
+        /// Only what changed since this checkpoint (the previous backup's).
+        #[arg(long, value_name = "ID", conflicts_with = "incremental")]
+        since: Option<String>,
+        /// The checkpoint this backup reaches: made in the same instant the
+        /// changes are frozen if it does not exist.
+        #[arg(long, value_name = "ID2")]
+        checkpoint: Option<String>,
     },
-    /// Apply a sparse stream read from stdin.
-    #[command(after_help = "Example:\n  zstd -dc full.sparse.zst | blockgate restore --cacert ca.pem https://host:54322/images/disk")]
+    /// Apply a sparse stream read from stdin; prints the summary and the
+    /// checkpoint the image reached.
+    #[command(after_help = "Example:\n  blockgate restore --cacert ca.pem https://host:54322/images/disk < full.sparse")]
     Restore {
         /// Image URL.
         url: String,
+        /// Apply an incremental that does not continue the image's chain.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List, make or delete the image's checkpoints.
+    #[command(subcommand)]
+    Checkpoint(CheckpointCommand),
+}
+
+#[derive(Subcommand)]
+enum CheckpointCommand {
+    /// List the checkpoints, oldest first.
+    #[command(after_help = "Example:\n  blockgate checkpoint list --cacert ca.pem https://host:54322/images/disk")]
+    List {
+        /// Image URL.
+        url: String,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a checkpoint (the server names it when no ID is given); prints it as JSON.
+    #[command(after_help = "Example:\n  blockgate checkpoint create --cacert ca.pem https://host:54322/images/disk cp1")]
+    Create {
+        /// Image URL.
+        url: String,
+        /// Checkpoint id: 1-64 of A-Z a-z 0-9 . _ -, not starting with '.'.
+        id: Option<String>,
+    },
+    /// Delete a checkpoint; no other checkpoint changes.
+    #[command(after_help = "Example:\n  blockgate checkpoint delete --cacert ca.pem https://host:54322/images/disk cp1")]
+    Delete {
+        /// Image URL.
+        url: String,
+        /// Checkpoint id.
+        id: String,
     },
 }
 
@@ -253,7 +310,10 @@ async fn run(cli: Cli) -> Result<()> {
             let info = serde_json::json!({"url": client.url(), "size": size, "options": options});
             println!("{}", serde_json::to_string_pretty(&info)?);
         }
-        Command::Extents { url, context, json } => list_extents(&client(url)?, *context, *json).await?,
+        Command::Extents { url, context, since, json } => {
+            let scope = Scope { incremental: matches!(context, ContextArg::Dirty), since: since.clone(), checkpoint: None };
+            list_extents(&client(url)?, &scope, *json).await?
+        }
         Command::Checksum { target, block_size } => {
             check_block_size(*block_size).map_err(anyhow::Error::msg)?;
             let checksum = if target.starts_with("https://") {
@@ -263,7 +323,7 @@ async fn run(cli: Cli) -> Result<()> {
             };
             println!("{checksum}  {target}");
         }
-        Command::Download { url, file, format, incremental, backing } => {
+        Command::Download { url, file, format, incremental, backing, since, checkpoint } => {
             let partial = PartialFile::new(file)?;
             let client = client(url)?;
             let reporter = Reporter::new(global.progress);
@@ -271,7 +331,8 @@ async fn run(cli: Cli) -> Result<()> {
             let stats = match backing {
                 Some(backing) if *incremental => {
                     let local = LocalImage::create_overlay(&partial.temporary, backing).await?;
-                    finish(transfer::download_incremental(&client, &local, &options).await, local).await?
+                    let scope = Scope { incremental: true, since: since.clone(), checkpoint: checkpoint.clone() };
+                    finish(transfer::download_incremental(&client, &local, &scope, &options).await, local).await?
                 }
                 _ => {
                     let format = match format {
@@ -282,6 +343,11 @@ async fn run(cli: Cli) -> Result<()> {
                     };
                     let size = client.size().await?;
                     let local = LocalImage::create(&partial.temporary, format, size).await?;
+                    if let Some(checkpoint) = checkpoint {
+                        // Made before the first byte is read: every later
+                        // write is in the next incremental.
+                        ensure_checkpoint(&client, checkpoint).await?;
+                    }
                     finish(transfer::download(&client, &local, &options).await, local).await?
                 }
             };
@@ -296,23 +362,64 @@ async fn run(cli: Cli) -> Result<()> {
             let stats = finish(transfer::upload(&local, &client, &options).await, local).await?;
             reporter.done("uploaded", &stats);
         }
-        Command::Backup { url, incremental } => {
+        Command::Backup { url, incremental, since, checkpoint } => {
             if std::io::stdout().is_terminal() {
                 bail!("the stream is binary: redirect stdout to a file or a pipe");
             }
-            let mut stream = std::pin::pin!(client(url)?.backup(*incremental).await?);
+            let scope = Scope { incremental: *incremental, since: since.clone(), checkpoint: checkpoint.clone() };
+            let mut stream = std::pin::pin!(client(url)?.backup(&scope).await?);
             let mut stdout = tokio::io::stdout();
             while let Some(chunk) = stream.next().await {
                 stdout.write_all(&chunk?).await.context("writing stdout")?;
             }
             stdout.flush().await?;
         }
-        Command::Restore { url } => {
+        Command::Restore { url, force } => {
             let stdin = tokio_util::io::ReaderStream::with_capacity(tokio::io::stdin(), 1 << 20);
-            let summary = client(url)?.restore(stdin).await?;
-            println!("{}", serde_json::to_string(&summary)?);
+            let restored = client(url)?.restore(stdin, *force).await?;
+            println!("{}", serde_json::to_string(&restored)?);
+            if let Some(checkpoint) = &restored.checkpoint {
+                eprintln!("the image is now at checkpoint {checkpoint}");
+            }
         }
+        Command::Checkpoint(command) => checkpoint_command(command, client).await?,
     }
+    Ok(())
+}
+
+async fn checkpoint_command(command: &CheckpointCommand, client: impl Fn(&str) -> blockgate_client::Result<ImageClient>) -> Result<()> {
+    match command {
+        CheckpointCommand::List { url, json } => {
+            let checkpoints = client(url)?.checkpoints().await?;
+            if !json {
+                println!("{:<24} {:<20} {:<24} {:>14} {:>6}", "id", "created", "parent", "dirty_bytes", "usable");
+            }
+            for checkpoint in checkpoints {
+                if *json {
+                    println!("{}", serde_json::to_string(&checkpoint)?);
+                    continue;
+                }
+                let dirty = checkpoint.dirty_bytes.map_or_else(|| "-".to_string(), |bytes| bytes.to_string());
+                let parent = checkpoint.parent.as_deref().unwrap_or("-");
+                println!("{:<24} {:<20} {parent:<24} {dirty:>14} {:>6}", checkpoint.id, checkpoint.created, checkpoint.usable);
+            }
+        }
+        CheckpointCommand::Create { url, id } => {
+            let checkpoint = client(url)?.create_checkpoint(id.as_deref()).await?;
+            println!("{}", serde_json::to_string(&checkpoint)?);
+        }
+        CheckpointCommand::Delete { url, id } => client(url)?.delete_checkpoint(id).await?,
+    }
+    Ok(())
+}
+
+/// Makes checkpoint `id` unless the image has it already (a retried
+/// backup finds the one its first try made).
+async fn ensure_checkpoint(client: &ImageClient, id: &str) -> Result<()> {
+    if client.checkpoints().await?.iter().any(|checkpoint| checkpoint.id == id) {
+        return Ok(());
+    }
+    client.create_checkpoint(Some(id)).await?;
     Ok(())
 }
 
@@ -324,23 +431,19 @@ async fn finish(result: blockgate_client::Result<Stats>, local: LocalImage) -> R
     Ok(stats)
 }
 
-async fn list_extents(client: &ImageClient, context: ContextArg, json: bool) -> Result<()> {
-    match context {
-        ContextArg::Zero => {
-            print_extents::<ZeroState>(client, Context::Zero, json, ["zero", "hole"], |flags| [flags.zero, flags.hole]).await
-        }
-        ContextArg::Dirty => {
-            print_extents::<DirtyState>(client, Context::Dirty, json, ["dirty", "zero"], |flags| [flags.dirty, flags.zero]).await
-        }
+async fn list_extents(client: &ImageClient, scope: &Scope, json: bool) -> Result<()> {
+    match scope.incremental || scope.since.is_some() {
+        false => print_extents::<ZeroState>(client, scope, json, ["zero", "hole"], |flags| [flags.zero, flags.hole]).await,
+        true => print_extents::<DirtyState>(client, scope, json, ["dirty", "zero"], |flags| [flags.dirty, flags.zero]).await,
     }
 }
 
 /// Prints extents as a table with two flag columns, or as JSON lines.
-async fn print_extents<F>(client: &ImageClient, context: Context, json: bool, columns: [&str; 2], flags: fn(&F) -> [bool; 2]) -> Result<()>
+async fn print_extents<F>(client: &ImageClient, scope: &Scope, json: bool, columns: [&str; 2], flags: fn(&F) -> [bool; 2]) -> Result<()>
 where
     F: serde::de::DeserializeOwned + serde::Serialize + Send + 'static,
 {
-    let mut extents = std::pin::pin!(client.extents::<F>(context, None).await?);
+    let mut extents = std::pin::pin!(client.extents::<F>(scope, None).await?);
     if !json {
         println!("{:>16} {:>16} {:>5} {:>5}", "start", "length", columns[0], columns[1]);
     }

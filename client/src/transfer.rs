@@ -14,7 +14,7 @@ use futures::stream::{self, TryStreamExt};
 use serde::Serialize;
 
 use crate::error::{ClientError, Result};
-use crate::image::{Context, ImageClient};
+use crate::image::{ImageClient, Scope};
 use crate::local::{LocalImage, Run};
 
 /// Bytes per data request: large enough to amortise a request, small
@@ -157,7 +157,7 @@ async fn connections_for(client: &ImageClient, wanted: usize, writing: bool) -> 
 /// Downloads the whole image into `local` (a fresh file that reads as
 /// zeros): data ranges are fetched, zero ranges cost nothing.
 pub async fn download(client: &ImageClient, local: &LocalImage, options: &TransferOptions) -> Result<Stats> {
-    let extents = client.extents::<ZeroState>(Context::Zero, None).await?;
+    let extents = client.extents::<ZeroState>(&Scope::full(), None).await?;
     let jobs = extents.map_ok(|extent: Extent<ZeroState>| {
         let run = Run { start: extent.start, length: extent.length, zero: extent.flags.zero };
         split(run, |_, length| Job::Skip { length })
@@ -165,11 +165,12 @@ pub async fn download(client: &ImageClient, local: &LocalImage, options: &Transf
     download_jobs(client, local, options, jobs).await
 }
 
-/// Downloads only the dirty ranges into `local` (an overlay on the previous
-/// backup): dirty data is fetched, dirty zeros are zeroed locally, clean
-/// ranges are left to the backing file.
-pub async fn download_incremental(client: &ImageClient, local: &LocalImage, options: &TransferOptions) -> Result<Stats> {
-    let extents = client.extents::<DirtyState>(Context::Dirty, None).await?;
+/// Downloads only the ranges `scope` marks changed into `local` (an overlay
+/// on the previous backup): dirty data is fetched, dirty zeros are zeroed
+/// locally, clean ranges are left to the backing file.
+pub async fn download_incremental(client: &ImageClient, local: &LocalImage, scope: &Scope, options: &TransferOptions) -> Result<Stats> {
+    let scope = Scope { incremental: true, ..scope.clone() };
+    let extents = client.extents::<DirtyState>(&scope, None).await?;
     let jobs = extents.map_ok(|extent: Extent<DirtyState>| {
         if extent.flags.dirty {
             let run = Run { start: extent.start, length: extent.length, zero: extent.flags.zero };
@@ -217,7 +218,7 @@ pub async fn upload(local: &LocalImage, client: &ImageClient, options: &Transfer
     }
     let connections = connections_for(client, options.connections, true).await?;
     let target_is_zero = client
-        .extents::<ZeroState>(Context::Zero, None)
+        .extents::<ZeroState>(&Scope::full(), None)
         .await?
         .try_all(|extent: Extent<ZeroState>| std::future::ready(extent.flags.zero))
         .await?;

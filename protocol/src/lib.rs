@@ -1,9 +1,10 @@
 //! What the blockgate server and its clients must agree on, without I/O:
 //! byte ranges and `Content-Range`, extents, the PATCH body, and the JSON
-//! of OPTIONS and `/info/`, tickets, the sparse stream codec and blkhash. Every
+//! of OPTIONS and `/info/`, tickets, checkpoints, the sparse stream codec and blkhash. Every
 //! parser here has property tests.
 
 pub mod blkhash;
+pub mod checkpoint;
 pub mod extents;
 mod fields;
 pub mod json_array;

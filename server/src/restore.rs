@@ -11,29 +11,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, BodyDataStream};
-use blockgate_protocol::sparse::{Decoder, Event, Summary};
+use blockgate_protocol::checkpoint::Restored;
+use blockgate_protocol::sparse::{Decoder, Event};
 use blockgate_protocol::{ByteRange, ZeroState};
 use bytes::BytesMut;
 use futures::TryStreamExt;
-use serde::Serialize;
 
 use crate::backend::{Backend, REQUEST_SIZE};
 use crate::error::ApiError;
 use crate::extents::extents;
 use crate::restore_record;
 use crate::transfer::{Applied, Pipeline, WriteFailure, discard_rest, next_frame};
-
-/// What a restore answers: the stream's summary and the checkpoint the
-/// target reached.
-#[derive(Debug, Serialize)]
-pub struct Restored {
-    /// The stream's summary.
-    #[serde(flatten)]
-    pub summary: Summary,
-    /// The checkpoint the stream's `meta` frame named.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub checkpoint: Option<String>,
-}
 
 /// How a restore writes.
 #[derive(Debug, Clone, Copy)]

@@ -52,6 +52,14 @@ pub enum Access {
     Checkpoint,
 }
 
+/// What a ticket lets its holder do.
+#[derive(Debug, Clone, Copy)]
+struct Rights {
+    writable: bool,
+    sparse: bool,
+    may_checkpoint: bool,
+}
+
 /// Expiry rules of a control ticket.
 #[derive(Debug, Clone, Copy)]
 struct Lifetime {
@@ -94,13 +102,12 @@ impl Ticket {
     fn new(
         id: String,
         backend: Arc<Backend>,
-        writable: bool,
-        sparse: bool,
-        may_checkpoint: bool,
+        rights: Rights,
         limits: Limits,
         spec: Option<TicketSpec>,
         lifetime: Option<Lifetime>,
     ) -> Ticket {
+        let Rights { writable, sparse, may_checkpoint } = rights;
         let now = Instant::now();
         let expires = now + lifetime.map_or(Duration::ZERO, |lifetime| lifetime.timeout);
         Ticket {
@@ -124,13 +131,14 @@ impl Ticket {
     /// A ticket that never expires (`--image`); it may always make and
     /// delete checkpoints.
     pub fn permanent(id: String, backend: Arc<Backend>, writable: bool, sparse: bool, limits: Limits) -> Ticket {
-        Ticket::new(id, backend, writable, sparse, true, limits, None, None)
+        Ticket::new(id, backend, Rights { writable, sparse, may_checkpoint: true }, limits, None, None)
     }
 
     /// A ticket of the control API.
     pub fn from_spec(spec: TicketSpec, backend: Arc<Backend>, limits: Limits) -> Ticket {
         let lifetime = Lifetime { timeout: Duration::from_secs(spec.timeout), inactivity: Duration::from_secs(spec.inactivity_timeout) };
-        Ticket::new(spec.uuid.clone(), backend, spec.writable(), spec.sparse, spec.may_checkpoint(), limits, Some(spec), Some(lifetime))
+        let rights = Rights { writable: spec.writable(), sparse: spec.sparse, may_checkpoint: spec.may_checkpoint() };
+        Ticket::new(spec.uuid.clone(), backend, rights, limits, Some(spec), Some(lifetime))
     }
 
     fn state(&self) -> MutexGuard<'_, State> {

@@ -1,6 +1,7 @@
 //! The `blockgate` CLI against a real server: round trips of raw and qcow2
 //! images, a sparse 10 GiB image that moves only its data, an incremental
-//! download chain, backup | restore through a pipe, a qemu-nbd restarted
+//! download chain, a checkpoint chain, backup | restore through a pipe, a
+//! qemu-nbd restarted
 //! mid-transfer, and failures that exit non-zero with one line.
 
 use std::path::Path;
@@ -156,6 +157,85 @@ async fn backup_pipes_into_restore() {
     let summary: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(summary["verified"], true);
     compare(&source, &target);
+}
+
+/// Runs the CLI with a file as stdin.
+fn blockgate_with_input(server: &Server, args: &[&str], input: &Path) -> Output {
+    let stdin = std::fs::File::open(input).unwrap();
+    Command::new(binary("blockgate")).arg("--cacert").arg(server.ca()).args(args).stdin(stdin).output().unwrap()
+}
+
+/// Runs the CLI with stdout into a file.
+fn blockgate_to_file(server: &Server, args: &[&str], output: &Path) -> Output {
+    let stdout = std::fs::File::create(output).unwrap();
+    Command::new(binary("blockgate")).arg("--cacert").arg(server.ca()).args(args).stdout(stdout).output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_chain_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, target) = (dir.path().join("source.qcow2"), dir.path().join("target.qcow2"));
+    let specs = [format!("src={},size=64M", source.display()), format!("dst={},size=64M", target.display())];
+    let server = Server::start(dir.path(), &specs).await;
+    let (src, dst) = (server.image_url("src"), server.image_url("dst"));
+    let client = server.client();
+    let write = async |offset: u64, seed: u64| {
+        let range = format!("bytes {offset}-{}/*", offset + MIB - 1);
+        let response = client.put(&src).header("content-range", range).body(random_bytes(MIB as usize, seed)).send().await.unwrap();
+        assert!(response.status().is_success());
+    };
+    write(0, 1).await;
+    let files: Vec<_> = ["full", "inc1", "inc2"].iter().map(|name| dir.path().join(format!("{name}.sparse"))).collect();
+    ok(blockgate_to_file(&server, &["backup", "--checkpoint", "cp1", &src], &files[0]));
+    write(8 * MIB, 2).await;
+    ok(blockgate_to_file(&server, &["backup", "--since", "cp1", "--checkpoint", "cp2", &src], &files[1]));
+    write(16 * MIB, 3).await;
+    // The incremental as a qcow2 overlay too, on a full download.
+    let (full, inc) = (dir.path().join("full.qcow2"), dir.path().join("inc.qcow2"));
+    ok(blockgate(&server, &["download", "--progress", "none", "--checkpoint", "cp2", &src, full.to_str().unwrap()]));
+    ok(blockgate_to_file(&server, &["backup", "--since", "cp2", "--checkpoint", "cp3", &src], &files[2]));
+    write(24 * MIB, 4).await;
+    let args = ["download", "--progress", "json", "--incremental", "--since", "cp3", "--backing", full.to_str().unwrap(), &src];
+    let output = ok(blockgate(&server, &[&args[..], &[inc.to_str().unwrap()]].concat()));
+    assert_eq!(stats(&output)["data_bytes"], MIB, "only what changed since cp3");
+    compare(&source, &inc);
+
+    let listed = ok(blockgate(&server, &["checkpoint", "list", "--json", &src]));
+    let ids: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap()["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["cp1", "cp2", "cp3"]);
+    let table = ok(blockgate(&server, &["checkpoint", "list", &src]));
+    assert!(String::from_utf8_lossy(&table.stdout).lines().nth(2).unwrap().starts_with("cp2"));
+
+    // Out of order: refused with both ids, non-zero exit, one line.
+    let output = blockgate_with_input(&server, &["restore", &dst], &files[1]);
+    assert!(!output.status.success());
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(said.contains("cp1") && said.contains("409"), "{said}");
+    for (file, checkpoint) in files.iter().zip(["cp1", "cp2", "cp3"]) {
+        let output = ok(blockgate_with_input(&server, &["restore", &dst], file));
+        let restored: Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(restored["checkpoint"], checkpoint);
+        assert!(String::from_utf8_lossy(&output.stderr).contains(&format!("checkpoint {checkpoint}")));
+    }
+    let restored = dir.path().join("restored.raw");
+    ok(blockgate(&server, &["download", "--progress", "none", &dst, restored.to_str().unwrap()]));
+    let at_cp3 = dir.path().join("at-cp3.raw");
+    ok(blockgate(&server, &["download", "--progress", "none", &src, at_cp3.to_str().unwrap()]));
+    let mut expected = std::fs::read(&at_cp3).unwrap();
+    expected[24 * MIB as usize..25 * MIB as usize].fill(0);
+    assert!(std::fs::read(&restored).unwrap() == expected, "the target holds the source as of cp3");
+
+    let made = ok(blockgate(&server, &["checkpoint", "create", &src]));
+    let made: Value = serde_json::from_slice(&made.stdout).unwrap();
+    assert_eq!(made["parent"], "cp3");
+    ok(blockgate(&server, &["checkpoint", "delete", &src, "cp1"]));
+    let output = blockgate(&server, &["checkpoint", "delete", &src, "cp1"]);
+    assert!(!output.status.success() && String::from_utf8_lossy(&output.stderr).contains("404"));
+    let output = blockgate(&server, &["checkpoint", "create", &src, ".bad"]);
+    assert!(!output.status.success() && String::from_utf8_lossy(&output.stderr).contains("invalid checkpoint id"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
