@@ -78,5 +78,17 @@ async fn the_readme_backup_and_restore_walkthrough_runs() {
     let stdout = run_block(walkthrough, dir.path(), Some(&server));
     assert!(stdout.contains("\"dirty\":true"), "dirty extents shown: {stdout}");
     assert!(stdout.contains("\"verified\":true"), "the full restore verified its checksum: {stdout}");
+    // Each stream carries its own round only: 8 MiB, then 1 MiB (the
+    // zeroed range travels as a zero frame), then 2 MiB.
+    let metas: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter(|line| line.starts_with("{\"virtual-size\""))
+        .map(|line| serde_json::from_str(line.trim()).unwrap())
+        .collect();
+    let sizes: Vec<u64> = metas.iter().map(|meta| meta["data-size"].as_u64().unwrap()).collect();
+    assert_eq!(sizes, [8 << 20, 1 << 20, 2 << 20], "{stdout}");
+    assert_eq!((metas[2]["since"].as_str(), metas[2]["checkpoint"].as_str()), (Some("tue"), Some("wed")));
+    assert!(stdout.contains("409") && stdout.contains("\"tue\""), "the out-of-order restore is refused: {stdout}");
+    assert!(stdout.contains("\"checkpoint\":\"wed\""), "the last restore reached wed: {stdout}");
     assert!(stdout.contains("Images are identical."), "{stdout}");
 }
