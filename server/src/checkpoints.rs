@@ -350,7 +350,8 @@ fn refused_bitmap(id: &str, error: QmpError) -> ApiError {
     }
 }
 
-/// Whether a value is a JSON object naming a checkpoint id, for `POST`.
+/// The id a `POST` body names: `{"id": "ID"}`, or none for `{}` or an
+/// empty body.
 pub fn parse_create(body: &[u8]) -> ApiResult<Option<String>> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
@@ -360,7 +361,7 @@ pub fn parse_create(body: &[u8]) -> ApiResult<Option<String>> {
         return Err(ApiError::BadRequest("body must be a JSON object such as {\"id\": \"cp1\"}".into()));
     };
     match object.get("id") {
-        None | Some(Value::Null) => Ok(None),
+        None => Ok(None),
         Some(Value::String(id)) => check_id(id).map(|()| Some(id.clone())),
         Some(other) => Err(ApiError::BadRequest(format!("field \"id\" must be a string, not {other}"))),
     }
@@ -393,7 +394,7 @@ mod tests {
         assert_eq!(parse_create(b"").unwrap(), None);
         assert_eq!(parse_create(b"{}").unwrap(), None);
         assert_eq!(parse_create(br#"{"id": "cp1"}"#).unwrap().as_deref(), Some("cp1"));
-        for body in [&br#"{"id": 1}"#[..], br#"{"id": ".x"}"#, b"[]", b"{", br#""cp1""#] {
+        for body in [&br#"{"id": 1}"#[..], br#"{"id": null}"#, br#"{"id": ".x"}"#, b"[]", b"{", br#""cp1""#] {
             assert!(matches!(parse_create(body), Err(ApiError::BadRequest(_))), "{}", String::from_utf8_lossy(body));
         }
     }

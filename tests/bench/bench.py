@@ -77,6 +77,7 @@ class Workloads:
         self.sparse_data = os.path.join(work, "sparse-data.raw")
         self.huge = os.path.join(work, "huge-sparse.qcow2")
         self.incremental = os.path.join(work, "incremental.qcow2")
+        self.upload_owned = os.path.join(work, "upload-owned.raw")
 
     def make(self):
         if not os.path.exists(self.dense):
@@ -85,8 +86,9 @@ class Workloads:
                 for _ in range(2 * GIB // (64 * MIB)):
                     f.write(os.urandom(64 * MIB))
             os.rename(self.dense + ".tmp", self.dense)
-        with open(self.upload, "wb") as f:
-            f.truncate(2 * GIB)
+        for path in (self.upload, self.upload_owned):
+            with open(path, "wb") as f:
+                f.truncate(2 * GIB)
         if not os.path.exists(self.sparse):
             print("bench: making sparse (2 GiB, 32 x 1 MiB of data)...", file=sys.stderr)
             with open(self.sparse, "wb") as f:
@@ -159,6 +161,13 @@ class Services:
             if name == "incremental":
                 spec += ",bitmap=b1"
             args += ["--image", spec]
+        # The same data through blockgate's own qemu-storage-daemon, and a
+        # qcow2 overlay on the incremental workload for checkpoints.
+        self.chain = os.path.join(self.work, "chain.qcow2")
+        if not os.path.exists(self.chain):
+            run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", self.w.incremental, self.chain)
+        args += ["--image", f"dense-owned={self.w.dense},ro", "--image", f"upload-owned={self.w.upload_owned}",
+                 "--image", f"chain={self.chain}"]
         return args
 
     def start_blockgate(self):
@@ -285,6 +294,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--work", default=os.path.join(ROOT, "target", "bench-work"))
+    parser.add_argument("--only-checkpoints", action="store_true", help="only the qemu-storage-daemon and checkpoint measures")
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
     workloads = Workloads(args.work)
@@ -293,110 +303,11 @@ def main():
     services = Services(tmp, workloads)
     services.start()
     table = Table()
-    ca = services.ca
-    blockgate_cli = os.path.join(BIN, "blockgate")
     out = os.path.join(args.work, "out.raw")
     try:
-        # Dense download, one curl stream, against imageio's daemon.
-        server_cpu_before = cpu_seconds(services.blockgate.pid)
-        theirs, ours = interleaved(
-            args.runs,
-            lambda: curl_time(services.imageio_url("dense"), ca),
-            lambda: curl_time(services.url("dense"), ca),
-        )
-        cpu_per_gib = (cpu_seconds(services.blockgate.pid) - server_cpu_before) / (2 * args.runs)
-        table.add("dense download, curl (2 GiB)", "imageio", theirs, ours, theirs / ours, ">= 3x", theirs / ours >= 3, "s")
-        table.add("  server CPU per GiB", "-", None, cpu_per_gib, None, "", None, "s")
-
-        # Dense download and upload, blockgate CLI against nbdcopy direct.
-        def cli_download():
-            if os.path.exists(out):
-                os.unlink(out)
-            return timed(blockgate_cli, "--cacert", ca, "--progress", "none", "download", services.url("dense"), out)
-
-        nbd_read, cli = interleaved(
-            args.runs,
-            lambda: timed("nbdcopy", "-C", "1", "-R", "8", f"nbd+unix:///?socket={services.sockets['dense']}", "null:"),
-            cli_download,
-        )
-        table.add("dense download, CLI vs direct NBD", "nbdcopy", nbd_read, cli, nbd_read / cli, ">= 0.6x", nbd_read / cli >= 0.6, "s")
-        nbd_write, cli_up = interleaved(
-            args.runs,
-            lambda: timed("nbdcopy", "-C", "1", "-R", "8", workloads.dense, f"nbd+unix:///?socket={services.sockets['upload']}"),
-            lambda: timed(blockgate_cli, "--cacert", ca, "--progress", "none", "upload", workloads.dense, services.url("upload")),
-        )
-        table.add("dense upload, CLI vs direct NBD", "nbdcopy", nbd_write, cli_up, nbd_write / cli_up, ">= 0.8x", nbd_write / cli_up >= 0.8, "s")
-
-        # imageio's client against its daemon, ours against ours.
-        def imageio_client_download():
-            if os.path.exists(out):
-                os.unlink(out)
-            code = ("import sys; from ovirt_imageio import client; "
-                    "client.download(sys.argv[1], sys.argv[2], sys.argv[3], fmt='raw')")
-            return timed(sys.executable, "-c", code, services.imageio_url("dense"), out, ca)
-
-        theirs, ours = interleaved(args.runs, imageio_client_download, cli_download)
-        table.add("dense download, each one's client", "imageio client", theirs, ours, theirs / ours, "(info)", None, "s")
-
-        # Sparse: cost follows data, not size.
-        def cli_get(name):
-            def measure():
-                if os.path.exists(out):
-                    os.unlink(out)
-                return timed(blockgate_cli, "--cacert", ca, "--progress", "none", "download", services.url(name), out)
-            return measure
-
-        data_alone, sparse = interleaved(args.runs, cli_get("sparse-data"), cli_get("sparse"))
-        ratio = sparse / data_alone
-        table.add("sparse download vs its 32 MiB of data", "dense 32 MiB", data_alone, sparse, ratio, "<= 1.3x time", ratio <= 1.3, "s")
-
-        # Extents of huge-sparse: first byte of the body and whole listing.
-        def extents_times():
-            context = ssl.create_default_context(cafile=ca)
-            connection = http.client.HTTPSConnection("localhost", services.port, context=context)
-            connection.connect()
-            started = time.monotonic()
-            connection.request("GET", "/images/huge/extents")
-            response = connection.getresponse()
-            response.read(1)
-            first = time.monotonic() - started
-            while response.read(1 << 20):
-                pass
-            whole = time.monotonic() - started
-            connection.close()
-            return first, whole
-
-        samples = [extents_times() for _ in range(args.runs)]
-        first = statistics.median(s[0] for s in samples)
-        whole = statistics.median(s[1] for s in samples)
-        # What qemu-nbd alone takes to describe the image, for scale.
-        qemu_map = median_of(args.runs, lambda: timed("nbdinfo", "--map", f"nbd+unix:///?socket={services.sockets['huge']}"))
-        table.add("extents of huge-sparse, first byte", "-", None, first, None, "< 0.050 s", first < 0.05, "s")
-        table.add("extents of huge-sparse, whole listing", "nbdinfo --map", qemu_map, whole, qemu_map / whole, "< 1 s", whole < 1.0, "s")
-
-        # Incremental: the dirty extents and the incremental sparse stream.
-        incremental = median_of(args.runs, lambda: curl_time(services.url("incremental") + "?format=sparse&context=dirty", ca))
-        table.add("incremental sparse stream (1% dirty)", "-", None, incremental, None, "(info)", None, "s")
-        full_stream = median_of(args.runs, lambda: curl_time(services.url("dense") + "?format=sparse", ca))
-        table.add("sparse stream out, dense", "-", None, full_stream, None, "(info)", None, "s")
-
-        # Checksum of dense against imageio's.
-        theirs, ours = interleaved(
-            args.runs,
-            lambda: curl_time(services.imageio_url("dense") + "/checksum", ca),
-            lambda: curl_time(services.url("dense") + "/checksum", ca),
-        )
-        table.add("checksum of dense", "imageio", theirs, ours, theirs / ours, ">= 2x", theirs / ours >= 2, "s")
-
-        # Memory: a fresh server, 8 concurrent downloads of dense.
-        services.restart_blockgate()
-        downloads = [subprocess.Popen(["curl", "-sSf", "-o", "/dev/null", "--cacert", ca, services.url("dense")])
-                     for _ in range(8)]
-        for download in downloads:
-            if download.wait() != 0:
-                sys.exit("bench: a concurrent download failed")
-        peak = proc_status(services.blockgate.pid, "VmHWM") / 1024
-        table.add("server peak RSS, 8 concurrent downloads", "-", None, peak, None, "< 64 MiB", peak < 64, "MiB")
+        checkpoint_measures(table, services, args.runs)
+        if not args.only_checkpoints:
+            peer_measures(table, services, workloads, args.runs, out)
     finally:
         services.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -406,6 +317,185 @@ def main():
     cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
     print(f"\nblockgate benchmark, medians of {args.runs} runs, {os.cpu_count()} cores ({cpu}), loopback, warm page cache\n")
     table.print()
+
+
+def https(services):
+    context = ssl.create_default_context(cafile=services.ca)
+    return http.client.HTTPSConnection("localhost", services.port, context=context)
+
+
+def checkpoint_measures(table, services, runs):
+    """The owned qemu-storage-daemon against qemu-nbd, and checkpoints."""
+    ca = services.ca
+    qemu_nbd, daemon = interleaved(
+        runs,
+        lambda: curl_time(services.url("dense"), ca),
+        lambda: curl_time(services.url("dense-owned"), ca),
+    )
+    table.add("dense GET via qemu-storage-daemon", "via qemu-nbd", qemu_nbd, daemon, qemu_nbd / daemon, ">= 0.95x", qemu_nbd / daemon >= 0.95, "s")
+    dense = services.w.dense
+    range_header = f"Content-Range: bytes 0-{2 * GIB - 1}/*"
+    qemu_nbd, daemon = interleaved(
+        runs,
+        lambda: curl_time(services.url("upload"), ca, "-T", dense, "-H", range_header),
+        lambda: curl_time(services.url("upload-owned"), ca, "-T", dense, "-H", range_header),
+    )
+    table.add("dense PUT via qemu-storage-daemon", "via qemu-nbd", qemu_nbd, daemon, qemu_nbd / daemon, ">= 0.95x", qemu_nbd / daemon >= 0.95, "s")
+
+    connection = https(services)
+
+    def request(method, path, body=None):
+        connection.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
+        response = connection.getresponse()
+        data = response.read()
+        if response.status >= 300:
+            sys.exit(f"bench: {method} {path}: {response.status} {data!r}")
+        return data
+
+    def create(index):
+        started = time.monotonic()
+        request("POST", "/images/chain/checkpoints", json.dumps({"id": f"bench-{index}"}))
+        return time.monotonic() - started
+
+    latencies = [create(index) for index in range(15)]
+    for index in range(15):
+        request("DELETE", f"/images/chain/checkpoints/bench-{index}")
+    table.add("checkpoint create (POST)", "-", None, statistics.median(latencies), None, "(info)", None, "s")
+
+    # 1% of the blocks change after checkpoint c0, as in the incremental workload.
+    request("POST", "/images/chain/checkpoints", json.dumps({"id": "c0"}))
+    block = os.urandom(64 * 1024)
+    for i in range(328):
+        offset = i * 100 * 64 * 1024
+        connection.request("PUT", "/images/chain?flush=n", body=block,
+                           headers={"Content-Range": f"bytes {offset}-{offset + len(block) - 1}/*"})
+        response = connection.getresponse()
+        response.read()
+    request("PATCH", "/images/chain", json.dumps({"op": "flush"}))
+
+    def incremental():
+        stream = https(services)
+        started = time.monotonic()
+        stream.request("GET", "/images/chain?format=sparse&since=c0")
+        response = stream.getresponse()
+        response.read(1)
+        first = time.monotonic() - started
+        while response.read(1 << 20):
+            pass
+        whole = time.monotonic() - started
+        stream.close()
+        return first, whole
+
+    samples = [incremental() for _ in range(runs)]
+    connection.close()
+    table.add("incremental since checkpoint, first byte", "-", None, statistics.median(s[0] for s in samples), None, "(info)", None, "s")
+    table.add("incremental since checkpoint, whole (1% dirty)", "-", None, statistics.median(s[1] for s in samples), None, "(info)", None, "s")
+
+
+def peer_measures(table, services, workloads, runs, out):
+    """The measures of docs/benchmarks.md against the peers."""
+    ca = services.ca
+    blockgate_cli = os.path.join(BIN, "blockgate")
+    # Dense download, one curl stream, against imageio's daemon.
+    server_cpu_before = cpu_seconds(services.blockgate.pid)
+    theirs, ours = interleaved(
+        runs,
+        lambda: curl_time(services.imageio_url("dense"), ca),
+        lambda: curl_time(services.url("dense"), ca),
+    )
+    cpu_per_gib = (cpu_seconds(services.blockgate.pid) - server_cpu_before) / (2 * runs)
+    table.add("dense download, curl (2 GiB)", "imageio", theirs, ours, theirs / ours, ">= 3x", theirs / ours >= 3, "s")
+    table.add("  server CPU per GiB", "-", None, cpu_per_gib, None, "", None, "s")
+
+    # Dense download and upload, blockgate CLI against nbdcopy direct.
+    def cli_download():
+        if os.path.exists(out):
+            os.unlink(out)
+        return timed(blockgate_cli, "--cacert", ca, "--progress", "none", "download", services.url("dense"), out)
+
+    nbd_read, cli = interleaved(
+        runs,
+        lambda: timed("nbdcopy", "-C", "1", "-R", "8", f"nbd+unix:///?socket={services.sockets['dense']}", "null:"),
+        cli_download,
+    )
+    table.add("dense download, CLI vs direct NBD", "nbdcopy", nbd_read, cli, nbd_read / cli, ">= 0.6x", nbd_read / cli >= 0.6, "s")
+    nbd_write, cli_up = interleaved(
+        runs,
+        lambda: timed("nbdcopy", "-C", "1", "-R", "8", workloads.dense, f"nbd+unix:///?socket={services.sockets['upload']}"),
+        lambda: timed(blockgate_cli, "--cacert", ca, "--progress", "none", "upload", workloads.dense, services.url("upload")),
+    )
+    table.add("dense upload, CLI vs direct NBD", "nbdcopy", nbd_write, cli_up, nbd_write / cli_up, ">= 0.8x", nbd_write / cli_up >= 0.8, "s")
+
+    # imageio's client against its daemon, ours against ours.
+    def imageio_client_download():
+        if os.path.exists(out):
+            os.unlink(out)
+        code = ("import sys; from ovirt_imageio import client; "
+                "client.download(sys.argv[1], sys.argv[2], sys.argv[3], fmt='raw')")
+        return timed(sys.executable, "-c", code, services.imageio_url("dense"), out, ca)
+
+    theirs, ours = interleaved(runs, imageio_client_download, cli_download)
+    table.add("dense download, each one's client", "imageio client", theirs, ours, theirs / ours, "(info)", None, "s")
+
+    # Sparse: cost follows data, not size.
+    def cli_get(name):
+        def measure():
+            if os.path.exists(out):
+                os.unlink(out)
+            return timed(blockgate_cli, "--cacert", ca, "--progress", "none", "download", services.url(name), out)
+        return measure
+
+    data_alone, sparse = interleaved(runs, cli_get("sparse-data"), cli_get("sparse"))
+    ratio = sparse / data_alone
+    table.add("sparse download vs its 32 MiB of data", "dense 32 MiB", data_alone, sparse, ratio, "<= 1.3x time", ratio <= 1.3, "s")
+
+    # Extents of huge-sparse: first byte of the body and whole listing.
+    def extents_times():
+        context = ssl.create_default_context(cafile=ca)
+        connection = http.client.HTTPSConnection("localhost", services.port, context=context)
+        connection.connect()
+        started = time.monotonic()
+        connection.request("GET", "/images/huge/extents")
+        response = connection.getresponse()
+        response.read(1)
+        first = time.monotonic() - started
+        while response.read(1 << 20):
+            pass
+        whole = time.monotonic() - started
+        connection.close()
+        return first, whole
+
+    samples = [extents_times() for _ in range(runs)]
+    first = statistics.median(s[0] for s in samples)
+    whole = statistics.median(s[1] for s in samples)
+    # What qemu-nbd alone takes to describe the image, for scale.
+    qemu_map = median_of(runs, lambda: timed("nbdinfo", "--map", f"nbd+unix:///?socket={services.sockets['huge']}"))
+    table.add("extents of huge-sparse, first byte", "-", None, first, None, "< 0.050 s", first < 0.05, "s")
+    table.add("extents of huge-sparse, whole listing", "nbdinfo --map", qemu_map, whole, qemu_map / whole, "< 1 s", whole < 1.0, "s")
+
+    # Incremental: the dirty extents and the incremental sparse stream.
+    incremental = median_of(runs, lambda: curl_time(services.url("incremental") + "?format=sparse&context=dirty", ca))
+    table.add("incremental sparse stream (1% dirty)", "-", None, incremental, None, "(info)", None, "s")
+    full_stream = median_of(runs, lambda: curl_time(services.url("dense") + "?format=sparse", ca))
+    table.add("sparse stream out, dense", "-", None, full_stream, None, "(info)", None, "s")
+
+    # Checksum of dense against imageio's.
+    theirs, ours = interleaved(
+        runs,
+        lambda: curl_time(services.imageio_url("dense") + "/checksum", ca),
+        lambda: curl_time(services.url("dense") + "/checksum", ca),
+    )
+    table.add("checksum of dense", "imageio", theirs, ours, theirs / ours, ">= 2x", theirs / ours >= 2, "s")
+
+    # Memory: a fresh server, 8 concurrent downloads of dense.
+    services.restart_blockgate()
+    downloads = [subprocess.Popen(["curl", "-sSf", "-o", "/dev/null", "--cacert", ca, services.url("dense")])
+                 for _ in range(8)]
+    for download in downloads:
+        if download.wait() != 0:
+            sys.exit("bench: a concurrent download failed")
+    peak = proc_status(services.blockgate.pid, "VmHWM") / 1024
+    table.add("server peak RSS, 8 concurrent downloads", "-", None, peak, None, "< 64 MiB", peak < 64, "MiB")
 
 
 if __name__ == "__main__":

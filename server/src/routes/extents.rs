@@ -31,6 +31,7 @@ pub async fn get(
     let operation = state.tickets.begin(&id, Access::Read)?;
     let backend = operation.ticket().backend.clone();
     let size = backend.size();
+    let map = dirty::parse(&params)?;
     let start = number(&params, "start")?.unwrap_or(0);
     let length = match number(&params, "length")? {
         Some(0) => return Err(ApiError::BadRequest("invalid length=0: expected a positive length".into())),
@@ -42,7 +43,6 @@ pub async fn get(
         _ => return Err(ApiError::range(format!("extents start={start} length={length} do not fit an image of {size} bytes"), size)),
     }
     let range = ByteRange { start, end: start + length };
-    let map = dirty::parse(&params)?;
     let ticket = operation.ticket();
     let backend = cancelable(dirty::open(ticket, &map), ticket).await?;
     let body = match map.incremental {
