@@ -269,12 +269,14 @@ pub async fn release_view(monitor: &Monitor, view: &str) {
     if let Err(error) = monitor.execute("block-export-del", json!({"id": export_id(view), "mode": "hard"})).await {
         tracing::debug!(view, %error, "removing a view's export");
     }
-    remove_bitmap(monitor, view).await;
+    if remove_bitmap(monitor, view).await {
+        tracing::debug!(view, "view released");
+    }
 }
 
 /// Removes a bitmap, waiting up to a second for an export that still
-/// holds it to go away.
-async fn remove_bitmap(monitor: &Monitor, name: &str) {
+/// holds it to go away; true if it was removed.
+async fn remove_bitmap(monitor: &Monitor, name: &str) -> bool {
     for _ in 0..50 {
         match monitor.execute("block-dirty-bitmap-remove", json!({"node": StorageDaemon::NODE, "name": name})).await {
             Err(QmpError::Command { desc, .. }) if desc.contains("in use") => {
@@ -282,12 +284,13 @@ async fn remove_bitmap(monitor: &Monitor, name: &str) {
             }
             Err(error) => {
                 tracing::debug!(bitmap = name, %error, "removing a bitmap");
-                return;
+                return false;
             }
-            Ok(_) => return,
+            Ok(_) => return true,
         }
     }
     tracing::warn!(bitmap = name, "a bitmap stayed in use; it goes away when the daemon stops");
+    false
 }
 
 /// The QMP id of a view's export: ids may not hold or start with `.`.

@@ -358,3 +358,23 @@ async fn limits_ids_raw_images_uris_and_ticket_ops_answer_as_the_contract_says()
     assert_eq!(status, StatusCode::CONFLICT);
     assert!(body.contains("NBD URI"), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_view_is_released_when_its_request_ends_even_cut_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("src.qcow2");
+    let extra = ["--log", "info,blockgate_server::checkpoints=debug"];
+    let server = Server::try_start(dir.path(), &[format!("src={},size=32M", source.display())], &extra).await.unwrap();
+    let client = server.client();
+    let src = server.image_url("src");
+    get_stream(&client, format!("{src}?format=sparse&checkpoint=r0")).await;
+    apply(&client, &src, &[Change::Write(0, 16 * MIB)], 1).await;
+    dirty_ranges(&server, "src", "since=r0").await;
+    get_stream(&client, format!("{src}?format=sparse&since=r0")).await;
+    // A client that goes away after the first chunk.
+    let mut cut = client.get(format!("{src}?format=sparse&since=r0")).send().await.unwrap();
+    assert!(cut.chunk().await.unwrap().is_some());
+    drop(cut);
+    let log = dir.path().join(format!("server-{}.log", server.port));
+    wait_until("three views are released", async || std::fs::read_to_string(&log).unwrap().matches("view released").count() == 3).await;
+}
