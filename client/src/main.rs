@@ -367,12 +367,27 @@ async fn run(cli: Cli) -> Result<()> {
                 bail!("the stream is binary: redirect stdout to a file or a pipe");
             }
             let scope = Scope { incremental: *incremental, since: since.clone(), checkpoint: checkpoint.clone() };
+            let reporter = Reporter::new(global.progress);
+            let progress = reporter.callback();
+            let started = std::time::Instant::now();
             let mut stream = std::pin::pin!(client(url)?.backup(&scope).await?);
             let mut stdout = tokio::io::stdout();
+            let (mut head, mut written) = (Vec::new(), 0u64);
             while let Some(chunk) = stream.next().await {
-                stdout.write_all(&chunk?).await.context("writing stdout")?;
+                let chunk = chunk?;
+                if head.len() < META_PEEK {
+                    head.extend_from_slice(&chunk[..chunk.len().min(META_PEEK - head.len())]);
+                }
+                stdout.write_all(&chunk).await.context("writing stdout")?;
+                written += chunk.len() as u64;
+                if let Some(progress) = &progress {
+                    let total = announced_data_size(&head).unwrap_or(0).max(written);
+                    progress(Progress { done: written, total });
+                }
             }
             stdout.flush().await?;
+            let stats = Stats { data_bytes: written, zero_bytes: 0, requests: 1, seconds: started.elapsed().as_secs_f64() };
+            reporter.done("backed up", &stats);
         }
         Command::Restore { url, force } => {
             let stdin = tokio_util::io::ReaderStream::with_capacity(tokio::io::stdin(), 1 << 20);
@@ -421,6 +436,17 @@ async fn ensure_checkpoint(client: &ImageClient, id: &str) -> Result<()> {
     }
     client.create_checkpoint(Some(id)).await?;
     Ok(())
+}
+
+/// Bytes of a stream's start kept to read its `meta` frame.
+const META_PEEK: usize = 64 << 10;
+
+/// The `data-size` a stream's `meta` frame announces, once `head` holds
+/// it: what a backup's progress counts towards (frame headers aside).
+fn announced_data_size(head: &[u8]) -> Option<u64> {
+    let length = usize::from_str_radix(std::str::from_utf8(head.get(22..38)?).ok()?, 16).ok()?;
+    let meta: serde_json::Value = serde_json::from_slice(head.get(40..40usize.checked_add(length)?)?).ok()?;
+    meta["data-size"].as_u64()
 }
 
 /// Closes the local image whatever happened, then returns the outcome.

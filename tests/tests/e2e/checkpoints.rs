@@ -198,9 +198,10 @@ async fn after_kill_9_the_chain_needs_a_new_full_backup() {
     kill(Pid::from_raw(old as i32), Signal::SIGKILL).unwrap();
     wait_until("the daemon is restarted", async || daemon_pids(&server).iter().any(|&pid| pid != old)).await;
     let mut listed: Vec<Value> = Vec::new();
-    wait_until("the checkpoint list answers", async || {
+    wait_until("the restarted daemon serves data and lists checkpoints", async || {
+        let data = client.get(&src).header("range", "bytes=0-4095").send().await.unwrap();
         let response = client.get(format!("{src}/checkpoints")).send().await.unwrap();
-        response.status() == StatusCode::OK && {
+        data.status() == StatusCode::PARTIAL_CONTENT && response.status() == StatusCode::OK && {
             listed = response.json().await.unwrap();
             true
         }

@@ -188,7 +188,13 @@ async fn a_checkpoint_chain_from_the_command_line() {
     let files: Vec<_> = ["full", "inc1", "inc2"].iter().map(|name| dir.path().join(format!("{name}.sparse"))).collect();
     ok(blockgate_to_file(&server, &["backup", "--checkpoint", "cp1", &src], &files[0]));
     write(8 * MIB, 2).await;
-    ok(blockgate_to_file(&server, &["backup", "--since", "cp1", "--checkpoint", "cp2", &src], &files[1]));
+    let output =
+        ok(blockgate_to_file(&server, &["backup", "--progress", "json", "--since", "cp1", "--checkpoint", "cp2", &src], &files[1]));
+    let progress: Vec<Value> = String::from_utf8_lossy(&output.stderr).lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    let last_progress = &progress[progress.len() - 2];
+    assert_eq!(last_progress["total"], last_progress["done"], "{progress:?}");
+    assert!(last_progress["total"].as_u64().unwrap() >= MIB, "the total is the stream's announced 1 MiB of data and more: {progress:?}");
+    assert_eq!(stats(&output)["data_bytes"], std::fs::metadata(&files[1]).unwrap().len());
     write(16 * MIB, 3).await;
     // The incremental as a qcow2 overlay too, on a full download.
     let (full, inc) = (dir.path().join("full.qcow2"), dir.path().join("inc.qcow2"));
