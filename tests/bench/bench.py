@@ -324,6 +324,22 @@ def https(services):
     return http.client.HTTPSConnection("localhost", services.port, context=context)
 
 
+def first_byte_and_whole(services, path):
+    """Seconds to the first byte of a GET's body, and to its end."""
+    connection = https(services)
+    connection.connect()
+    started = time.monotonic()
+    connection.request("GET", path)
+    response = connection.getresponse()
+    response.read(1)
+    first = time.monotonic() - started
+    while response.read(1 << 20):
+        pass
+    whole = time.monotonic() - started
+    connection.close()
+    return first, whole
+
+
 def checkpoint_measures(table, services, runs):
     """The owned qemu-storage-daemon against qemu-nbd, and checkpoints."""
     ca = services.ca
@@ -373,20 +389,7 @@ def checkpoint_measures(table, services, runs):
         response.read()
     request("PATCH", "/images/chain", json.dumps({"op": "flush"}))
 
-    def incremental():
-        stream = https(services)
-        started = time.monotonic()
-        stream.request("GET", "/images/chain?format=sparse&since=c0")
-        response = stream.getresponse()
-        response.read(1)
-        first = time.monotonic() - started
-        while response.read(1 << 20):
-            pass
-        whole = time.monotonic() - started
-        stream.close()
-        return first, whole
-
-    samples = [incremental() for _ in range(runs)]
+    samples = [first_byte_and_whole(services, "/images/chain?format=sparse&since=c0") for _ in range(runs)]
     connection.close()
     table.add("incremental since checkpoint, first byte", "-", None, statistics.median(s[0] for s in samples), None, "(info)", None, "s")
     table.add("incremental since checkpoint, whole (1% dirty)", "-", None, statistics.median(s[1] for s in samples), None, "(info)", None, "s")
@@ -450,22 +453,7 @@ def peer_measures(table, services, workloads, runs, out):
     table.add("sparse download vs its 32 MiB of data", "dense 32 MiB", data_alone, sparse, ratio, "<= 1.3x time", ratio <= 1.3, "s")
 
     # Extents of huge-sparse: first byte of the body and whole listing.
-    def extents_times():
-        context = ssl.create_default_context(cafile=ca)
-        connection = http.client.HTTPSConnection("localhost", services.port, context=context)
-        connection.connect()
-        started = time.monotonic()
-        connection.request("GET", "/images/huge/extents")
-        response = connection.getresponse()
-        response.read(1)
-        first = time.monotonic() - started
-        while response.read(1 << 20):
-            pass
-        whole = time.monotonic() - started
-        connection.close()
-        return first, whole
-
-    samples = [extents_times() for _ in range(runs)]
+    samples = [first_byte_and_whole(services, "/images/huge/extents") for _ in range(runs)]
     first = statistics.median(s[0] for s in samples)
     whole = statistics.median(s[1] for s in samples)
     # What qemu-nbd alone takes to describe the image, for scale.

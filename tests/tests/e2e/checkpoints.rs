@@ -68,6 +68,15 @@ fn written(changes: &[Change]) -> u64 {
     changes.iter().map(|change| if let Change::Write(_, length) = change { *length } else { 0 }).sum()
 }
 
+/// A server on a new 32 MiB qcow2 image `src`: the server, a client and
+/// the image's URL.
+async fn serve_source(dir: &Path, extra: &[&str]) -> (Server, reqwest::Client, String) {
+    let image = format!("src={},size=32M", dir.join("src.qcow2").display());
+    let server = Server::try_start(dir, &[image], extra).await.unwrap();
+    let (client, url) = (server.client(), server.image_url("src"));
+    (server, client, url)
+}
+
 /// A raw copy of the image as it is now (read while the daemon has it).
 fn snapshot(image: &Path, out: &Path) {
     run("qemu-img", &["convert", "-U", "-f", "qcow2", "-O", "raw", image.to_str().unwrap(), out.to_str().unwrap()]);
@@ -186,10 +195,7 @@ async fn a_chain_of_a_full_and_three_incrementals_restores_exactly_and_only_in_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_kill_9_the_chain_needs_a_new_full_backup() {
     let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("src.qcow2");
-    let server = Server::start(dir.path(), &[format!("src={},size=32M", source.display())]).await;
-    let client = server.client();
-    let src = server.image_url("src");
+    let (server, client, src) = serve_source(dir.path(), &[]).await;
     apply(&client, &src, &[Change::Write(0, MIB)], 1).await;
     get_stream(&client, format!("{src}?format=sparse&checkpoint=c1")).await;
     apply(&client, &src, &[Change::Write(4 * MIB, GRANULE)], 2).await;
@@ -226,10 +232,7 @@ async fn after_kill_9_the_chain_needs_a_new_full_backup() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_consumers_keep_independent_chains_on_one_image() {
     let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("src.qcow2");
-    let server = Server::start(dir.path(), &[format!("src={},size=32M", source.display())]).await;
-    let client = server.client();
-    let src = server.image_url("src");
+    let (server, client, src) = serve_source(dir.path(), &[]).await;
     apply(&client, &src, &[Change::Write(0, MIB)], 1).await;
     assert_eq!(post_checkpoint(&server, "src", json!({"id": "a1"})).await.0, StatusCode::CREATED);
     assert_eq!(post_checkpoint(&server, "src", json!({"id": "b1"})).await.0, StatusCode::CREATED);
@@ -254,10 +257,7 @@ async fn two_consumers_keep_independent_chains_on_one_image() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_during_an_incremental_land_in_the_next_one() {
     let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("src.qcow2");
-    let server = Server::start(dir.path(), &[format!("src={},size=32M", source.display())]).await;
-    let client = server.client();
-    let src = server.image_url("src");
+    let (server, client, src) = serve_source(dir.path(), &[]).await;
     get_stream(&client, format!("{src}?format=sparse&checkpoint=r0")).await;
     // 8 MiB changed: the stream is still running when the write lands.
     apply(&client, &src, &[Change::Write(0, 8 * MIB)], 1).await;
@@ -363,11 +363,7 @@ async fn limits_ids_raw_images_uris_and_ticket_ops_answer_as_the_contract_says()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_view_is_released_when_its_request_ends_even_cut_short() {
     let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("src.qcow2");
-    let extra = ["--log", "info,blockgate_server::checkpoints=debug"];
-    let server = Server::try_start(dir.path(), &[format!("src={},size=32M", source.display())], &extra).await.unwrap();
-    let client = server.client();
-    let src = server.image_url("src");
+    let (server, client, src) = serve_source(dir.path(), &["--log", "info,blockgate_server::checkpoints=debug"]).await;
     get_stream(&client, format!("{src}?format=sparse&checkpoint=r0")).await;
     apply(&client, &src, &[Change::Write(0, 16 * MIB)], 1).await;
     dirty_ranges(&server, "src", "since=r0").await;
