@@ -11,6 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+
+/// mimalloc instead of glibc's malloc: transfers allocate and free 256 KiB
+/// buffers all the time, and glibc handed those back to the kernel and
+/// page-faulted them in again (about a tenth of the server's CPU).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use blockgate_protocol::ticket::parse_ticket;
 use blockgate_server::backend::{Backend, BackendSettings};
 use blockgate_server::config::{Args, ImageSource};

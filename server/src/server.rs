@@ -135,11 +135,12 @@ pub async fn serve(endpoints: Vec<Endpoint>, limits: ConnectionLimits, shutdown:
             let serving: Pin<Box<dyn Future<Output = _> + Send>> = match (connection, acceptor) {
                 (Accepted::Tcp(tcp, peer), Some(acceptor)) => {
                     let tcp = CuttableTcp { inner: tcp, cut: cut.clone() };
-                    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    let mut tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => tls,
                         Ok(Err(error)) => return tracing::debug!(%peer, %error, "TLS handshake failed"),
                         Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                     };
+                    tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
                     Box::pin(watcher.watch(builder.serve_connection(TokioIo::new(tls), service).into_owned()))
                 }
                 (Accepted::Unix(unix), _) => Box::pin(watcher.watch(builder.serve_connection(TokioIo::new(unix), service).into_owned())),
@@ -258,6 +259,11 @@ impl AsyncWrite for CuttableTcp {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+/// Encrypted bytes a TLS connection may hold before it writes them: 64 KiB
+/// (rustls's default) cost one `writev` per four records; 512 KiB lets a
+/// 256 KiB body chunk go out in one or two.
+const TLS_BUFFER: usize = 512 << 10;
 
 fn http_builder(limits: ConnectionLimits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
