@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use blockgate_protocol::blkhash::Algorithm;
 use blockgate_protocol::checkpoint::{Checkpoint, Restored, check_id};
 use blockgate_protocol::json_array::ArrayDecoder;
 use blockgate_protocol::sparse::Checksum;
@@ -299,11 +300,12 @@ impl ImageClient {
         Ok(())
     }
 
-    /// The image's blkhash.
-    pub async fn checksum(&self, block_size: Option<u64>) -> Result<Checksum> {
-        let mut url = format!("{}/checksum", self.url);
+    /// The image's blkhash on `algorithm` (servers other than blockgate
+    /// may offer only blake2b).
+    pub async fn checksum(&self, algorithm: Algorithm, block_size: Option<u64>) -> Result<Checksum> {
+        let mut url = format!("{}/checksum?algorithm={}", self.url, algorithm.name());
         if let Some(block_size) = block_size {
-            url.push_str(&format!("?block_size={block_size}"));
+            url.push_str(&format!("&block_size={block_size}"));
         }
         self.retry
             .run("GET checksum", || async {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::{Context as _, Result, bail};
 use blockgate_client::transfer::{self, DEFAULT_CONNECTIONS, Progress, Stats, TransferOptions};
 use blockgate_client::{ImageClient, LocalImage, RETRY_LOG, Scope, Trust, chain};
-use blockgate_protocol::blkhash::{BlockHasher, DEFAULT_BLOCK_SIZE, check_block_size};
+use blockgate_protocol::blkhash::{Algorithm, BlockHasher, DEFAULT_BLOCK_SIZE, check_block_size};
 use blockgate_protocol::{DirtyState, ZeroState};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::{StreamExt, TryStreamExt};
@@ -108,6 +108,9 @@ enum Command {
         /// Block size of the hash.
         #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE)]
         block_size: u64,
+        /// Hash function: blake2b, blake2s, sha1, sha224, sha256, sha384, sha512 or md5.
+        #[arg(long, default_value = "blake2b", value_parser = Algorithm::parse)]
+        algorithm: Algorithm,
     },
     /// Download an image into a local raw or qcow2 file.
     #[command(
@@ -314,12 +317,12 @@ async fn run(cli: Cli) -> Result<()> {
             let scope = Scope { incremental: matches!(context, ContextArg::Dirty), since: since.clone(), checkpoint: None };
             list_extents(&client(url)?, &scope, *json).await?
         }
-        Command::Checksum { target, block_size } => {
+        Command::Checksum { target, block_size, algorithm } => {
             check_block_size(*block_size).map_err(anyhow::Error::msg)?;
             let checksum = if target.starts_with("https://") {
-                client(target)?.checksum(Some(*block_size)).await?.checksum
+                client(target)?.checksum(*algorithm, Some(*block_size)).await?.checksum
             } else {
-                local_checksum(Path::new(target), *block_size).await?
+                local_checksum(Path::new(target), *algorithm, *block_size).await?
             };
             println!("{checksum}  {target}");
         }
@@ -485,10 +488,10 @@ where
 }
 
 /// The blkhash of a local file, zero runs hashed without reading.
-async fn local_checksum(path: &Path, block_size: u64) -> Result<String> {
+async fn local_checksum(path: &Path, algorithm: Algorithm, block_size: u64) -> Result<String> {
     let local = LocalImage::open_read_only(path).await?;
     let hashed = async {
-        let mut hasher = BlockHasher::new(block_size);
+        let mut hasher = BlockHasher::with_algorithm(algorithm, block_size);
         for run in local.runs().await? {
             if run.zero {
                 hasher.zero(run.length);

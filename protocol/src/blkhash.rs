@@ -1,7 +1,7 @@
 //! blkhash, imageio's block-based image checksum: the image is split into
-//! `block_size` blocks (the last may be shorter), each block is hashed with
-//! BLAKE2b-256, and the checksum is BLAKE2b-256 over the block digests in
-//! order. A range known to read as zeros is hashed with a precomputed
+//! `block_size` blocks (the last may be shorter), each block is hashed
+//! (BLAKE2b-256 by default, or another of imageio's algorithms), and the
+//! checksum is the same hash over the block digests in order. A range known to read as zeros is hashed with a precomputed
 //! digest instead of its bytes; the value is the same as hashing the zeros,
 //! so the checksum depends on content only, never on sparseness.
 //!
@@ -10,12 +10,13 @@
 //! the image.
 
 use blake2::digest::consts::U32;
-use blake2::{Blake2b, Digest};
+use blake2::{Blake2b, Blake2s256};
+use digest::{Digest, DynDigest};
 
 /// BLAKE2b with a 32-byte digest.
 type Blake2b256 = Blake2b<U32>;
 
-/// The only algorithm served.
+/// The default algorithm, and the one the sparse stream's trailer uses.
 pub const ALGORITHM: &str = "blake2b";
 /// Default block size (imageio's).
 pub const DEFAULT_BLOCK_SIZE: u64 = 4 << 20;
@@ -26,6 +27,78 @@ pub const MAX_BLOCK_SIZE: u64 = 16 << 20;
 
 static ZERO_CHUNK: [u8; 64 << 10] = [0; 64 << 10];
 
+/// A hash function blkhash can be built on: imageio's set, from Python's
+/// hashlib. BLAKE2b uses a 32-byte digest, as imageio does; the others
+/// their standard size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// BLAKE2b-256 (the default).
+    Blake2b,
+    /// BLAKE2s-256.
+    Blake2s,
+    /// SHA-1.
+    Sha1,
+    /// SHA-224.
+    Sha224,
+    /// SHA-256.
+    Sha256,
+    /// SHA-384.
+    Sha384,
+    /// SHA-512.
+    Sha512,
+    /// MD5.
+    Md5,
+}
+
+impl Algorithm {
+    /// Every algorithm, in the order `/checksum/algorithms` lists them.
+    pub const ALL: [Algorithm; 8] = [
+        Algorithm::Blake2b,
+        Algorithm::Blake2s,
+        Algorithm::Sha1,
+        Algorithm::Sha224,
+        Algorithm::Sha256,
+        Algorithm::Sha384,
+        Algorithm::Sha512,
+        Algorithm::Md5,
+    ];
+
+    /// hashlib's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Blake2b => "blake2b",
+            Algorithm::Blake2s => "blake2s",
+            Algorithm::Sha1 => "sha1",
+            Algorithm::Sha224 => "sha224",
+            Algorithm::Sha256 => "sha256",
+            Algorithm::Sha384 => "sha384",
+            Algorithm::Sha512 => "sha512",
+            Algorithm::Md5 => "md5",
+        }
+    }
+
+    /// The algorithm of a hashlib name.
+    pub fn parse(name: &str) -> Result<Algorithm, String> {
+        Algorithm::ALL.into_iter().find(|algorithm| algorithm.name() == name).ok_or_else(|| {
+            let names: Vec<&str> = Algorithm::ALL.iter().map(|algorithm| algorithm.name()).collect();
+            format!("unsupported algorithm {name:?}: expected one of {}", names.join(", "))
+        })
+    }
+
+    fn hasher(self) -> Box<dyn DynDigest + Send> {
+        match self {
+            Algorithm::Blake2b => Box::new(Blake2b256::new()),
+            Algorithm::Blake2s => Box::new(Blake2s256::new()),
+            Algorithm::Sha1 => Box::new(sha1::Sha1::new()),
+            Algorithm::Sha224 => Box::new(sha2::Sha224::new()),
+            Algorithm::Sha256 => Box::new(sha2::Sha256::new()),
+            Algorithm::Sha384 => Box::new(sha2::Sha384::new()),
+            Algorithm::Sha512 => Box::new(sha2::Sha512::new()),
+            Algorithm::Md5 => Box::new(md5::Md5::new()),
+        }
+    }
+}
+
 /// Checks a requested block size: a multiple of 4096 in [4 KiB, 16 MiB].
 pub fn check_block_size(block_size: u64) -> Result<(), String> {
     if (MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) && block_size % 4096 == 0 {
@@ -35,23 +108,27 @@ pub fn check_block_size(block_size: u64) -> Result<(), String> {
     }
 }
 
-/// The digest of one block (BLAKE2b-256 of its bytes), for hashing blocks
-/// in parallel and combining them in order with [`BlockHasher::push_digest`].
-pub fn block_digest<'a>(parts: impl IntoIterator<Item = BlockPart<'a>>) -> [u8; 32] {
-    let mut block = Blake2b256::new();
+/// Feeds `length` zero bytes to a hash.
+fn hash_zeros(hash: &mut dyn DynDigest, mut length: u64) {
+    while length > 0 {
+        let step = length.min(ZERO_CHUNK.len() as u64);
+        hash.update(&ZERO_CHUNK[..step as usize]);
+        length -= step;
+    }
+}
+
+/// The digest of one block (the algorithm's hash of its bytes), for
+/// hashing blocks in parallel and combining them in order with
+/// [`BlockHasher::push_digest`].
+pub fn block_digest<'a>(algorithm: Algorithm, parts: impl IntoIterator<Item = BlockPart<'a>>) -> Box<[u8]> {
+    let mut block = algorithm.hasher();
     for part in parts {
         match part {
             BlockPart::Data(data) => block.update(data),
-            BlockPart::Zeros(mut length) => {
-                while length > 0 {
-                    let step = length.min(ZERO_CHUNK.len() as u64);
-                    block.update(&ZERO_CHUNK[..step as usize]);
-                    length -= step;
-                }
-            }
+            BlockPart::Zeros(length) => hash_zeros(block.as_mut(), length),
         }
     }
-    block.finalize().into()
+    block.finalize()
 }
 
 /// A piece of a block: bytes, or a run of zeros.
@@ -64,33 +141,37 @@ pub enum BlockPart<'a> {
 }
 
 /// A streaming blkhash.
-#[derive(Clone)]
 pub struct BlockHasher {
+    algorithm: Algorithm,
     block_size: u64,
-    outer: Blake2b256,
-    block: Blake2b256,
+    outer: Box<dyn DynDigest + Send>,
+    block: Box<dyn DynDigest + Send>,
     /// Bytes hashed into the current block.
     filled: u64,
-    zero_block_digest: [u8; 32],
+    zero_block_digest: Box<[u8]>,
 }
 
 impl BlockHasher {
-    /// A hasher with the given block size (see [`check_block_size`]).
+    /// A BLAKE2b hasher with the given block size (see [`check_block_size`]).
     pub fn new(block_size: u64) -> BlockHasher {
-        let mut zero_block = Blake2b256::new();
-        let mut left = block_size;
-        while left > 0 {
-            let step = left.min(ZERO_CHUNK.len() as u64) as usize;
-            zero_block.update(&ZERO_CHUNK[..step]);
-            left -= step as u64;
-        }
+        BlockHasher::with_algorithm(Algorithm::Blake2b, block_size)
+    }
+
+    /// A hasher of `algorithm` with the given block size.
+    pub fn with_algorithm(algorithm: Algorithm, block_size: u64) -> BlockHasher {
         BlockHasher {
+            algorithm,
             block_size,
-            outer: Blake2b256::new(),
-            block: Blake2b256::new(),
+            outer: algorithm.hasher(),
+            block: algorithm.hasher(),
             filled: 0,
-            zero_block_digest: zero_block.finalize().into(),
+            zero_block_digest: block_digest(algorithm, [BlockPart::Zeros(block_size)]),
         }
+    }
+
+    /// The algorithm.
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
     }
 
     /// The block size.
@@ -113,12 +194,12 @@ impl BlockHasher {
     pub fn zero(&mut self, mut length: u64) {
         while length > 0 {
             if self.filled == 0 && length >= self.block_size {
-                self.outer.update(self.zero_block_digest);
+                self.outer.update(&self.zero_block_digest);
                 length -= self.block_size;
                 continue;
             }
-            let step = (self.block_size - self.filled).min(length).min(ZERO_CHUNK.len() as u64);
-            self.block.update(&ZERO_CHUNK[..step as usize]);
+            let step = (self.block_size - self.filled).min(length);
+            hash_zeros(self.block.as_mut(), step);
             self.filled += step;
             length -= step;
             self.end_block_if_full();
@@ -127,15 +208,15 @@ impl BlockHasher {
 
     fn end_block_if_full(&mut self) {
         if self.filled == self.block_size {
-            let digest = std::mem::take(&mut self.block).finalize();
-            self.outer.update(digest);
+            let digest = self.block.finalize_reset();
+            self.outer.update(&digest);
             self.filled = 0;
         }
     }
 
     /// Adds the digest of the next whole block (see [`block_digest`]); only
     /// valid between blocks.
-    pub fn push_digest(&mut self, digest: [u8; 32]) {
+    pub fn push_digest(&mut self, digest: &[u8]) {
         debug_assert_eq!(self.filled, 0, "push_digest inside a block");
         self.outer.update(digest);
     }
@@ -143,15 +224,15 @@ impl BlockHasher {
     /// Adds `count` whole blocks of zeros.
     pub fn push_zero_blocks(&mut self, count: u64) {
         for _ in 0..count {
-            self.outer.update(self.zero_block_digest);
+            self.outer.update(&self.zero_block_digest);
         }
     }
 
     /// The checksum as lowercase hex.
     pub fn finish(mut self) -> String {
         if self.filled > 0 {
-            let digest = std::mem::take(&mut self.block).finalize();
-            self.outer.update(digest);
+            let digest = self.block.finalize_reset();
+            self.outer.update(&digest);
         }
         hex::encode(self.outer.finalize())
     }
@@ -166,9 +247,22 @@ mod tests {
     fn reference(image: &[u8], block_size: usize) -> String {
         let mut outer = Blake2b256::new();
         for block in image.chunks(block_size) {
-            outer.update(Blake2b256::digest(block));
+            Digest::update(&mut outer, Blake2b256::digest(block));
         }
         hex::encode(outer.finalize())
+    }
+
+    #[test]
+    fn every_algorithm_hashes_zeros_and_data_alike() {
+        for algorithm in Algorithm::ALL {
+            assert_eq!(Algorithm::parse(algorithm.name()), Ok(algorithm));
+            let mut by_data = BlockHasher::with_algorithm(algorithm, 4096);
+            by_data.update(&[0u8; 10000]);
+            let mut by_zeros = BlockHasher::with_algorithm(algorithm, 4096);
+            by_zeros.zero(10000);
+            assert_eq!(by_data.finish(), by_zeros.finish(), "{}", algorithm.name());
+        }
+        assert!(Algorithm::parse("sha3_256").unwrap_err().contains("sha512"));
     }
 
     #[test]
@@ -194,11 +288,11 @@ mod tests {
             let mut reference_image = vec![0u8; zeros * block_size];
             for block in image.chunks(block_size) {
                 let half = block.len() / 2;
-                hasher.push_digest(block_digest([BlockPart::Data(&block[..half]), BlockPart::Data(&block[half..])]));
+                hasher.push_digest(&block_digest(Algorithm::Blake2b, [BlockPart::Data(&block[..half]), BlockPart::Data(&block[half..])]));
             }
             reference_image.extend(&image);
             prop_assert_eq!(hasher.finish(), reference(&reference_image, block_size));
-            prop_assert_eq!(block_digest([BlockPart::Zeros(5000)]), block_digest([BlockPart::Data(&[0u8; 5000])]));
+            prop_assert_eq!(block_digest(Algorithm::Blake2b, [BlockPart::Zeros(5000)]), block_digest(Algorithm::Blake2b, [BlockPart::Data(&[0u8; 5000])]));
         }
 
         #[test]

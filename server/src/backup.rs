@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use blockgate_protocol::blkhash::{ALGORITHM, DEFAULT_BLOCK_SIZE};
+use blockgate_protocol::blkhash::{ALGORITHM, Algorithm, DEFAULT_BLOCK_SIZE};
 use blockgate_protocol::sparse::{self, Checksum, DATA_SEGMENT, Kind, Meta, Trailer};
 use blockgate_protocol::{ByteRange, DirtyState, Extent, ZeroState};
 use bytes::Bytes;
@@ -143,7 +143,7 @@ pub async fn backup_body(backend: Arc<Backend>, scope: Scope) -> Result<Body, Ap
     let outputs = started(outputs).await?;
     let state = Frames {
         outputs,
-        hasher: (!incremental).then(|| ParallelHasher::new(DEFAULT_BLOCK_SIZE)),
+        hasher: (!incremental).then(|| ParallelHasher::new(Algorithm::Blake2b, DEFAULT_BLOCK_SIZE)),
         frames: 0,
         data_size: 0,
         zero_size: 0,

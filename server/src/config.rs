@@ -82,6 +82,9 @@ pub struct Args {
     /// Log filter (error, warn, info, debug, trace, or a tracing filter).
     #[arg(long, default_value = "info", env = "BLOCKGATE_LOG")]
     pub log: String,
+    /// Log lines as text, or as one JSON object each (for log shippers).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 impl Args {
@@ -109,6 +112,15 @@ impl Args {
             }
         }
     }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One line of text each (colour only at a terminal).
+    Text,
+    /// One JSON object per line, with the span's fields.
+    Json,
 }
 
 /// Where an image's data comes from.

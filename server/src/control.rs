@@ -20,6 +20,7 @@ use axum::{Json, Router};
 use blockgate_nbd::Address;
 use blockgate_protocol::ticket::{MAX_TICKET_BODY, TicketSpec, parse_ticket, parse_timeout};
 
+use crate::access_log;
 use crate::backend::{Backend, BackendSettings};
 use crate::config::{ImageSource, ImageSpec};
 use crate::error::{ApiError, ApiResult};
@@ -48,6 +49,7 @@ pub fn router(state: ControlState) -> Router {
         .route("/tickets/", delete(remove_all))
         .fallback(not_found)
         .method_not_allowed_fallback(|method: Method, uri: Uri| async move { refuse_method(ROUTES, &method, uri.path()) })
+        .layer(axum::middleware::from_fn(|request, next| access_log::log_requests(ROUTES, request, next)))
         .with_state(state)
 }
 

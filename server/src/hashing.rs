@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 
-use blockgate_protocol::blkhash::{BlockHasher, BlockPart, block_digest};
+use blockgate_protocol::blkhash::{Algorithm, BlockHasher, BlockPart, block_digest};
 use bytes::Bytes;
 use tokio::task::JoinHandle;
 
@@ -23,11 +23,12 @@ enum Pending {
     /// This many whole zero blocks (digest precomputed).
     ZeroBlocks(u64),
     /// A block being hashed.
-    Block(JoinHandle<[u8; 32]>),
+    Block(JoinHandle<Box<[u8]>>),
 }
 
 /// A blkhash fed in pieces, hashing whole blocks in parallel.
 pub struct ParallelHasher {
+    algorithm: Algorithm,
     hasher: BlockHasher,
     block_size: u64,
     parts: Vec<Part>,
@@ -37,11 +38,12 @@ pub struct ParallelHasher {
 }
 
 impl ParallelHasher {
-    /// A hasher of `block_size` blocks.
-    pub fn new(block_size: u64) -> ParallelHasher {
+    /// A hasher of `algorithm` over `block_size` blocks.
+    pub fn new(algorithm: Algorithm, block_size: u64) -> ParallelHasher {
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
         ParallelHasher {
-            hasher: BlockHasher::new(block_size),
+            algorithm,
+            hasher: BlockHasher::with_algorithm(algorithm, block_size),
             block_size,
             parts: Vec::new(),
             filled: 0,
@@ -98,11 +100,15 @@ impl ParallelHasher {
     fn start_block(&mut self) {
         let parts = std::mem::take(&mut self.parts);
         self.filled = 0;
+        let algorithm = self.algorithm;
         let task = tokio::task::spawn_blocking(move || {
-            block_digest(parts.iter().map(|part| match part {
-                Part::Data(data) => BlockPart::Data(data),
-                Part::Zeros(length) => BlockPart::Zeros(*length),
-            }))
+            block_digest(
+                algorithm,
+                parts.iter().map(|part| match part {
+                    Part::Data(data) => BlockPart::Data(data),
+                    Part::Zeros(length) => BlockPart::Zeros(*length),
+                }),
+            )
         });
         self.pending.push_back(Pending::Block(task));
     }
@@ -112,7 +118,7 @@ impl ParallelHasher {
             Some(Pending::ZeroBlocks(count)) => self.hasher.push_zero_blocks(count),
             Some(Pending::Block(task)) => {
                 let digest = task.await.map_err(|error| ApiError::Internal(format!("hashing failed: {error}")))?;
-                self.hasher.push_digest(digest);
+                self.hasher.push_digest(&digest);
             }
             None => {}
         }

@@ -5,6 +5,7 @@
 //! `blockgate-nbd` crate → qemu-nbd, and back as a stream ([`transfer`],
 //! [`extents`]; the sparse stream: [`backup`] out, [`restore`] in).
 
+pub mod access_log;
 pub mod backend;
 pub mod backup;
 pub mod checkpoints;

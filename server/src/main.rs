@@ -11,15 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-
-/// mimalloc instead of glibc's malloc: transfers allocate and free 256 KiB
-/// buffers all the time, and glibc handed those back to the kernel and
-/// page-faulted them in again (about a tenth of the server's CPU).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use blockgate_protocol::ticket::parse_ticket;
 use blockgate_server::backend::{Backend, BackendSettings};
-use blockgate_server::config::{Args, ImageSource};
+use blockgate_server::config::{Args, ImageSource, LogFormat};
 use blockgate_server::control::{self, ControlState};
 use blockgate_server::routes::{self, AppState};
 use blockgate_server::server::{self, ConnectionLimits, Endpoint, Listener};
@@ -40,7 +34,11 @@ async fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour only for a person at a terminal, never in a log file.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    let logger = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logger.with_ansi(ansi).init(),
+        LogFormat::Json => logger.json().with_current_span(true).with_span_list(false).init(),
+    }
     let _ = rustls::crypto::ring::default_provider().install_default();
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,5 @@
 //! The HTTP routes of the data API and the router that ties them together,
-//! with CORS for browser consoles and a request id on every request's log
-//! span. Each submodule owns one family of routes; handlers parse and
+//! with CORS for browser consoles and one access log line per request. Each submodule owns one family of routes; handlers parse and
 //! authorize, then hand the work to the ticket's backend.
 
 mod checkpoints;
@@ -13,13 +12,12 @@ mod info;
 mod query;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
-use axum::http::{Method, Request, header};
+use axum::http::{Method, header};
 use axum::routing::{delete, get, options};
-use tower_http::trace::TraceLayer;
 
+use crate::access_log;
 use crate::error::ApiError;
 use crate::tickets::{Limits, Tickets};
 
@@ -50,11 +48,6 @@ pub const ROUTES: &[(&str, &[&str])] = &[
 
 /// The data API router.
 pub fn router(state: AppState) -> Router {
-    let request_ids = Arc::new(AtomicU64::new(1));
-    let trace = TraceLayer::new_for_http().make_span_with(move |request: &Request<_>| {
-        let id = request_ids.fetch_add(1, Ordering::Relaxed);
-        tracing::info_span!("request", id, method = %request.method(), path = %request.uri().path())
-    });
     Router::new()
         .route("/images/{ticket}", options(images::options).head(images::head).get(images::get).put(images::put).patch(images::patch))
         .route("/images/{ticket}/extents", get(extents::get))
@@ -67,7 +60,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(cors::cors))
         .layer(axum::middleware::from_fn(drop_connection_header_on_h2))
-        .layer(trace)
+        .layer(axum::middleware::from_fn(|request, next| access_log::log_requests(ROUTES, request, next)))
         .with_state(state)
 }
 
@@ -100,6 +93,11 @@ pub fn refuse_method(routes: &[(&str, &[&str])], method: &Method, path: &str) ->
         response.headers_mut().insert(header::ALLOW, value);
     }
     response
+}
+
+/// The pattern of `routes` that `path` matches, such as `/images/{ticket}`.
+pub fn route_pattern(routes: &[(&'static str, &[&str])], path: &str) -> Option<&'static str> {
+    routes.iter().map(|(pattern, _)| *pattern).find(|pattern| route_matches(pattern, path))
 }
 
 /// Whether a concrete path matches a route pattern with `{param}` segments.

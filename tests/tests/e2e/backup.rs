@@ -103,11 +103,22 @@ async fn full_and_incremental_backups_restore_exactly_for_two_rounds() {
     run("qemu-img", &["compare", source.to_str().unwrap(), restored.to_str().unwrap()]);
 }
 
-/// The blkhash definition, computed by Python's hashlib over qemu's view.
-fn reference_checksum(image: &Path, block_size: u64) -> String {
+/// The blkhash definition (imageio's), computed by Python's hashlib over
+/// qemu's view: BLAKE2b with a 32-byte digest, other algorithms as
+/// hashlib makes them.
+fn reference_checksum(image: &Path, algorithm: &str, block_size: u64) -> String {
     let view = dir_raw(image);
-    let script = "import hashlib, sys\nouter = hashlib.blake2b(digest_size=32)\nbs = int(sys.argv[2])\nwith open(sys.argv[1], 'rb') as f:\n    while block := f.read(bs):\n        outer.update(hashlib.blake2b(block, digest_size=32).digest())\nprint(outer.hexdigest())";
-    let out = run("python3", &["-c", script, view.to_str().unwrap(), &block_size.to_string()]);
+    let script = "import hashlib, sys
+name, bs = sys.argv[2], int(sys.argv[3])
+new = (lambda: hashlib.blake2b(digest_size=32)) if name == 'blake2b' else (lambda: hashlib.new(name))
+outer = new()
+with open(sys.argv[1], 'rb') as f:
+    while block := f.read(bs):
+        inner = new()
+        inner.update(block)
+        outer.update(inner.digest())
+print(outer.hexdigest())";
+    let out = run("python3", &["-c", script, view.to_str().unwrap(), algorithm, &block_size.to_string()]);
     String::from_utf8(out).unwrap().trim().to_string()
 }
 
@@ -126,31 +137,31 @@ async fn checksums_follow_the_blkhash_definition_and_the_stream_trailer() {
     qemu_io(&image, "qcow2", &["write -P 0x41 0 1M", "write -P 0x42 5M 3M", "write -z 6M 64k"]);
     let server = Server::start(dir.path(), &[format!("disk={}", image.display())]).await;
     let client = server.client();
-    for block_size in [4 << 20, 65536, 4096] {
-        let answer: Value = client
-            .get(format!("{}/checksum?block_size={block_size}", server.image_url("disk")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(answer["algorithm"], "blake2b");
+    let algorithms = ["blake2b", "blake2s", "sha1", "sha224", "sha256", "sha384", "sha512", "md5"];
+    let cases = [(None, 4 << 20), (None, 65536), (None, 4096)].into_iter().chain(algorithms.map(|name| (Some(name), 1 << 20)));
+    for (algorithm, block_size) in cases {
+        let query = match algorithm {
+            Some(name) => format!("algorithm={name}&block_size={block_size}"),
+            None => format!("block_size={block_size}"),
+        };
+        let answer: Value =
+            client.get(format!("{}/checksum?{query}", server.image_url("disk"))).send().await.unwrap().json().await.unwrap();
+        let name = algorithm.unwrap_or("blake2b");
+        assert_eq!(answer["algorithm"], name);
         assert_eq!(answer["block_size"], block_size);
-        assert_eq!(answer["checksum"], reference_checksum(&image, block_size), "block size {block_size}");
+        assert_eq!(answer["checksum"], reference_checksum(&image, name, block_size), "{query}");
     }
     let stream = get_stream(&client, format!("{}?format=sparse", server.image_url("disk"))).await;
     let stop = *frame_headers(&stream).last().unwrap();
     assert_eq!(&stream[stop..stop + 4], b"stop");
     let trailer: Value = serde_json::from_slice(stream[stop + 40..].strip_suffix(b"\r\n").unwrap()).unwrap();
-    assert_eq!(trailer["checksum"]["checksum"], reference_checksum(&image, 4 << 20));
-    for bad in ["block_size=1000", "block_size=33554432", "algorithm=md5"] {
+    assert_eq!(trailer["checksum"]["checksum"], reference_checksum(&image, "blake2b", 4 << 20));
+    for bad in ["block_size=1000", "block_size=33554432", "algorithm=sha3_256", "algorithm=BLAKE2B"] {
         let response = client.get(format!("{}/checksum?{bad}", server.image_url("disk"))).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{bad}");
     }
-    let algorithms: Value =
-        client.get(format!("{}/checksum/algorithms", server.image_url("disk"))).send().await.unwrap().json().await.unwrap();
-    assert_eq!(algorithms["algorithms"], serde_json::json!(["blake2b"]));
+    let listed: Value = client.get(format!("{}/checksum/algorithms", server.image_url("disk"))).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed["algorithms"], serde_json::json!(algorithms));
 }
 
 /// Offsets of the frame headers of an encoded stream.

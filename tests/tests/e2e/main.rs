@@ -12,6 +12,7 @@ mod faults;
 mod lifecycle;
 mod load;
 mod openapi;
+mod operations;
 mod protocols;
 mod readme;
 mod security;

@@ -1,0 +1,125 @@
+//! One log line per request, written when the response body is done (sent
+//! whole, failed, or dropped because the client left): request id, method,
+//! route, status, bytes in and out, duration, and whether the body was
+//! complete. The route is the pattern (`/images/{ticket}`), never the
+//! path: a ticket id is a credential and stays out of the logs. Lines the
+//! handlers log carry the same id, method and route in their span.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+use bytes::Bytes;
+use http_body::{Body as _, Frame, SizeHint};
+use tracing::Instrument;
+
+use crate::routes::route_pattern;
+
+/// Request ids, unique in this process.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The middleware, for a router whose routes are `routes`.
+pub async fn log_requests(routes: &'static [(&'static str, &'static [&'static str])], request: Request, next: Next) -> Response {
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let method = request.method().clone();
+    let route = route_pattern(routes, request.uri().path()).unwrap_or("(no route)");
+    let span = tracing::info_span!("request", id, method = %method, route);
+    let received = Arc::new(AtomicU64::new(0));
+    let request = request.map(|body| Body::new(Counted { inner: body, bytes: received.clone(), on_end: None }));
+    let started = Instant::now();
+    let response = next.run(request).instrument(span.clone()).await;
+    let line = Line { id, method, route, status: response.status(), received, started, span };
+    response.map(|body| Body::new(Counted { inner: body, bytes: Arc::new(AtomicU64::new(0)), on_end: Some(line) }))
+}
+
+/// What the line says, kept until the response body is done.
+struct Line {
+    id: u64,
+    method: Method,
+    route: &'static str,
+    status: StatusCode,
+    received: Arc<AtomicU64>,
+    started: Instant,
+    span: tracing::Span,
+}
+
+impl Line {
+    fn write(self, sent: u64, complete: bool) {
+        let _entered = self.span.enter();
+        tracing::info!(
+            target: "blockgate_server::access",
+            id = self.id,
+            method = %self.method,
+            route = self.route,
+            status = self.status.as_u16(),
+            bytes_in = self.received.load(Ordering::Relaxed),
+            bytes_out = sent,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            complete,
+            "request"
+        );
+    }
+}
+
+/// A body that counts its bytes, and writes the request's line (if it has
+/// one) once: at its end, or when it is dropped before that.
+struct Counted {
+    inner: Body,
+    bytes: Arc<AtomicU64>,
+    on_end: Option<Line>,
+}
+
+impl Counted {
+    fn finish(&mut self, complete: bool) {
+        if let Some(line) = self.on_end.take() {
+            line.write(self.bytes.load(Ordering::Relaxed), complete);
+        }
+    }
+}
+
+impl http_body::Body for Counted {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                if self.inner.is_end_stream() {
+                    self.finish(true);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => self.finish(false),
+            Poll::Ready(None) => self.finish(true),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        // A body never polled to its end (a client that left, an empty
+        // body hyper never asked for) still gets its line.
+        let complete = self.inner.is_end_stream();
+        self.finish(complete);
+    }
+}
