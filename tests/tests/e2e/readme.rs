@@ -1,7 +1,9 @@
 //! The README's examples, run as written against a live server: the blocks
-//! between `readme-test` markers, with the documented default URL and
-//! state directory swapped for this test's. A block that starts the server
-//! gives the `--image` arguments the test starts it with.
+//! between `readme-test` markers, with the documented ports (54322 and the
+//! 54323/54324 of sections that start a server of their own) and state
+//! directory swapped for this test's, and the built `blockgate` on PATH. A
+//! block that starts the server gives the arguments the test starts it
+//! with (all but `--listen`).
 
 use std::path::Path;
 use std::process::Command;
@@ -35,11 +37,14 @@ fn section_blocks(name: &str) -> Vec<String> {
 fn run_block(block: &str, dir: &Path, server: Option<&Server>) -> String {
     let mut script = block.to_string();
     if let Some(server) = server {
-        script = script
-            .replace("https://localhost:54322", &format!("https://localhost:{}", server.port))
-            .replace("~/.local/state/blockgate", server.state_dir.to_str().unwrap());
+        for documented in ["https://localhost:54322", "https://localhost:54323", "https://localhost:54324"] {
+            script = script.replace(documented, &format!("https://localhost:{}", server.port));
+        }
+        script = script.replace("~/.local/state/blockgate", server.state_dir.to_str().unwrap());
     }
-    let output = Command::new("bash").args(["-euo", "pipefail", "-c", &script]).current_dir(dir).output().unwrap();
+    let bin = binary("blockgate");
+    let path = format!("{}:{}", bin.parent().unwrap().display(), std::env::var("PATH").unwrap_or_default());
+    let output = Command::new("bash").args(["-euo", "pipefail", "-c", &script]).env("PATH", path).current_dir(dir).output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
@@ -49,11 +54,27 @@ fn run_block(block: &str, dir: &Path, server: Option<&Server>) -> String {
     stdout
 }
 
-/// The `--image` values of a documented `blockgate-server` command.
-fn image_arguments(block: &str) -> Vec<String> {
+/// The `--image` values and the other arguments of a documented
+/// `blockgate-server` command, without its `--listen`.
+fn server_arguments(block: &str) -> (Vec<String>, Vec<String>) {
     let line = block.lines().find(|line| line.starts_with("blockgate-server")).expect("a blockgate-server command");
-    let words: Vec<&str> = line.split_whitespace().collect();
-    words.windows(2).filter(|pair| pair[0] == "--image").map(|pair| pair[1].to_string()).collect()
+    let mut words = line.split_whitespace().skip(1);
+    let (mut images, mut others) = (Vec::new(), Vec::new());
+    while let Some(word) = words.next() {
+        match word {
+            "--listen" => drop(words.next()),
+            "--image" => images.extend(words.next().map(str::to_string)),
+            other => others.push(other.to_string()),
+        }
+    }
+    (images, others)
+}
+
+/// Starts the server a README block documents.
+async fn start_documented(block: &str, dir: &Path) -> Server {
+    let (images, others) = server_arguments(block);
+    let others: Vec<&str> = others.iter().map(String::as_str).collect();
+    Server::try_start(dir, &images, &others).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,7 +95,7 @@ async fn the_readme_backup_and_restore_walkthrough_runs() {
     let [setup, start, walkthrough] = &blocks[..] else { panic!("expected setup, server and curl blocks: {blocks:?}") };
     let dir = tempfile::tempdir().unwrap();
     run_block(setup, dir.path(), None);
-    let server = Server::start(dir.path(), &image_arguments(start)).await;
+    let server = start_documented(start, dir.path()).await;
     let stdout = run_block(walkthrough, dir.path(), Some(&server));
     assert!(stdout.contains("\"dirty\":true"), "dirty extents shown: {stdout}");
     assert!(stdout.contains("\"verified\":true"), "the full restore verified its checksum: {stdout}");
@@ -91,4 +112,31 @@ async fn the_readme_backup_and_restore_walkthrough_runs() {
     assert!(stdout.contains("409") && stdout.contains("\"tue\""), "the out-of-order restore is refused: {stdout}");
     assert!(stdout.contains("\"checkpoint\":\"wed\""), "the last restore reached wed: {stdout}");
     assert!(stdout.contains("Images are identical."), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_cli_examples_run() {
+    let blocks = section_blocks("cli");
+    let [examples] = &blocks[..] else { panic!("expected one CLI block: {blocks:?}") };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["demo=./demo.qcow2,size=1G".to_string()]).await;
+    let stdout = run_block(examples, dir.path(), Some(&server));
+    let checksums: Vec<&str> = stdout.lines().filter_map(|line| line.split_whitespace().next()).filter(|word| word.len() == 64).collect();
+    assert_eq!(checksums.len(), 2, "{stdout}");
+    assert_eq!(checksums[0], checksums[1], "the remote and the local checksum agree: {stdout}");
+    assert!(stdout.contains("\"checkpoint\":\"cp4\""), "the incremental restore reached cp4: {stdout}");
+    assert!(stdout.contains("cp5"), "the new checkpoint is shown: {stdout}");
+    assert!(dir.path().join("inc1.qcow2").exists() && dir.path().join("full.qcow2").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_control_socket_example_runs() {
+    let blocks = section_blocks("control");
+    let [setup, start, examples] = &blocks[..] else { panic!("expected setup, server and curl blocks: {blocks:?}") };
+    let dir = tempfile::tempdir().unwrap();
+    run_block(setup, dir.path(), None);
+    let server = start_documented(start, dir.path()).await;
+    let stdout = run_block(examples, dir.path(), Some(&server));
+    assert!(stdout.contains("\"transfer_id\"") || stdout.contains("\"active\""), "the status is shown: {stdout}");
+    assert!(stdout.contains("\"checkpoints\":true"), "OPTIONS over the local socket: {stdout}");
 }
