@@ -19,7 +19,12 @@ use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
-#[command(name = "blockgate", version, about = "Client for blockgate and imageio-compatible disk image servers")]
+#[command(
+    name = "blockgate",
+    version,
+    about = "Client for blockgate and imageio-compatible disk image servers",
+    after_help = "Examples:\n  blockgate info --cacert ca.pem https://host:54322/images/disk\n  blockgate download --cacert ca.pem https://host:54322/images/disk disk.qcow2\n  blockgate backup --cacert ca.pem --since cp1 --checkpoint cp2 https://host:54322/images/disk > inc.sparse\n\nEvery command has --help with its own example."
+)]
 struct Cli {
     #[command(flatten)]
     global: Global,
@@ -39,15 +44,27 @@ struct Global {
     /// URL's path names the image.
     #[arg(long, global = true, value_name = "PATH")]
     unix_socket: Option<PathBuf>,
-    /// Parallel connections for download and upload (capped by the server).
-    #[arg(long, global = true, default_value_t = DEFAULT_CONNECTIONS as u16, value_parser = clap::value_parser!(u16).range(1..=64))]
-    connections: u16,
     /// Log retries and other warnings on stderr.
     #[arg(short, long, global = true)]
     verbose: bool,
+}
+
+/// How a transfer shows its progress.
+#[derive(Args)]
+struct ProgressArg {
     /// Progress: a bar on a terminal, JSON lines on stderr, or nothing.
-    #[arg(long, global = true, value_enum, default_value_t = ProgressMode::Auto)]
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
     progress: ProgressMode,
+}
+
+/// How download and upload run.
+#[derive(Args)]
+struct TransferArgs {
+    /// Parallel connections (capped by the server's max_readers/max_writers).
+    #[arg(long, default_value_t = DEFAULT_CONNECTIONS as u16, value_parser = clap::value_parser!(u16).range(1..=64))]
+    connections: u16,
+    #[command(flatten)]
+    progress: ProgressArg,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -138,6 +155,8 @@ enum Command {
         /// read if it does not exist.
         #[arg(long, value_name = "ID2")]
         checkpoint: Option<String>,
+        #[command(flatten)]
+        transfer: TransferArgs,
     },
     /// Upload a local image of any format qemu-img reads.
     #[command(after_help = "Example:\n  blockgate upload --cacert ca.pem disk.vmdk https://host:54322/images/disk")]
@@ -146,6 +165,8 @@ enum Command {
         file: PathBuf,
         /// Image URL.
         url: String,
+        #[command(flatten)]
+        transfer: TransferArgs,
     },
     /// Write the sparse stream (full, or incremental) to stdout.
     #[command(
@@ -164,6 +185,8 @@ enum Command {
         /// changes are frozen if it does not exist.
         #[arg(long, value_name = "ID2")]
         checkpoint: Option<String>,
+        #[command(flatten)]
+        progress: ProgressArg,
     },
     /// Apply a sparse stream read from stdin; prints the summary and the
     /// checkpoint the image reached.
@@ -174,6 +197,8 @@ enum Command {
         /// Apply an incremental that does not continue the image's chain.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        progress: ProgressArg,
     },
     /// List, make or delete the image's checkpoints.
     #[command(subcommand)]
@@ -300,11 +325,11 @@ async fn run(cli: Cli) -> Result<()> {
         (None, true) => Trust::Insecure,
         (None, false) => Trust::System,
     };
-    let connections = usize::from(global.connections);
-    let client = |url: &str| match &global.unix_socket {
+    let client_with = |url: &str, connections: usize| match &global.unix_socket {
         Some(socket) => ImageClient::over_unix_socket(url, socket, connections),
         None => ImageClient::new(url, &trust, connections),
     };
+    let client = |url: &str| client_with(url, DEFAULT_CONNECTIONS);
     match &cli.command {
         Command::Info { url } => {
             let client = client(url)?;
@@ -326,10 +351,11 @@ async fn run(cli: Cli) -> Result<()> {
             };
             println!("{checksum}  {target}");
         }
-        Command::Download { url, file, format, incremental, backing, since, checkpoint } => {
+        Command::Download { url, file, format, incremental, backing, since, checkpoint, transfer } => {
             let partial = PartialFile::new(file)?;
-            let client = client(url)?;
-            let reporter = Reporter::new(global.progress);
+            let connections = usize::from(transfer.connections);
+            let client = client_with(url, connections)?;
+            let reporter = Reporter::new(transfer.progress.progress);
             let options = TransferOptions { connections, progress: reporter.callback() };
             let stats = match backing {
                 Some(backing) if *incremental => {
@@ -357,20 +383,21 @@ async fn run(cli: Cli) -> Result<()> {
             partial.commit()?;
             reporter.done("downloaded", &stats);
         }
-        Command::Upload { file, url } => {
-            let client = client(url)?;
-            let reporter = Reporter::new(global.progress);
+        Command::Upload { file, url, transfer } => {
+            let connections = usize::from(transfer.connections);
+            let client = client_with(url, connections)?;
+            let reporter = Reporter::new(transfer.progress.progress);
             let options = TransferOptions { connections, progress: reporter.callback() };
             let local = LocalImage::open_read_only(file).await?;
             let stats = finish(transfer::upload(&local, &client, &options).await, local).await?;
             reporter.done("uploaded", &stats);
         }
-        Command::Backup { url, incremental, since, checkpoint } => {
+        Command::Backup { url, incremental, since, checkpoint, progress } => {
             if std::io::stdout().is_terminal() {
                 bail!("the stream is binary: redirect stdout to a file or a pipe");
             }
             let scope = Scope { incremental: *incremental, since: since.clone(), checkpoint: checkpoint.clone() };
-            let reporter = Reporter::new(global.progress);
+            let reporter = Reporter::new(progress.progress);
             let progress = reporter.callback();
             let started = std::time::Instant::now();
             let mut stream = std::pin::pin!(client(url)?.backup(&scope).await?);
@@ -392,13 +419,28 @@ async fn run(cli: Cli) -> Result<()> {
             let stats = Stats { data_bytes: written, zero_bytes: 0, requests: 1, seconds: started.elapsed().as_secs_f64() };
             reporter.done("backed up", &stats);
         }
-        Command::Restore { url, force } => {
-            let stdin = tokio_util::io::ReaderStream::with_capacity(tokio::io::stdin(), 1 << 20);
+        Command::Restore { url, force, progress } => {
+            let reporter = Reporter::new(progress.progress);
+            let callback = reporter.callback();
+            // A stream in a file has a known size; from a pipe, the total
+            // grows with what was read.
+            let total = std::fs::metadata("/dev/stdin").ok().filter(|meta| meta.is_file()).map_or(0, |meta| meta.len());
+            let started = std::time::Instant::now();
+            let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let counted = sent.clone();
+            let stdin = tokio_util::io::ReaderStream::with_capacity(tokio::io::stdin(), 1 << 20).inspect_ok(move |chunk| {
+                let done = counted.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed) + chunk.len() as u64;
+                if let Some(callback) = &callback {
+                    callback(Progress { done, total: total.max(done) });
+                }
+            });
             let restored = client(url)?.restore(stdin, *force).await?;
             println!("{}", serde_json::to_string(&restored)?);
             if let Some(checkpoint) = &restored.checkpoint {
                 eprintln!("the image is now at checkpoint {checkpoint}");
             }
+            let data_bytes = sent.load(std::sync::atomic::Ordering::Relaxed);
+            reporter.done("restored", &Stats { data_bytes, zero_bytes: 0, requests: 1, seconds: started.elapsed().as_secs_f64() });
         }
         Command::Checkpoint(command) => checkpoint_command(command, client).await?,
     }

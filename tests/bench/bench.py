@@ -442,7 +442,7 @@ def peer_measures(table, services, workloads, runs, out):
 
     def cli_download():
         fresh_out()
-        return timed(blockgate_cli, "--cacert", ca, "--progress", "none", "download", services.url("dense"), out)
+        return timed(blockgate_cli, "download", "--cacert", ca, "--progress", "none", services.url("dense"), out)
 
     def nbdcopy_download():
         fresh_out()
@@ -459,7 +459,7 @@ def peer_measures(table, services, workloads, runs, out):
     nbd_write, cli_up = interleaved(
         runs,
         lambda: timed("nbdcopy", workloads.dense, f"nbd+unix:///?socket={services.sockets['upload']}"),
-        lambda: timed(blockgate_cli, "--cacert", ca, "--progress", "none", "upload", workloads.dense, services.url("upload")),
+        lambda: timed(blockgate_cli, "upload", "--cacert", ca, "--progress", "none", workloads.dense, services.url("upload")),
     )
     table.add("CLI upload vs nbdcopy, from local raw", "nbdcopy", nbd_write, cli_up, nbd_write / cli_up, ">= 0.7x", nbd_write / cli_up >= 0.7, "s")
 
@@ -477,7 +477,7 @@ def peer_measures(table, services, workloads, runs, out):
     def cli_get(name):
         def measure():
             fresh_out()
-            return timed(blockgate_cli, "--cacert", ca, "--progress", "none", "download", services.url(name), out)
+            return timed(blockgate_cli, "download", "--cacert", ca, "--progress", "none", services.url(name), out)
         return measure
 
     data_alone, sparse = interleaved(runs, cli_get("sparse-data"), cli_get("sparse"))

@@ -221,7 +221,8 @@ async fn a_checkpoint_chain_from_the_command_line() {
     let said = String::from_utf8_lossy(&output.stderr);
     assert!(said.contains("cp1") && said.contains("409"), "{said}");
     for (file, checkpoint) in files.iter().zip(["cp1", "cp2", "cp3"]) {
-        let output = ok(blockgate_with_input(&server, &["restore", &dst], file));
+        let output = ok(blockgate_with_input(&server, &["restore", "--progress", "json", &dst], file));
+        assert_eq!(stats(&output)["data_bytes"], std::fs::metadata(file).unwrap().len(), "the whole stream was sent");
         let restored: Value = serde_json::from_slice(&output.stdout).unwrap();
         assert_eq!(restored["checkpoint"], checkpoint);
         assert!(String::from_utf8_lossy(&output.stderr).contains(&format!("checkpoint {checkpoint}")));
@@ -240,6 +241,11 @@ async fn a_checkpoint_chain_from_the_command_line() {
     ok(blockgate(&server, &["checkpoint", "delete", &src, "cp1"]));
     let output = blockgate(&server, &["checkpoint", "delete", &src, "cp1"]);
     assert!(!output.status.success() && String::from_utf8_lossy(&output.stderr).contains("404"));
+    // Options a command has no use for are refused, not ignored.
+    for args in [&["info", "--connections", "2", &src][..], &["checkpoint", "list", "--progress", "json", &src]] {
+        let output = blockgate(&server, args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    }
     let output = blockgate(&server, &["checkpoint", "create", &src, ".bad"]);
     assert!(!output.status.success() && String::from_utf8_lossy(&output.stderr).contains("invalid checkpoint id"));
 }
