@@ -20,6 +20,7 @@ use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
 use tracing::Instrument;
 
+use crate::metrics::metrics;
 use crate::routes::route_pattern;
 
 /// Request ids, unique in this process.
@@ -52,6 +53,7 @@ struct Line {
 
 impl Line {
     fn write(self, sent: u64, complete: bool) {
+        metrics().count_request(self.route, self.method.as_str(), self.status.as_u16());
         let _entered = self.span.enter();
         tracing::info!(
             target: "blockgate_server::access",

@@ -22,6 +22,7 @@ use bytes::Bytes;
 use crate::checkpoints::{self, Checkpoints};
 use crate::config::{ImageFormat, ImageSource, ImageSpec};
 use crate::error::{ApiError, ApiResult};
+use crate::metrics::metrics;
 use crate::owned::{MAIN_EXPORT, OwnedImage, OwnedSettings};
 
 /// Largest single READ or WRITE the data routes issue. nbd.md measured
@@ -356,7 +357,10 @@ impl Backend {
         command: impl AsyncFnOnce(&Client) -> Result<T, blockgate_nbd::Error>,
     ) -> Result<T, blockgate_nbd::Error> {
         let timeout = self.request_timeout;
-        match tokio::time::timeout(timeout, command(client)).await {
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(timeout, command(client)).await;
+        metrics().observe_nbd(started.elapsed(), !matches!(outcome, Ok(Ok(_))));
+        match outcome {
             Ok(result) => result,
             Err(_) => {
                 tracing::warn!(address = %self.address, "NBD request got no reply within {timeout:?}; replacing the connection");
@@ -369,24 +373,31 @@ impl Backend {
     /// Reads a range (at most [`REQUEST_SIZE`] is best). A read that fails
     /// with EIO is tried once more before the failure is reported.
     pub async fn read(&self, offset: u64, length: usize) -> Result<Bytes, blockgate_nbd::Error> {
-        match self.call(async |client| client.read(offset, length).await).await {
+        let data = match self.call(async |client| client.read(offset, length).await).await {
             Err(blockgate_nbd::Error::Server { errno: EIO, message }) => {
                 tracing::warn!(offset, length, message, "NBD read failed with EIO; trying once more");
                 self.call(async |client| client.read(offset, length).await).await
             }
             result => result,
-        }
+        }?;
+        metrics().read_bytes.inc_by(data.len() as u64);
+        Ok(data)
     }
 
     /// Writes a range.
     pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), blockgate_nbd::Error> {
-        self.call(async |client| client.write(offset, data, false).await).await
+        let length = data.len() as u64;
+        self.call(async |client| client.write(offset, data, false).await).await?;
+        metrics().written_bytes.inc_by(length);
+        Ok(())
     }
 
     /// Zeroes a range; with `may_deallocate` the export may punch a hole.
     pub async fn zero(&self, offset: u64, length: u64, may_deallocate: bool) -> Result<(), blockgate_nbd::Error> {
         let flags = ZeroFlags { no_hole: !may_deallocate, ..ZeroFlags::default() };
-        self.call(async |client| client.write_zeroes(offset, length, flags).await).await
+        self.call(async |client| client.write_zeroes(offset, length, flags).await).await?;
+        metrics().zeroed_bytes.inc_by(length);
+        Ok(())
     }
 
     /// Flushes every open connection, so writes sent on any of them are

@@ -53,6 +53,10 @@ pub struct Args {
     /// Serve the control API (tickets) on this unix socket (mode 0660).
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+    /// Serve `GET /metrics` (Prometheus, plain HTTP) on this TCP address
+    /// too; the control socket always serves it.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_listen: Option<String>,
     /// Requests that may read one ticket at once (503 past it).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_readers: u32,

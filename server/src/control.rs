@@ -15,7 +15,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, put};
+use axum::routing::{delete, get, put};
 use axum::{Json, Router};
 use blockgate_nbd::Address;
 use blockgate_protocol::ticket::{MAX_TICKET_BODY, TicketSpec, parse_ticket, parse_timeout};
@@ -40,13 +40,21 @@ pub struct ControlState {
     pub allow_dirs: Arc<Vec<PathBuf>>,
 }
 
-const ROUTES: &[(&str, &[&str])] = &[("/tickets/{id}", &["GET", "PUT", "PATCH", "DELETE"]), ("/tickets/", &["DELETE"])];
+impl axum::extract::FromRef<ControlState> for Arc<Tickets> {
+    fn from_ref(state: &ControlState) -> Arc<Tickets> {
+        state.tickets.clone()
+    }
+}
+
+const ROUTES: &[(&str, &[&str])] =
+    &[("/tickets/{id}", &["GET", "PUT", "PATCH", "DELETE"]), ("/tickets/", &["DELETE"]), ("/metrics", &["GET"])];
 
 /// The control API router.
 pub fn router(state: ControlState) -> Router {
     Router::new()
         .route("/tickets/{id}", put(add).get(status).patch(extend).delete(remove))
         .route("/tickets/", delete(remove_all))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(|method: Method, uri: Uri| async move { refuse_method(ROUTES, &method, uri.path()) })
         .layer(axum::middleware::from_fn(|request, next| access_log::log_requests(ROUTES, request, next)))
@@ -154,6 +162,22 @@ async fn extend(State(state): State<ControlState>, Path(id): Path<String>, body:
 async fn remove(State(state): State<ControlState>, Path(id): Path<String>) -> ApiResult<Response> {
     state.tickets.remove(&id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET /metrics`, here and on `--metrics-listen` ([`metrics_router`]).
+async fn metrics(State(tickets): State<Arc<Tickets>>) -> Response {
+    let (active, idle) = tickets.state_counts();
+    ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], crate::metrics::render(active, idle)).into_response()
+}
+
+/// The router of `--metrics-listen`: `GET /metrics` and nothing else.
+pub fn metrics_router(tickets: Arc<Tickets>) -> Router {
+    const METRICS_ROUTES: &[(&str, &[&str])] = &[("/metrics", &["GET"])];
+    Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move { refuse_method(METRICS_ROUTES, &method, uri.path()) })
+        .with_state(tickets)
 }
 
 async fn remove_all(State(state): State<ControlState>) -> ApiResult<Response> {

@@ -14,6 +14,7 @@ pub mod control;
 pub mod error;
 pub mod extents;
 pub mod hashing;
+pub mod metrics;
 pub mod owned;
 pub mod ranges;
 pub mod restore;

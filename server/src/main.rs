@@ -59,10 +59,16 @@ async fn run(args: Args) -> Result<()> {
         }
     };
     let tls = tls::server_config(&cert, &key)?;
-    let addresses = resolve_listen(&args.listen).await?;
+    let addresses = resolve_listen("--listen", &args.listen).await?;
     let mut tcp_listeners = Vec::new();
     for address in &addresses {
         tcp_listeners.push(TcpListener::bind(address).await.with_context(|| format!("listening on {address}"))?);
+    }
+    let mut metrics_listeners = Vec::new();
+    if let Some(listen) = &args.metrics_listen {
+        for address in resolve_listen("--metrics-listen", listen).await? {
+            metrics_listeners.push((TcpListener::bind(address).await.with_context(|| format!("--metrics-listen {address}"))?, address));
+        }
     }
     let port = tcp_listeners[0].local_addr()?.port();
     let limits = Limits { max_readers: args.max_readers, max_writers: args.max_writers };
@@ -114,6 +120,11 @@ async fn run(args: Args) -> Result<()> {
         endpoints.push(Endpoint { listener: Listener::Unix(bind_unix(path)?), router: control::router(control), budget });
         tracing::info!(socket = %path.display(), "control API listening");
     }
+    for (listener, address) in metrics_listeners {
+        let budget = Arc::new(Semaphore::new(CONTROL_CONNECTIONS));
+        endpoints.push(Endpoint { listener: Listener::PlainTcp(listener), router: control::metrics_router(tickets.clone()), budget });
+        tracing::info!(address = %format!("http://{address}/metrics"), "metrics listening");
+    }
     let reaper = tokio::spawn(reap_expired(tickets.clone()));
     let connection_limits = ConnectionLimits { header_timeout: Duration::from_secs(args.header_timeout) };
     server::serve(endpoints, connection_limits, shutdown_signal()).await;
@@ -141,14 +152,14 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
 const CONTROL_CONNECTIONS: usize = 64;
 
 /// Every address `HOST:PORT` names: an IP literal, or a host name.
-async fn resolve_listen(listen: &str) -> Result<Vec<SocketAddr>> {
+async fn resolve_listen(flag: &str, listen: &str) -> Result<Vec<SocketAddr>> {
     let mut addresses: Vec<SocketAddr> = tokio::net::lookup_host(listen)
         .await
-        .with_context(|| format!("--listen {listen:?}: expected HOST:PORT, such as [::]:54322, 127.0.0.1:54322 or localhost:54322"))?
+        .with_context(|| format!("{flag} {listen:?}: expected HOST:PORT, such as [::]:54322, 127.0.0.1:54322 or localhost:54322"))?
         .collect();
     addresses.dedup();
     if addresses.is_empty() {
-        anyhow::bail!("--listen {listen:?}: the name resolves to no address");
+        anyhow::bail!("{flag} {listen:?}: the name resolves to no address");
     }
     Ok(addresses)
 }

@@ -188,6 +188,7 @@ async fn supervise(
             match restarted {
                 Ok(()) => {
                     restarts.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::metrics().nbd_restarts.inc();
                     tracing::info!(%image, "qemu-storage-daemon restarted; checkpoints made before the crash need a new full backup");
                     break;
                 }

@@ -48,6 +48,9 @@ pub enum Listener {
     Tls(TcpListener, Arc<rustls::ServerConfig>),
     /// A unix socket, plain HTTP.
     Unix(UnixListener),
+    /// TCP without TLS: only for `--metrics-listen`, which serves nothing
+    /// but metrics.
+    PlainTcp(TcpListener),
 }
 
 /// A listener, what it serves, and the connection budget it draws from.
@@ -105,7 +108,7 @@ pub async fn serve(endpoints: Vec<Endpoint>, limits: ConnectionLimits, shutdown:
     for (index, endpoint) in endpoints.into_iter().enumerate() {
         let (listener, acceptor) = match endpoint.listener {
             Listener::Tls(tcp, tls) => (Listener::Tls(tcp, tls.clone()), Some(TlsAcceptor::from(tls))),
-            unix => (unix, None),
+            plain => (plain, None),
         };
         services.push((acceptor, endpoint.router));
         tokio::spawn(accept_loop(listener, index, accepted_tx.clone(), endpoint.budget, stop.clone()));
@@ -144,7 +147,7 @@ pub async fn serve(endpoints: Vec<Endpoint>, limits: ConnectionLimits, shutdown:
                     Box::pin(watcher.watch(builder.serve_connection(TokioIo::new(tls), service).into_owned()))
                 }
                 (Accepted::Unix(unix), _) => Box::pin(watcher.watch(builder.serve_connection(TokioIo::new(unix), service).into_owned())),
-                (Accepted::Tcp(..), None) => unreachable!("TCP listeners always have TLS"),
+                (Accepted::Tcp(tcp, _), None) => Box::pin(watcher.watch(builder.serve_connection(TokioIo::new(tcp), service).into_owned())),
             };
             tokio::select! {
                 result = serving => if let Err(error) = result {
@@ -320,5 +323,6 @@ async fn accept(listener: &Listener) -> std::io::Result<Accepted> {
             Ok(Accepted::Tcp(stream, peer))
         }
         Listener::Unix(unix) => Ok(Accepted::Unix(unix.accept().await?.0)),
+        Listener::PlainTcp(tcp) => Ok(Accepted::Tcp(tcp.accept().await?.0, tcp.local_addr()?)),
     }
 }

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
 use crate::error::ApiError;
+use crate::metrics::metrics;
 use crate::ranges::RangeSet;
 
 /// Per-ticket connection limits, advertised in OPTIONS and enforced.
@@ -185,6 +186,7 @@ impl Ticket {
             ApiError::Unavailable(format!("ticket {:?} already has {limit} {what} (max_{what}); retry when one finishes", self.id))
         })?;
         self.active.fetch_add(1, Ordering::SeqCst);
+        metrics().transfers.inc();
         Ok(Operation { ticket: self.clone(), _permit: permit })
     }
 
@@ -285,6 +287,7 @@ impl Drop for Operation {
             }
         }
         self.ticket.active.fetch_sub(1, Ordering::SeqCst);
+        metrics().transfers.dec();
         self.ticket.idle.notify_waiters();
     }
 }
@@ -372,6 +375,13 @@ impl Tickets {
             }
         }
         ticket.backend.stop().await;
+    }
+
+    /// How many tickets have a request running, and how many have none.
+    pub fn state_counts(&self) -> (i64, i64) {
+        let tickets = self.tickets.read();
+        let active = tickets.values().filter(|ticket| ticket.active.load(Ordering::SeqCst) > 0).count() as i64;
+        (active, tickets.len() as i64 - active)
     }
 
     /// Removes every ticket, returning them (for shutdown).

@@ -1,6 +1,7 @@
 //! What an operator runs and reads: one access log line per request with
-//! no ticket id in it, `--log-format json` for log shippers, and the
-//! systemd unit in `contrib/`, checked by `systemd-analyze verify`.
+//! no ticket id in it, `--log-format json` for log shippers, Prometheus
+//! metrics parsed by prometheus_client's own parser, and the systemd unit
+//! in `contrib/`, checked by `systemd-analyze verify`.
 
 use std::process::Command;
 
@@ -81,4 +82,87 @@ fn the_systemd_unit_verifies() {
     words.push("--help");
     let help = Command::new(binary("blockgate-server")).args(&words).output().unwrap();
     assert!(help.status.success(), "{}", String::from_utf8_lossy(&help.stderr));
+}
+
+/// A Python with prometheus_client (a venv under target/, made once).
+fn prometheus_python() -> std::path::PathBuf {
+    let venv = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/metrics-venv"));
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        run("python3", &["-m", "venv", venv.to_str().unwrap()]);
+        run(venv.join("bin/pip").to_str().unwrap(), &["install", "--quiet", "--disable-pip-version-check", "prometheus_client==0.21.1"]);
+    }
+    python
+}
+
+/// The samples of a scrape, parsed by prometheus_client's OpenMetrics parser.
+fn parse_metrics(text: &str) -> Vec<Value> {
+    let script = "import json, sys\nfrom prometheus_client.openmetrics.parser import text_string_to_metric_families\nprint(json.dumps([{'name': s.name, 'labels': s.labels, 'value': s.value} for f in text_string_to_metric_families(sys.stdin.read()) for s in f.samples]))";
+    let mut child = Command::new(prometheus_python())
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "the scrape does not parse: {}\n{text}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn sample(samples: &[Value], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s["name"] == name && labels.iter().all(|(key, value)| s["labels"][*key] == *value))
+        .map(|s| s["value"].as_f64().unwrap())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_was_transferred_and_name_no_ticket() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    std::fs::write(&image, random_bytes(64 * MIB as usize, 7)).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics_listen = format!("127.0.0.1:{port}");
+    let (server, control) = start_with_control(dir.path(), &["--metrics-listen", &metrics_listen]).await;
+    let secret = "7f3e-metrics-ticket-secret";
+    assert_eq!(control.add(&ticket(secret, &image, &["read", "write"], 300)).await, StatusCode::OK);
+    let client = server.client();
+    let url = server.image_url(secret);
+    let put = client.put(&url).header("content-range", format!("bytes 0-{}/*", 3 * MIB - 1)).body(vec![5u8; 3 * MIB as usize]);
+    assert_eq!(put.send().await.unwrap().status(), StatusCode::OK);
+    let zero = client.patch(&url).body(format!(r#"{{"op":"zero","offset":{},"size":{},"flush":true}}"#, 8 * MIB, MIB));
+    assert_eq!(zero.send().await.unwrap().status(), StatusCode::OK);
+    let got = client.get(&url).header("range", format!("bytes=0-{}", MIB - 1)).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(got.len() as u64, MIB);
+    // A download in flight while the metrics are scraped.
+    let mut running = client.get(&url).send().await.unwrap();
+    assert!(running.chunk().await.unwrap().is_some());
+    let (status, text) = curl_status(Command::new("curl").arg(format!("http://{metrics_listen}/metrics")));
+    assert_eq!(status, 200, "{text}");
+    let during = parse_metrics(&text);
+    assert!(sample(&during, "blockgate_transfers_in_flight", &[]) >= 1.0);
+    assert_eq!(sample(&during, "blockgate_tickets", &[("state", "active")]), 1.0);
+    drop(running);
+    wait_until("the download ends", async || {
+        let (_, text) = control.curl(&["http://localhost/metrics"]);
+        sample(&parse_metrics(&text), "blockgate_transfers_in_flight", &[]) == 0.0
+    })
+    .await;
+
+    let (status, text) = control.curl(&["http://localhost/metrics"]);
+    assert_eq!(status, 200, "the control socket serves the same metrics");
+    let after = parse_metrics(&text);
+    assert_eq!(sample(&after, "blockgate_written_bytes_total", &[]), (3 * MIB) as f64);
+    assert_eq!(sample(&after, "blockgate_zeroed_bytes_total", &[]), MIB as f64);
+    assert!(sample(&after, "blockgate_read_bytes_total", &[]) >= (2 * MIB) as f64, "the GET and part of the cut download were read");
+    let requests = |method: &str, status: &str| {
+        sample(&after, "blockgate_http_requests_total", &[("route", "/images/{ticket}"), ("method", method), ("status", status)])
+    };
+    assert_eq!((requests("PUT", "200"), requests("PATCH", "200"), requests("GET", "206")), (1.0, 1.0, 1.0));
+    assert!(sample(&after, "blockgate_nbd_request_duration_seconds_count", &[]) > 0.0);
+    assert_eq!(sample(&after, "blockgate_nbd_errors_total", &[]), 0.0);
+    assert!(!text.contains(secret), "a ticket id in the metrics");
 }
