@@ -1,6 +1,8 @@
 //! The server's command line: listeners, TLS files, the state directory,
-//! and the `--image ID=SOURCE[,OPTION]...` specs that become tickets.
-//! Parsing only; nothing here opens a file or starts a process.
+//! and the `--image ID=SOURCE[,OPTION]...` specs that become tickets, from
+//! flags and from a `--config` TOML file whose keys are the flags' names
+//! (flags given on the command line override it). Parsing only; nothing
+//! here opens an image or starts a process.
 
 use std::path::PathBuf;
 
@@ -13,10 +15,17 @@ use clap::Parser;
 #[command(
     name = "blockgate-server",
     version,
+    args_override_self = true,
     about = "HTTPS disk-image transfer server backed by qemu-nbd (imageio-compatible)",
     after_help = "Example:\n  blockgate-server --image demo=./demo.qcow2,size=1G\n  curl --cacert ~/.local/state/blockgate/ca.pem https://localhost:54322/images/demo -o demo.raw"
 )]
 pub struct Args {
+    /// A TOML file of settings: each key is a flag's name (`listen`,
+    /// `image`, `allow-dir`, `max-readers`...), repeatable flags take
+    /// arrays. Flags on the command line override single values and add
+    /// to repeatable ones.
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<PathBuf>,
     /// Address of the TLS listener: HOST:PORT, where HOST is an IP address
     /// or a name (every address it resolves to is bound).
     #[arg(long, default_value = "[::]:54322", value_name = "HOST:PORT")]
@@ -125,6 +134,60 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, with the span's fields.
     Json,
+}
+
+/// The command line with the settings of its `--config FILE` (if any)
+/// put first, as flags, so that the real flags come after and win.
+pub fn with_config_file(arguments: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString>, String> {
+    let mut config = None;
+    let mut words = arguments.iter().skip(1);
+    while let Some(word) = words.next() {
+        let word = word.to_string_lossy();
+        if word == "--" {
+            break;
+        }
+        if word == "--config" {
+            config = words.next().map(PathBuf::from);
+        } else if let Some(path) = word.strip_prefix("--config=") {
+            config = Some(PathBuf::from(path));
+        }
+    }
+    let Some(path) = config else { return Ok(arguments) };
+    let text = std::fs::read_to_string(&path).map_err(|error| format!("--config {}: {error}", path.display()))?;
+    let flags = config_flags(&text).map_err(|error| format!("--config {}: {error}", path.display()))?;
+    let mut combined = arguments[..1].to_vec();
+    combined.extend(flags.into_iter().map(std::ffi::OsString::from));
+    combined.extend(arguments[1..].iter().cloned());
+    Ok(combined)
+}
+
+/// The flags a TOML settings file stands for.
+fn config_flags(text: &str) -> Result<Vec<String>, String> {
+    use clap::CommandFactory;
+    let table: toml::Table = text.parse().map_err(|error: toml::de::Error| error.to_string())?;
+    let command = Args::command();
+    let mut flags = Vec::new();
+    for (key, value) in table {
+        let name = key.replace('_', "-");
+        let known = command.get_arguments().any(|argument| argument.get_long() == Some(name.as_str()));
+        if !known || name == "config" {
+            return Err(format!("unknown key {key:?}: keys are the flags' names, such as listen, image or allow-dir"));
+        }
+        let scalar = |value: &toml::Value| match value {
+            toml::Value::String(text) => Ok(text.clone()),
+            toml::Value::Integer(number) => Ok(number.to_string()),
+            other => Err(format!("key {key:?}: expected a string or a number, not a {}", other.type_str())),
+        };
+        match &value {
+            toml::Value::Array(items) => {
+                for item in items {
+                    flags.extend([format!("--{name}"), scalar(item)?]);
+                }
+            }
+            value => flags.extend([format!("--{name}"), scalar(value)?]),
+        }
+    }
+    Ok(flags)
 }
 
 /// Where an image's data comes from.
@@ -261,6 +324,32 @@ mod tests {
             }
         }
         assert!(Args::try_parse_from(["blockgate-server", "--max-connections", "0"]).is_err());
+    }
+
+    #[test]
+    fn a_config_file_is_flags_that_the_command_line_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blockgate.toml");
+        let text = "listen = \"127.0.0.1:6000\"\nmax_readers = 4\nimage = [\"a=a.raw\", \"b=b.qcow2,ro\"]\nlog-format = \"json\"\n";
+        std::fs::write(&path, text).unwrap();
+        let command_line = |extra: &[&str]| {
+            let mut words: Vec<std::ffi::OsString> = vec!["blockgate-server".into(), "--config".into(), path.clone().into()];
+            words.extend(extra.iter().map(Into::into));
+            Args::parse_from(with_config_file(words).unwrap())
+        };
+        let args = command_line(&[]);
+        assert_eq!((args.listen.as_str(), args.max_readers, args.log_format), ("127.0.0.1:6000", 4, LogFormat::Json));
+        assert_eq!(args.images.iter().map(|image| image.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        let args = command_line(&["--max-readers", "2", "--image", "c=c.raw"]);
+        assert_eq!((args.listen.as_str(), args.max_readers), ("127.0.0.1:6000", 2), "flags win");
+        assert_eq!(args.images.len(), 3, "repeatable flags add up");
+        for (bad, says) in [("colour = \"red\"", "unknown key"), ("listen = true", "a boolean"), ("listen = ", "")] {
+            std::fs::write(&path, bad).unwrap();
+            let error = with_config_file(vec!["blockgate-server".into(), "--config".into(), path.clone().into()]).unwrap_err();
+            assert!(error.contains("--config") && error.contains(says), "{bad}: {error}");
+        }
+        let missing = with_config_file(vec!["s".into(), "--config=/nonexistent.toml".into()]).unwrap_err();
+        assert!(missing.contains("/nonexistent.toml"), "{missing}");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use blockgate_protocol::ticket::parse_ticket;
 use blockgate_server::backend::{Backend, BackendSettings};
-use blockgate_server::config::{Args, ImageSource, LogFormat};
+use blockgate_server::config::{self, Args, ImageSource, LogFormat};
 use blockgate_server::control::{self, ControlState};
 use blockgate_server::routes::{self, AppState};
 use blockgate_server::server::{self, ConnectionLimits, Endpoint, Listener};
@@ -26,7 +26,14 @@ use tokio::sync::Semaphore;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
+    let arguments = match config::with_config_file(std::env::args_os().collect()) {
+        Ok(arguments) => arguments,
+        Err(message) => {
+            eprintln!("blockgate-server: error: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let args = Args::parse_from(arguments);
     if let Err(message) = args.check() {
         eprintln!("blockgate-server: error: {message}");
         return ExitCode::from(2);
