@@ -21,7 +21,7 @@ use crate::restore::{RestoreSettings, restore};
 use crate::restore_record;
 use crate::server::ConnectionCut;
 use crate::tickets::{Access, Operation, Ticket};
-use crate::transfer::{WriteTarget, cancelable, discard_body, guard_body, read_body, write_body};
+use crate::transfer::{WriteTarget, cancelable, discard_body, guard_body, read_body, with_known_length, write_body};
 
 const ALLOW_WRITABLE: &str = "OPTIONS,HEAD,GET,PUT,PATCH";
 const ALLOW_READ_ONLY: &str = "OPTIONS,HEAD,GET";
@@ -104,7 +104,7 @@ pub async fn get(
         }
     };
     let body = cancelable(read_body(ticket.backend.clone(), range), &ticket).await?;
-    let mut response = Response::new(guard_body(body, operation, Some(range.start), connection));
+    let mut response = Response::new(with_known_length(guard_body(body, operation, Some(range.start), connection), range.len()));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(range.len()));
