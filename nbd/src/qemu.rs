@@ -273,7 +273,10 @@ async fn spawn_daemon(settings: &DaemonSettings<'_>, nbd_socket: &Path, qmp_sock
         .arg("--chardev")
         .arg(format!("socket,id=qmp0,path={},server=on,wait=off", keyval_path(qmp_socket)))
         .args(["--monitor", "chardev=qmp0"]);
-    launch(command, "qemu-storage-daemon", &[nbd_socket, qmp_socket], settings.path).await
+    // Only the NBD socket is probed: the monitor serves one client at a
+    // time, and a probe's connection could still hold it when the real
+    // one arrives. Clients wait for it with `Qmp::connect_when_ready`.
+    launch(command, "qemu-storage-daemon", &[nbd_socket], settings.path).await
 }
 
 /// Creates an image file with qemu-img, readable by its owner only (disk

@@ -118,6 +118,21 @@ impl Qmp {
         Ok(qmp)
     }
 
+    /// Connects once the monitor accepts a client, trying again for up to
+    /// `within` while the socket is missing, refuses, or hangs up (a
+    /// daemon that is starting, or still busy with another client).
+    pub async fn connect_when_ready(socket: &Path, within: std::time::Duration) -> Result<Qmp, QmpError> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match Qmp::connect(socket).await {
+                Err(QmpError::Io(_)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                result => return result,
+            }
+        }
+    }
+
     /// Runs a command with its arguments (an object, or `null` for none);
     /// its `return` value, or its error.
     pub async fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {

@@ -22,7 +22,7 @@ async fn bitmaps_and_exports_are_managed_live_and_persist() {
     let image = dir.path().join("disk,with comma.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "16M"]);
     let mut daemon = StorageDaemon::start(&DaemonSettings { path: &image, format: "qcow2", read_only: false }).await.unwrap();
-    let mut qmp = Qmp::connect(daemon.qmp_socket()).await.unwrap();
+    let mut qmp = Qmp::connect_when_ready(daemon.qmp_socket(), std::time::Duration::from_secs(5)).await.unwrap();
     let node = StorageDaemon::NODE;
     qmp.execute("block-dirty-bitmap-add", json!({"node": node, "name": "cp1", "persistent": true})).await.unwrap();
     match qmp.execute("block-dirty-bitmap-add", json!({"node": node, "name": "cp1", "persistent": true})).await {

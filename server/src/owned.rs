@@ -29,6 +29,8 @@ const STABLE: Duration = Duration::from_secs(60);
 /// Longest wait for a QMP reply; bitmap and export commands take
 /// milliseconds.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a new or restarted daemon's monitor may take to accept us.
+const CONNECT_WITHIN: Duration = Duration::from_secs(5);
 /// Name (and id) of the export data requests use.
 pub const MAIN_EXPORT: &str = "disk";
 
@@ -58,7 +60,7 @@ impl Monitor {
         let mut connection = self.connection.lock().await;
         let run = async {
             if connection.is_none() {
-                *connection = Some(Qmp::connect(&self.socket).await?);
+                *connection = Some(Qmp::connect_when_ready(&self.socket, CONNECT_WITHIN).await?);
             }
             connection.as_mut().expect("connected above").execute(command, arguments).await
         };
