@@ -268,14 +268,16 @@ async fn spawn_daemon(settings: &DaemonSettings<'_>, nbd_socket: &Path, qmp_sock
         .arg(file.to_string())
         .arg("--blockdev")
         .arg(format.to_string())
-        .arg("--nbd-server")
-        .arg(format!("addr.type=unix,addr.path={}", keyval_path(nbd_socket)))
         .arg("--chardev")
         .arg(format!("socket,id=qmp0,path={},server=on,wait=off", keyval_path(qmp_socket)))
-        .args(["--monitor", "chardev=qmp0"]);
-    // Only the NBD socket is probed: the monitor serves one client at a
-    // time, and a probe's connection could still hold it when the real
-    // one arrives. Clients wait for it with `Qmp::connect_when_ready`.
+        .args(["--monitor", "chardev=qmp0"])
+        .arg("--nbd-server")
+        .arg(format!("addr.type=unix,addr.path={}", keyval_path(nbd_socket)));
+    // Options are applied in order, so a listening NBD socket means the
+    // monitor is set up too. Only the NBD socket is probed: the monitor
+    // serves one client at a time, and a probe's connection could still
+    // hold it when the real one arrives. Clients wait for it with
+    // `Qmp::connect_when_ready`.
     launch(command, "qemu-storage-daemon", &[nbd_socket], settings.path).await
 }
 

@@ -136,17 +136,28 @@ impl Qmp {
     /// Runs a command with its arguments (an object, or `null` for none);
     /// its `return` value, or its error.
     pub async fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.writer.write_all(&command_line(command, &arguments, id)).await?;
+        let mut id = self.send(command, &arguments).await?;
         loop {
             match self.next_message().await? {
                 Message::Return { id: Some(got), value } if got == id => return Ok(value),
                 Message::Error { id: Some(got), class, desc } if got == id => return Err(QmpError::Command { class, desc }),
                 Message::Event(_) => {}
+                // A monitor that was still being set up when we connected
+                // can greet twice (seen with qemu-storage-daemon 10.0): the
+                // second greeting starts the session over, so negotiate
+                // again.
+                Message::Greeting if command == "qmp_capabilities" => id = self.send(command, &arguments).await?,
                 other => return Err(QmpError::Protocol(format!("expected the reply to command {id} ({command}), got {other:?}"))),
             }
         }
+    }
+
+    /// Sends a command; its id.
+    async fn send(&mut self, command: &str, arguments: &Value) -> Result<u64, QmpError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.writer.write_all(&command_line(command, arguments, id)).await?;
+        Ok(id)
     }
 
     /// Reads one line (at most [`MAX_LINE`]) and parses it.
@@ -246,6 +257,11 @@ mod tests {
                 let request: Value = serde_json::from_str(&line).unwrap();
                 let id = request["id"].clone();
                 seen.push(request["execute"].as_str().unwrap().to_string());
+                if seen.len() == 1 {
+                    // A monitor still being set up greets a second time.
+                    write.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n").await.unwrap();
+                    continue;
+                }
                 // An event before every reply, and the reply in two writes.
                 write.write_all(b"{\"event\": \"JOB_STATUS_CHANGE\", \"data\": {}}\r\n").await.unwrap();
                 let reply = if request["execute"] == "fail" {
@@ -271,6 +287,6 @@ mod tests {
             other => panic!("expected a command error, got {other:?}"),
         }
         drop(qmp);
-        assert_eq!(server.await.unwrap(), ["qmp_capabilities", "query", "fail"]);
+        assert_eq!(server.await.unwrap(), ["qmp_capabilities", "qmp_capabilities", "query", "fail"]);
     }
 }
