@@ -421,11 +421,6 @@ impl Backend {
         self.call(async |client| client.block_status(offset, length).await).await
     }
 
-    /// Times the owned NBD server was restarted after dying.
-    pub fn restarts(&self) -> u64 {
-        self.owned.as_ref().map_or(0, |owned| owned.restarts())
-    }
-
     /// Closes the connections and stops the qemu-storage-daemon, if this
     /// backend owns one.
     pub async fn stop(&self) {

@@ -10,7 +10,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use blockgate_nbd::qemu::{DaemonSettings, QemuError, StorageDaemon};
@@ -86,7 +85,6 @@ pub struct OwnedImage {
     monitor: Arc<Monitor>,
     stop: CancellationToken,
     supervisor: tokio::sync::Mutex<Option<JoinHandle<()>>>,
-    restarts: Arc<AtomicU64>,
 }
 
 impl OwnedImage {
@@ -100,9 +98,8 @@ impl OwnedImage {
         }
         let nbd_socket = daemon.nbd_socket().to_path_buf();
         let stop = CancellationToken::new();
-        let restarts = Arc::new(AtomicU64::new(0));
-        let supervisor = tokio::spawn(supervise(daemon, settings, monitor.clone(), stop.clone(), restarts.clone()));
-        Ok(OwnedImage { nbd_socket, monitor, stop, supervisor: tokio::sync::Mutex::new(Some(supervisor)), restarts })
+        let supervisor = tokio::spawn(supervise(daemon, settings, monitor.clone(), stop.clone()));
+        Ok(OwnedImage { nbd_socket, monitor, stop, supervisor: tokio::sync::Mutex::new(Some(supervisor)) })
     }
 
     /// The NBD server's socket (the same across restarts).
@@ -113,11 +110,6 @@ impl OwnedImage {
     /// The QMP monitor.
     pub fn monitor(&self) -> &Monitor {
         &self.monitor
-    }
-
-    /// How many times the daemon was started again after dying.
-    pub fn restarts(&self) -> u64 {
-        self.restarts.load(Ordering::Relaxed)
     }
 
     /// Stops the daemon (SIGTERM, so qcow2 metadata and bitmaps are
@@ -152,13 +144,7 @@ async fn add_main_export(monitor: &Monitor, settings: &OwnedSettings) -> Result<
 }
 
 /// Waits for the daemon to exit and starts it again, until `stop`.
-async fn supervise(
-    mut daemon: StorageDaemon,
-    settings: OwnedSettings,
-    monitor: Arc<Monitor>,
-    stop: CancellationToken,
-    restarts: Arc<AtomicU64>,
-) {
+async fn supervise(mut daemon: StorageDaemon, settings: OwnedSettings, monitor: Arc<Monitor>, stop: CancellationToken) {
     let image = settings.path.display().to_string();
     let mut delay = FIRST_DELAY;
     loop {
@@ -189,7 +175,6 @@ async fn supervise(
             };
             match restarted {
                 Ok(()) => {
-                    restarts.fetch_add(1, Ordering::Relaxed);
                     crate::metrics::metrics().nbd_restarts.inc();
                     tracing::info!(%image, "qemu-storage-daemon restarted; checkpoints made before the crash need a new full backup");
                     break;
