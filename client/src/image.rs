@@ -50,11 +50,6 @@ impl Scope {
         Scope::default()
     }
 
-    /// What the ticket's bitmap marks.
-    pub fn dirty() -> Scope {
-        Scope { incremental: true, ..Scope::default() }
-    }
-
     /// The query string, ids checked so none needs escaping.
     fn query(&self) -> Result<String> {
         let mut query = String::from(if self.incremental || self.since.is_some() { "context=dirty" } else { "context=zero" });

@@ -99,6 +99,14 @@ pub struct Backend {
     settings: BackendSettings,
 }
 
+/// A first connection to `address`, negotiated within `timeout`.
+async fn connect_within(address: &Address, options: &ConnectOptions, timeout: Duration) -> Result<Client> {
+    tokio::time::timeout(timeout, Client::connect(address, options))
+        .await
+        .map_err(|_| blockgate_nbd::Error::TimedOut(timeout))?
+        .with_context(|| format!("connecting to {address}"))
+}
+
 fn no_bitmap() -> ApiError {
     ApiError::NotFound("the ticket has no dirty bitmap; context=dirty needs one (or since=CHECKPOINT)".into())
 }
@@ -186,7 +194,14 @@ impl Backend {
             ImageFormat::Raw => Err("the image is raw, which cannot hold persistent bitmaps; checkpoints need qcow2".to_string()),
             ImageFormat::Qcow2 => Ok(Checkpoints::open(&path, &settings.state_dir)?),
         };
-        let owned = OwnedImage::start(OwnedSettings { path: path.clone(), format, read_only: spec.read_only, node_read_only }).await?;
+        let owned_settings = OwnedSettings {
+            path: path.clone(),
+            format,
+            read_only: spec.read_only,
+            node_read_only,
+            command_timeout: settings.request_timeout,
+        };
+        let owned = OwnedImage::start(owned_settings).await?;
         let owned = Arc::new(owned);
         let address = Address::unix(owned.nbd_socket(), MAIN_EXPORT);
         match Self::connect(address, None, spec.read_only, settings).await {
@@ -201,10 +216,7 @@ impl Backend {
     /// The dirty bitmaps an NBD server lists.
     async fn listed_bitmaps(address: &Address, settings: &BackendSettings) -> Result<Vec<String>> {
         let listing = ConnectOptions { list_meta_contexts: vec![DIRTY_BITMAP_PREFIX.to_string()], ..Default::default() };
-        let probe = tokio::time::timeout(settings.request_timeout, Client::connect(address, &listing))
-            .await
-            .map_err(|_| blockgate_nbd::Error::TimedOut(settings.request_timeout))?
-            .with_context(|| format!("connecting to {address}"))?;
+        let probe = connect_within(address, &listing, settings.request_timeout).await?;
         let names = probe.info().listed_contexts.iter().filter_map(|c| c.strip_prefix(DIRTY_BITMAP_PREFIX)).map(str::to_string).collect();
         probe.disconnect().await;
         Ok(names)
@@ -217,10 +229,7 @@ impl Backend {
         let mut wanted = vec![BASE_ALLOCATION.to_string(), ALLOCATION_DEPTH.to_string()];
         wanted.extend(dirty_context.clone());
         let options = ConnectOptions { meta_contexts: wanted, ..Default::default() };
-        let first = tokio::time::timeout(settings.request_timeout, Client::connect(&address, &options))
-            .await
-            .map_err(|_| blockgate_nbd::Error::TimedOut(settings.request_timeout))?
-            .with_context(|| format!("connecting to {address}"))?;
+        let first = connect_within(&address, &options, settings.request_timeout).await?;
         let contexts: Vec<String> = first.info().contexts.iter().map(|(_, name)| name.clone()).collect();
         if let (Some(context), Some(name)) = (&dirty_context, &bitmap) {
             if !contexts.contains(context) {

@@ -216,9 +216,7 @@ impl Checkpoints {
                 json!({"type": "block-dirty-bitmap-add", "data": {"node": StorageDaemon::NODE, "name": record.id, "persistent": true}}),
             );
         }
-        actions.push(json!({"type": "block-dirty-bitmap-add", "data": {"node": StorageDaemon::NODE, "name": view, "persistent": false, "disabled": true}}));
-        actions
-            .push(json!({"type": "block-dirty-bitmap-merge", "data": {"node": StorageDaemon::NODE, "target": view, "bitmaps": [since]}}));
+        actions.extend(freeze_actions(&view, since));
         monitor.execute("transaction", json!({"actions": actions})).await.map_err(|error| match &new_record {
             Some(record) => refused_bitmap(&record.id, error),
             None => qmp_failed(error),
@@ -241,13 +239,18 @@ impl Checkpoints {
 /// bitmap) into a view; the view's export and bitmap share its name.
 pub async fn freeze_bitmap(monitor: &Monitor, bitmap: &str) -> ApiResult<String> {
     let view = next_view_name();
-    let actions = json!([
-        {"type": "block-dirty-bitmap-add", "data": {"node": StorageDaemon::NODE, "name": view, "persistent": false, "disabled": true}},
-        {"type": "block-dirty-bitmap-merge", "data": {"node": StorageDaemon::NODE, "target": view, "bitmaps": [bitmap]}},
-    ]);
-    monitor.execute("transaction", json!({"actions": actions})).await.map_err(qmp_failed)?;
+    monitor.execute("transaction", json!({"actions": freeze_actions(&view, bitmap)})).await.map_err(qmp_failed)?;
     export_view(monitor, &view).await?;
     Ok(view)
+}
+
+/// The transaction actions that copy bitmap `source` into a new disabled,
+/// non-persistent bitmap `view`: a map that no later write changes.
+fn freeze_actions(view: &str, source: &str) -> [Value; 2] {
+    [
+        json!({"type": "block-dirty-bitmap-add", "data": {"node": StorageDaemon::NODE, "name": view, "persistent": false, "disabled": true}}),
+        json!({"type": "block-dirty-bitmap-merge", "data": {"node": StorageDaemon::NODE, "target": view, "bitmaps": [source]}}),
+    ]
 }
 
 /// Exports a frozen bitmap read-only under its own name.

@@ -64,8 +64,8 @@ pub fn metrics() -> &'static Metrics {
 
 impl Metrics {
     fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("blockgate");
-        let metrics = Metrics {
+        let mut metrics = Metrics {
+            registry: Registry::with_prefix("blockgate"),
             requests: Family::default(),
             read_bytes: Counter::default(),
             written_bytes: Counter::default(),
@@ -76,8 +76,9 @@ impl Metrics {
             nbd_latency: Histogram::new(exponential_buckets(0.000_05, 4.0, 10)),
             nbd_errors: Counter::default(),
             nbd_restarts: Counter::default(),
-            registry: Registry::default(),
         };
+        // The registry holds handles to the same values as the fields.
+        let registry = &mut metrics.registry;
         registry.register("http_requests", "HTTP requests by route pattern, method and status", metrics.requests.clone());
         registry.register("read_bytes", "Bytes read from NBD exports", metrics.read_bytes.clone());
         registry.register("written_bytes", "Bytes written to NBD exports", metrics.written_bytes.clone());
@@ -87,7 +88,7 @@ impl Metrics {
         registry.register("nbd_request_duration_seconds", "NBD command latency", metrics.nbd_latency.clone());
         registry.register("nbd_errors", "NBD commands that failed or timed out", metrics.nbd_errors.clone());
         registry.register("nbd_server_restarts", "Owned NBD servers started again after dying", metrics.nbd_restarts.clone());
-        Metrics { registry, ..metrics }
+        metrics
     }
 
     /// Counts a request that got its response. Methods outside HTTP's

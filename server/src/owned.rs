@@ -25,9 +25,6 @@ const FIRST_DELAY: Duration = Duration::from_millis(100);
 const MAX_DELAY: Duration = Duration::from_secs(30);
 /// A child that ran this long was healthy: the next restart is quick again.
 const STABLE: Duration = Duration::from_secs(60);
-/// Longest wait for a QMP reply; bitmap and export commands take
-/// milliseconds.
-const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a new or restarted daemon's monitor may take to accept us.
 const CONNECT_WITHIN: Duration = Duration::from_secs(5);
 /// Name (and id) of the export data requests use.
@@ -44,18 +41,24 @@ pub struct OwnedSettings {
     pub read_only: bool,
     /// The image is opened read-only too (then it cannot hold new bitmaps).
     pub node_read_only: bool,
+    /// Longest wait for a QMP reply (`--nbd-timeout`): bitmap and export
+    /// commands take milliseconds, so a daemon that does not answer is
+    /// frozen, and the request fails rather than hangs.
+    pub command_timeout: Duration,
 }
 
 /// The daemon's QMP monitor: one connection, opened when first needed and
 /// again after a failure, one command at a time.
 pub struct Monitor {
     socket: PathBuf,
+    timeout: Duration,
     connection: tokio::sync::Mutex<Option<Qmp>>,
 }
 
 impl Monitor {
-    /// Runs a QMP command within [`QMP_TIMEOUT`].
+    /// Runs a QMP command within the command timeout.
     pub async fn execute(&self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        let timeout = self.timeout;
         let mut connection = self.connection.lock().await;
         let run = async {
             if connection.is_none() {
@@ -63,9 +66,9 @@ impl Monitor {
             }
             connection.as_mut().expect("connected above").execute(command, arguments).await
         };
-        let result = tokio::time::timeout(QMP_TIMEOUT, run)
+        let result = tokio::time::timeout(timeout, run)
             .await
-            .unwrap_or_else(|_| Err(QmpError::Protocol(format!("no reply to {command} within {QMP_TIMEOUT:?}"))));
+            .unwrap_or_else(|_| Err(QmpError::Protocol(format!("no reply to {command} within {timeout:?}"))));
         if matches!(result, Err(QmpError::Io(_) | QmpError::Protocol(_))) {
             // A broken or confused connection is not reused.
             *connection = None;
@@ -91,7 +94,11 @@ impl OwnedImage {
     /// Starts the daemon, adds the main export and starts the watcher.
     pub async fn start(settings: OwnedSettings) -> Result<OwnedImage, QemuError> {
         let mut daemon = StorageDaemon::start(&daemon_settings(&settings)).await?;
-        let monitor = Arc::new(Monitor { socket: daemon.qmp_socket().to_path_buf(), connection: tokio::sync::Mutex::new(None) });
+        let monitor = Arc::new(Monitor {
+            socket: daemon.qmp_socket().to_path_buf(),
+            timeout: settings.command_timeout,
+            connection: tokio::sync::Mutex::new(None),
+        });
         if let Err(error) = add_main_export(&monitor, &settings).await {
             daemon.stop().await;
             return Err(error);

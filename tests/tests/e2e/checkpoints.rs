@@ -342,6 +342,19 @@ async fn limits_ids_raw_images_uris_and_ticket_ops_answer_as_the_contract_says()
     assert_eq!(put.status(), StatusCode::FORBIDDEN);
     assert_eq!(control.delete("backup").await, StatusCode::NO_CONTENT);
 
+    // A stream whose meta frame names a checkpoint no id can be (bytes a
+    // client wrote, read back as metadata) is refused before any write.
+    assert_eq!(control.add(&qcow2_ticket("restore", &image, &["read", "write"])).await, StatusCode::OK);
+    let meta = format!(r#"{{"virtual-size":{SIZE},"data-size":4,"incremental":true,"since":"../../etc/passwd","checkpoint":"n3"}}"#);
+    let mut stream = format!("meta {:016x} {:016x}\r\n{meta}\r\n", 0, meta.len()).into_bytes();
+    stream.extend(format!("data {:016x} {:016x}\r\nXXXX\r\n", 0, 4).into_bytes());
+    let before = raw_view(&image);
+    let (status, body) = put_stream(&client, format!("{}?format=sparse&force=y", server.image_url("restore")), stream).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("since") && body.contains("invalid checkpoint id"), "{body}");
+    assert!(raw_view(&image) == before, "nothing was written");
+    assert_eq!(control.delete("restore").await, StatusCode::NO_CONTENT);
+
     // Raw images and NBD URIs cannot hold checkpoints.
     let raw_ticket =
         json!({"uuid": "raw", "size": SIZE, "url": format!("file://{}", raw.display()), "ops": ["read", "write"], "timeout": 300});

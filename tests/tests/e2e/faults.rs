@@ -204,3 +204,26 @@ async fn bytes_after_the_stop_frame_are_refused_however_late_they_come() {
     assert_eq!(whole.status(), StatusCode::OK);
     assert_eq!(whole.json::<serde_json::Value>().await.unwrap()["verified"], true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_storage_daemon_costs_checkpoint_requests_a_502_after_the_nbd_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    let server = Server::try_start(dir.path(), &[format!("disk={},size=16M", image.display())], &["--nbd-timeout", "2"]).await.unwrap();
+    let client = server.client();
+    let checkpoints = format!("{}/checkpoints", server.image_url("disk"));
+    assert_eq!(client.post(&checkpoints).json(&serde_json::json!({"id": "cp1"})).send().await.unwrap().status(), StatusCode::CREATED);
+    let [child] = daemon_pids(&server)[..] else { panic!("one qemu-storage-daemon child") };
+    kill(Pid::from_raw(child as i32), Signal::SIGSTOP).unwrap();
+    for request in [client.post(&checkpoints).json(&serde_json::json!({"id": "cp2"})), client.get(&checkpoints)] {
+        let started = Instant::now();
+        let frozen = tokio::time::timeout(Duration::from_secs(20), request.send()).await.expect("no hang").unwrap();
+        assert_eq!(frozen.status(), StatusCode::BAD_GATEWAY);
+        assert!(frozen.text().await.unwrap().contains("no reply"));
+        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    }
+    kill(Pid::from_raw(child as i32), Signal::SIGCONT).unwrap();
+    let listed: Vec<serde_json::Value> = client.get(&checkpoints).send().await.unwrap().json().await.unwrap();
+    let ids: Vec<&str> = listed.iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["cp1"], "the refused checkpoint was not recorded");
+}
