@@ -18,12 +18,18 @@ use tokio::task::JoinHandle;
 use crate::address::{Address, Endpoint};
 use crate::error::{Error, Result};
 use crate::handshake::{ConnectOptions, ExportInfo, negotiate};
+use crate::read_buffers;
 use crate::reply::{ChunkPayload, ReplyHeader, StatusExtent, parse_chunk_payload};
 use crate::wire::{self, cflag, chunk, cmd, tflag};
 
 /// Requests queued for the writer task; bounded so a flood of callers waits
 /// instead of growing memory.
 const WRITE_QUEUE: usize = 64;
+
+/// Read-ahead of reply headers. Small on purpose: data payloads bypass
+/// it (read straight into their buffer) once it is empty, so only what it
+/// read ahead is copied twice; a 256 KiB one copied most of every read.
+const REPLY_HEADER_BUFFER: usize = 8 << 10;
 
 /// Largest WRITE_ZEROES or TRIM request: qemu-nbd takes up to 4 GiB, and a
 /// smaller step keeps one request from holding the export for long.
@@ -109,13 +115,13 @@ struct Pending {
 }
 
 enum PendingState {
-    Read { buffer: BytesMut, covered: u64 },
+    Read { buffer: Vec<u8>, covered: u64 },
     BlockStatus(Vec<(u32, Vec<StatusExtent>)>),
     Other,
 }
 
 enum Completed {
-    Read(BytesMut),
+    Read(Vec<u8>),
     BlockStatus(Vec<(u32, Vec<StatusExtent>)>),
     Done,
 }
@@ -183,7 +189,7 @@ impl Client {
         let (read, write) = socket.into_inner();
         let shared = Arc::new(Shared { pending: Mutex::new(PendingTable::default()), next_cookie: AtomicU64::new(1) });
         let (requests, queue) = mpsc::channel(WRITE_QUEUE);
-        let reader = tokio::spawn(read_replies(BufReader::with_capacity(256 << 10, read), shared.clone(), info.clone()));
+        let reader = tokio::spawn(read_replies(BufReader::with_capacity(REPLY_HEADER_BUFFER, read), shared.clone(), info.clone()));
         let writer = tokio::spawn(write_requests(BufWriter::with_capacity(64 << 10, write), queue, shared.clone()));
         Ok(Client { connection: Arc::new(Connection { info, shared, requests, tasks: [reader, writer] }) })
     }
@@ -220,7 +226,7 @@ impl Client {
             let part_len = (end - part_offset).min(self.max_payload() as u64) as u32;
             // Filled as chunks arrive, never zeroed first: holes and gaps
             // are the only bytes written twice.
-            let state = PendingState::Read { buffer: BytesMut::with_capacity(part_len as usize), covered: 0 };
+            let state = PendingState::Read { buffer: read_buffers::take(part_len as usize), covered: 0 };
             replies.push(self.send(cmd::READ, 0, part_offset, part_len, None, state).await?);
             part_offset += u64::from(part_len);
         }
@@ -232,11 +238,12 @@ impl Client {
             }
         }
         if parts.len() == 1 {
-            return Ok(parts.pop().expect("one part").freeze());
+            return Ok(read_buffers::freeze(parts.pop().expect("one part")));
         }
         let mut whole = BytesMut::with_capacity(length);
         for part in parts {
             whole.extend_from_slice(&part);
+            read_buffers::give_back(part);
         }
         Ok(whole.freeze())
     }

@@ -23,6 +23,7 @@ mod error;
 mod handshake;
 pub mod qemu;
 pub mod qmp;
+mod read_buffers;
 pub mod reply;
 pub mod wire;
 
