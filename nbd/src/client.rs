@@ -16,9 +16,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::address::{Address, Endpoint};
+use crate::buffers;
 use crate::error::{Error, Result};
 use crate::handshake::{ConnectOptions, ExportInfo, negotiate};
-use crate::read_buffers;
 use crate::reply::{ChunkPayload, ReplyHeader, StatusExtent, parse_chunk_payload};
 use crate::wire::{self, cflag, chunk, cmd, tflag};
 
@@ -226,7 +226,7 @@ impl Client {
             let part_len = (end - part_offset).min(self.max_payload() as u64) as u32;
             // Filled as chunks arrive, never zeroed first: holes and gaps
             // are the only bytes written twice.
-            let state = PendingState::Read { buffer: read_buffers::take(part_len as usize), covered: 0 };
+            let state = PendingState::Read { buffer: buffers::take(part_len as usize), covered: 0 };
             replies.push(self.send(cmd::READ, 0, part_offset, part_len, None, state).await?);
             part_offset += u64::from(part_len);
         }
@@ -238,12 +238,12 @@ impl Client {
             }
         }
         if parts.len() == 1 {
-            return Ok(read_buffers::freeze(parts.pop().expect("one part")));
+            return Ok(buffers::freeze(parts.pop().expect("one part")));
         }
         let mut whole = BytesMut::with_capacity(length);
         for part in parts {
             whole.extend_from_slice(&part);
-            read_buffers::give_back(part);
+            buffers::give_back(part);
         }
         Ok(whole.freeze())
     }

@@ -18,12 +18,12 @@
 
 mod address;
 pub mod allocation;
+pub mod buffers;
 mod client;
 mod error;
 mod handshake;
 pub mod qemu;
 pub mod qmp;
-mod read_buffers;
 pub mod reply;
 pub mod wire;
 

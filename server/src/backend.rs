@@ -28,7 +28,7 @@ use crate::owned::{MAIN_EXPORT, OwnedImage, OwnedSettings};
 /// Largest single READ or WRITE the data routes issue. nbd.md measured
 /// 256 KiB to 1 MiB as the best request sizes; 256 KiB was as fast as 1 MiB
 /// here for a TLS download and keeps eight transfers' buffers near 16 MiB.
-pub const REQUEST_SIZE: usize = 256 << 10;
+pub const REQUEST_SIZE: usize = blockgate_nbd::buffers::POOLED_CAPACITY;
 /// NBD requests a single transfer keeps in flight.
 pub const PIPELINE_DEPTH: usize = 8;
 /// errno of an I/O error, the one failure worth a second read: a flaky

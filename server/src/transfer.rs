@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use axum::body::{Body, BodyDataStream};
 use axum::http::{HeaderMap, header};
+use blockgate_nbd::buffers;
 use blockgate_protocol::{ByteRange, ZeroState};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::stream::{self, Peekable, Stream, StreamExt, TryStreamExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -324,7 +325,7 @@ pub async fn write_body(target: WriteTarget, body: Body, over_limit: impl Fn(u64
     let WriteTarget { backend, start, limit, body_timeout } = target;
     let mut frames = body.into_data_stream();
     let mut pipeline = Pipeline::default();
-    let mut buffer = BytesMut::new();
+    let mut buffer = Vec::new();
     let mut offset = start;
     let mut received = 0u64;
     loop {
@@ -342,12 +343,15 @@ pub async fn write_body(target: WriteTarget, body: Body, over_limit: impl Fn(u64
             let request = if buffer.is_empty() && frame.len() >= REQUEST_SIZE {
                 frame.split_to(REQUEST_SIZE)
             } else {
+                if buffer.capacity() == 0 {
+                    buffer = buffers::take(REQUEST_SIZE);
+                }
                 let take = frame.len().min(REQUEST_SIZE - buffer.len());
                 buffer.extend_from_slice(&frame.split_to(take));
                 if buffer.len() < REQUEST_SIZE {
                     continue;
                 }
-                buffer.split().freeze()
+                buffers::freeze(std::mem::take(&mut buffer))
             };
             let at = offset;
             offset += request.len() as u64;
@@ -358,7 +362,7 @@ pub async fn write_body(target: WriteTarget, body: Body, over_limit: impl Fn(u64
         }
     }
     if !buffer.is_empty() {
-        if let Err(error) = pipeline.write(&backend, offset, buffer.freeze()).await {
+        if let Err(error) = pipeline.write(&backend, offset, buffers::freeze(buffer)).await {
             return Err(pipeline.fail(error).await);
         }
     }

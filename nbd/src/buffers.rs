@@ -1,18 +1,19 @@
-//! Buffers that READ replies are read into, reused. A fresh 256 KiB
-//! allocation is served by `mmap`, so every 4 KiB page of it faults when the
-//! reply is first written into it, and the pages go back to the kernel when
-//! it is freed: 12% of a TLS download's CPU went to those faults. Here a
-//! reply buffer is handed out as [`Bytes`] whose owner puts the buffer back
-//! into a small process-wide pool when the last view of it is dropped, so
-//! its pages stay mapped for the next read. The pool keeps at most
-//! [`KEPT`] buffers: memory stays bounded by the reads in flight.
+//! Image data buffers, reused: READ replies are read into them and PUT
+//! bodies gathered in them. A fresh 256 KiB allocation is served by
+//! `mmap`, so every 4 KiB page of it faults when it is first written, and
+//! the pages go back to the kernel when it is freed: 12% of a TLS
+//! download's CPU went to those faults. A filled buffer is handed out as
+//! [`Bytes`] whose owner puts the buffer back into a small process-wide
+//! pool when the last view of it is dropped, so its pages stay mapped for
+//! the next use. The pool keeps at most [`KEPT`] buffers: memory stays
+//! bounded by the requests in flight.
 
 use std::sync::Mutex;
 
 use bytes::Bytes;
 
-/// Capacity of a pooled buffer: the largest read the server issues.
-pub(crate) const POOLED_CAPACITY: usize = 256 << 10;
+/// Capacity of a pooled buffer: the largest request the server issues.
+pub const POOLED_CAPACITY: usize = 256 << 10;
 
 /// Most idle buffers kept (8 MiB): a few transfers' pipelines.
 const KEPT: usize = 32;
@@ -20,9 +21,10 @@ const KEPT: usize = 32;
 static IDLE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
 /// An empty buffer with room for `length` bytes; a pooled one when
-/// `length` fits in one. Its spare capacity holds stale bytes of an earlier
-/// read, which are never exposed: only what is written counts as length.
-pub(crate) fn take(length: usize) -> Vec<u8> {
+/// `length` fits in one. Its spare capacity may hold stale bytes of an
+/// earlier request, which are never exposed: only what is written counts
+/// as length.
+pub fn take(length: usize) -> Vec<u8> {
     if length > POOLED_CAPACITY {
         return Vec::with_capacity(length);
     }
@@ -38,7 +40,7 @@ pub(crate) fn take(length: usize) -> Vec<u8> {
 
 /// Puts a buffer that is no longer needed back into the pool (or frees it
 /// when it is not a pooled one or the pool is full).
-pub(crate) fn give_back(buffer: Vec<u8>) {
+pub fn give_back(buffer: Vec<u8>) {
     if buffer.capacity() != POOLED_CAPACITY {
         return;
     }
@@ -49,7 +51,7 @@ pub(crate) fn give_back(buffer: Vec<u8>) {
 }
 
 /// The filled buffer as `Bytes` that go back to the pool when dropped.
-pub(crate) fn freeze(buffer: Vec<u8>) -> Bytes {
+pub fn freeze(buffer: Vec<u8>) -> Bytes {
     if buffer.capacity() == POOLED_CAPACITY { Bytes::from_owner(Pooled(buffer)) } else { Bytes::from(buffer) }
 }
 
