@@ -1,17 +1,23 @@
-//! blkhash of a stream of image pieces, with the block digests computed on
-//! the blocking pool, as many at once as there are cores, while the caller
-//! goes on reading; digests are combined in image order. Used by the
-//! checksum route and by the full sparse stream's trailer, so the two agree
-//! by construction and neither is held to one core's BLAKE2b speed.
+//! blkhash of a stream of image pieces. Whole blocks are gathered in
+//! batches of [`LANES`] (BLAKE2b hashes a batch side by side in SIMD
+//! lanes) and each batch is hashed on the blocking pool while the caller
+//! goes on reading into the next; digests are combined in image order.
+//! Memory is two batches at most, and a batch holds at most
+//! [`BATCH_BYTES`] of blocks. Used by the checksum route and by the full
+//! sparse stream's trailer, so the two agree by construction.
 
 use std::collections::VecDeque;
 
-use blockgate_protocol::blkhash::{Algorithm, BlockHasher, BlockPart, block_digest};
+use blockgate_protocol::blkhash::{Algorithm, BlockHasher, BlockPart, LANES, block_digests};
 use bytes::Bytes;
 use tokio::task::JoinHandle;
 
 use crate::error::ApiError;
 use crate::transfer::Piece;
+
+/// Most bytes of blocks in one batch: four default (4 MiB) blocks, one of
+/// the largest (16 MiB).
+const BATCH_BYTES: u64 = 16 << 20;
 
 /// A piece of a block.
 enum Part {
@@ -22,8 +28,8 @@ enum Part {
 enum Pending {
     /// This many whole zero blocks (digest precomputed).
     ZeroBlocks(u64),
-    /// A block being hashed.
-    Block(JoinHandle<Box<[u8]>>),
+    /// A batch of blocks being hashed; their digests in order.
+    Blocks(JoinHandle<Vec<Box<[u8]>>>),
 }
 
 /// A blkhash fed in pieces, hashing whole blocks in parallel.
@@ -31,24 +37,27 @@ pub struct ParallelHasher {
     algorithm: Algorithm,
     hasher: BlockHasher,
     block_size: u64,
+    /// The block being gathered.
     parts: Vec<Part>,
     filled: u64,
+    /// Whole blocks waiting for their batch to fill.
+    batch: Vec<Vec<Part>>,
+    batch_blocks: usize,
     pending: VecDeque<Pending>,
-    depth: usize,
 }
 
 impl ParallelHasher {
     /// A hasher of `algorithm` over `block_size` blocks.
     pub fn new(algorithm: Algorithm, block_size: u64) -> ParallelHasher {
-        let cores = std::thread::available_parallelism().map_or(2, usize::from);
         ParallelHasher {
             algorithm,
             hasher: BlockHasher::with_algorithm(algorithm, block_size),
             block_size,
             parts: Vec::new(),
             filled: 0,
+            batch: Vec::new(),
+            batch_blocks: (BATCH_BYTES / block_size).clamp(1, LANES as u64) as usize,
             pending: VecDeque::new(),
-            depth: cores + 1,
         }
     }
 
@@ -68,6 +77,8 @@ impl ParallelHasher {
                 }
                 let whole = length / self.block_size;
                 if whole > 0 {
+                    // After the blocks gathered so far, to keep the order.
+                    self.start_batch().await?;
                     self.pending.push_back(Pending::ZeroBlocks(whole));
                     length -= whole * self.block_size;
                 }
@@ -89,36 +100,57 @@ impl ParallelHasher {
         self.parts.push(part);
         self.filled += length;
         if self.filled == self.block_size {
-            self.start_block();
-            while self.pending.len() > self.depth {
-                self.combine_oldest().await?;
+            self.end_block();
+            if self.batch.len() == self.batch_blocks {
+                self.start_batch().await?;
             }
         }
         Ok(())
     }
 
-    fn start_block(&mut self) {
-        let parts = std::mem::take(&mut self.parts);
+    fn end_block(&mut self) {
+        self.batch.push(std::mem::take(&mut self.parts));
         self.filled = 0;
+    }
+
+    /// Starts hashing the gathered blocks, first waiting for the batch
+    /// before the last (so at most one is hashed while the next gathers).
+    async fn start_batch(&mut self) -> Result<(), ApiError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        while self.pending.iter().any(|pending| matches!(pending, Pending::Blocks(_))) {
+            self.combine_oldest().await?;
+        }
+        let blocks = std::mem::take(&mut self.batch);
         let algorithm = self.algorithm;
         let task = tokio::task::spawn_blocking(move || {
-            block_digest(
-                algorithm,
-                parts.iter().map(|part| match part {
-                    Part::Data(data) => BlockPart::Data(data),
-                    Part::Zeros(length) => BlockPart::Zeros(*length),
-                }),
-            )
+            let parts: Vec<Vec<BlockPart>> = blocks
+                .iter()
+                .map(|block| {
+                    block
+                        .iter()
+                        .map(|part| match part {
+                            Part::Data(data) => BlockPart::Data(data),
+                            Part::Zeros(length) => BlockPart::Zeros(*length),
+                        })
+                        .collect()
+                })
+                .collect();
+            block_digests(algorithm, &parts)
         });
-        self.pending.push_back(Pending::Block(task));
+        self.pending.push_back(Pending::Blocks(task));
+        Ok(())
     }
 
     async fn combine_oldest(&mut self) -> Result<(), ApiError> {
         match self.pending.pop_front() {
             Some(Pending::ZeroBlocks(count)) => self.hasher.push_zero_blocks(count),
-            Some(Pending::Block(task)) => {
-                let digest = task.await.map_err(|error| ApiError::Internal(format!("hashing failed: {error}")))?;
-                self.hasher.push_digest(&digest);
+            Some(Pending::Blocks(task)) => {
+                let digests = task.await.map_err(|error| ApiError::Internal(format!("hashing failed: {error}")))?;
+                for digest in digests {
+                    self.hasher.push_digest(&digest);
+                }
             }
             None => {}
         }
@@ -128,8 +160,9 @@ impl ParallelHasher {
     /// The checksum as lowercase hex.
     pub async fn finish(mut self) -> Result<String, ApiError> {
         if self.filled > 0 {
-            self.start_block();
+            self.end_block();
         }
+        self.start_batch().await?;
         while !self.pending.is_empty() {
             self.combine_oldest().await?;
         }
