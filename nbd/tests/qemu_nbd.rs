@@ -100,6 +100,27 @@ async fn many_reads_in_flight_on_one_connection() {
     }
 }
 
+#[tokio::test]
+async fn holes_read_after_data_are_zeros_not_the_bytes_of_a_reused_buffer() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    run("qemu-img", &["create", "-f", "raw", image.to_str().unwrap(), "8M"]);
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0xcd 0 4M", image.to_str().unwrap()]);
+    let server = qemu_nbd(dir.path(), &image, "raw", &[]);
+    let client = Client::connect(&Address::unix(&server.socket, ""), &ConnectOptions::default()).await.unwrap();
+    // Read buffers go back to a pool when dropped: fill it with 0xcd.
+    for piece in 0..16 {
+        let data = client.read(piece * 256 * 1024, 256 * 1024).await.unwrap();
+        assert!(data.iter().all(|&b| b == 0xcd));
+    }
+    let hole = client.read(6 * MIB, 256 * 1024).await.unwrap();
+    assert_eq!(hole.len(), 256 * 1024);
+    assert!(hole.iter().all(|&b| b == 0), "a hole read came back with old bytes");
+    let across = client.read(4 * MIB - 1000, 100_000).await.unwrap();
+    assert!(across[..1000].iter().all(|&b| b == 0xcd));
+    assert!(across[1000..].iter().all(|&b| b == 0), "the hole after the data came back with old bytes");
+}
+
 /// A tiny join_all, so the crate needs no futures dependency for one test.
 async fn futures_join_all<F: std::future::Future + Send + 'static>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
 where
