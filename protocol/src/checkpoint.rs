@@ -47,6 +47,9 @@ pub struct Restored {
     /// The checkpoint the stream's `meta` frame named.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<String>,
+    /// Bytes zeroed past the end of a smaller full stream (`zero_tail=y`).
+    #[serde(rename = "zero-tail", default, skip_serializing_if = "Option::is_none")]
+    pub zero_tail: Option<u64>,
 }
 
 #[cfg(test)]

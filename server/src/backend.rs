@@ -7,9 +7,13 @@
 //! that hangs forever. Dirty maps of an owned image are read through a
 //! frozen view ([`Backend::dirty_view`]): a backend of its own on a
 //! temporary export, removed when the last request using it is dropped.
+//! Every write is entered in a [`Ledger`]: a connection that breaks (the
+//! daemon died) turns the writes it had not flushed into lost ones, and a
+//! flush answers 502 until they are written again.
 
+use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -21,6 +25,7 @@ use bytes::Bytes;
 
 use crate::checkpoints::{self, Checkpoints};
 use crate::config::{ImageFormat, ImageSource, ImageSpec};
+use crate::durability::Ledger;
 use crate::error::{ApiError, ApiResult};
 use crate::metrics::metrics;
 use crate::owned::{MAIN_EXPORT, OwnedImage, OwnedSettings};
@@ -97,6 +102,10 @@ pub struct Backend {
     /// Kept for its `Drop`, which removes the view from the daemon.
     _view: Option<View>,
     settings: BackendSettings,
+    /// Writes not yet flushed, and those a broken connection may have lost.
+    ledger: Ledger,
+    /// The owned daemon's restart count the ledger has accounted for.
+    restarts_seen: AtomicU64,
 }
 
 /// A first connection to `address`, negotiated within `timeout`.
@@ -259,6 +268,8 @@ impl Backend {
             checkpoints: Err("checkpoints need an image the server owns (a file), not an NBD URI".to_string()),
             _view: None,
             settings,
+            ledger: Ledger::default(),
+            restarts_seen: AtomicU64::new(0),
         })
     }
 
@@ -338,8 +349,10 @@ impl Backend {
     async fn client(&self) -> Result<Client, blockgate_nbd::Error> {
         let index = self.next_slot.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let mut slot = self.slots[index].lock().await;
-        if let Some(client) = slot.as_ref().filter(|client| !client.is_closed()) {
-            return Ok(client.clone());
+        match slot.as_ref() {
+            Some(client) if !client.is_closed() => return Ok(client.clone()),
+            Some(_) => self.ledger.connection_broke(),
+            None => {}
         }
         let client = Client::connect(&self.address, &self.options).await?;
         if client.size() != self.size {
@@ -349,12 +362,54 @@ impl Backend {
         Ok(client)
     }
 
+    /// A live connection within the request timeout.
+    async fn live_client(&self) -> Result<Client, blockgate_nbd::Error> {
+        let timeout = self.request_timeout;
+        tokio::time::timeout(timeout, self.client()).await.map_err(|_| blockgate_nbd::Error::TimedOut(timeout))?
+    }
+
     /// Runs one NBD command on a live connection within the request
     /// timeout.
     async fn call<T>(&self, command: impl AsyncFnOnce(&Client) -> Result<T, blockgate_nbd::Error>) -> Result<T, blockgate_nbd::Error> {
-        let timeout = self.request_timeout;
-        let client = tokio::time::timeout(timeout, self.client()).await.map_err(|_| blockgate_nbd::Error::TimedOut(timeout))??;
+        let client = self.live_client().await?;
         self.within_timeout(&client, command).await
+    }
+
+    /// Runs a write or zero command over `range` and enters it in the
+    /// ledger once acknowledged, with the epoch it was sent in.
+    async fn call_write(
+        &self,
+        range: Range<u64>,
+        command: impl AsyncFnOnce(&Client) -> Result<(), blockgate_nbd::Error>,
+    ) -> Result<(), blockgate_nbd::Error> {
+        let client = self.live_client().await?;
+        self.notice_restart();
+        let epoch = self.ledger.epoch();
+        self.within_timeout(&client, command).await?;
+        self.ledger.acknowledged(epoch, range);
+        Ok(())
+    }
+
+    /// Enters a restart of the owned daemon in the ledger, if one happened
+    /// since the last look (its connections may not have seen EOF yet).
+    fn notice_restart(&self) {
+        if let Some(owned) = &self.owned {
+            let restarts = owned.restarts();
+            if self.restarts_seen.swap(restarts, Ordering::SeqCst) != restarts {
+                self.ledger.connection_broke();
+            }
+        }
+    }
+
+    /// Enters every connection that broke, and a daemon restart, in the
+    /// ledger.
+    async fn notice_breaks(&self) {
+        self.notice_restart();
+        for slot in &self.slots {
+            if slot.lock().await.as_ref().is_some_and(Client::is_closed) {
+                self.ledger.connection_broke();
+            }
+        }
     }
 
     /// Runs `command` on `client` within the request timeout. A command
@@ -396,7 +451,7 @@ impl Backend {
     /// Writes a range.
     pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), blockgate_nbd::Error> {
         let length = data.len() as u64;
-        self.call(async |client| client.write(offset, data, false).await).await?;
+        self.call_write(offset..offset.saturating_add(length), async |client| client.write(offset, data, false).await).await?;
         metrics().written_bytes.inc_by(length);
         Ok(())
     }
@@ -404,14 +459,27 @@ impl Backend {
     /// Zeroes a range; with `may_deallocate` the export may punch a hole.
     pub async fn zero(&self, offset: u64, length: u64, may_deallocate: bool) -> Result<(), blockgate_nbd::Error> {
         let flags = ZeroFlags { no_hole: !may_deallocate, ..ZeroFlags::default() };
-        self.call(async |client| client.write_zeroes(offset, length, flags).await).await?;
+        self.call_write(offset..offset.saturating_add(length), async |client| client.write_zeroes(offset, length, flags).await).await?;
         metrics().zeroed_bytes.inc_by(length);
         Ok(())
     }
 
+    /// Makes every acknowledged write stable, or fails with 502: when the
+    /// NBD server fails the flush, or when writes acknowledged before a
+    /// connection broke were never flushed and not written again since
+    /// (however often the flush is retried).
+    pub async fn flush(&self) -> ApiResult<()> {
+        self.notice_breaks().await;
+        let flushing = self.ledger.begin_flush()?;
+        let flushed = self.flush_connections().await;
+        self.notice_breaks().await;
+        self.ledger.end_flush(flushing, flushed.is_ok())?;
+        Ok(flushed?)
+    }
+
     /// Flushes every open connection, so writes sent on any of them are
     /// stable whether or not the export offers CAN_MULTI_CONN.
-    pub async fn flush(&self) -> Result<(), blockgate_nbd::Error> {
+    async fn flush_connections(&self) -> Result<(), blockgate_nbd::Error> {
         let multi_conn = self.call(async |client| client.flush().await.map(|()| client.info().has_flag(tflag::CAN_MULTI_CONN))).await?;
         if multi_conn {
             return Ok(());

@@ -46,6 +46,10 @@ pub enum ApiError {
     /// 502: the NBD server failed or is gone.
     #[error("NBD backend failed: {0}")]
     Backend(#[from] blockgate_nbd::Error),
+    /// 502: writes acknowledged before the NBD server restarted were never
+    /// flushed; the transfer must start over.
+    #[error("{0}")]
+    WritesLost(#[from] crate::durability::LostWrites),
     /// 502: the owned qemu-storage-daemon failed a QMP command.
     #[error("qemu-storage-daemon failed: {0}")]
     Daemon(String),
@@ -66,7 +70,7 @@ impl ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
-            ApiError::Backend(_) | ApiError::Daemon(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Backend(_) | ApiError::WritesLost(_) | ApiError::Daemon(_) => StatusCode::BAD_GATEWAY,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

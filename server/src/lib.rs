@@ -11,6 +11,7 @@ pub mod backup;
 pub mod checkpoints;
 pub mod config;
 pub mod control;
+pub mod durability;
 pub mod error;
 pub mod extents;
 pub mod hashing;

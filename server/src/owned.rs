@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use blockgate_nbd::qemu::{DaemonSettings, QemuError, StorageDaemon};
@@ -88,6 +89,7 @@ pub struct OwnedImage {
     monitor: Arc<Monitor>,
     stop: CancellationToken,
     supervisor: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+    exits: Arc<AtomicU64>,
 }
 
 impl OwnedImage {
@@ -105,8 +107,15 @@ impl OwnedImage {
         }
         let nbd_socket = daemon.nbd_socket().to_path_buf();
         let stop = CancellationToken::new();
-        let supervisor = tokio::spawn(supervise(daemon, settings, monitor.clone(), stop.clone()));
-        Ok(OwnedImage { nbd_socket, monitor, stop, supervisor: tokio::sync::Mutex::new(Some(supervisor)) })
+        let exits = Arc::new(AtomicU64::new(0));
+        let supervisor = tokio::spawn(supervise(daemon, settings, monitor.clone(), stop.clone(), exits.clone()));
+        Ok(OwnedImage { nbd_socket, monitor, stop, supervisor: tokio::sync::Mutex::new(Some(supervisor)), exits })
+    }
+
+    /// How often the daemon exited without being asked to (each exit may
+    /// have lost writes it had acknowledged and not flushed).
+    pub fn restarts(&self) -> u64 {
+        self.exits.load(Ordering::SeqCst)
     }
 
     /// The NBD server's socket (the same across restarts).
@@ -151,7 +160,13 @@ async fn add_main_export(monitor: &Monitor, settings: &OwnedSettings) -> Result<
 }
 
 /// Waits for the daemon to exit and starts it again, until `stop`.
-async fn supervise(mut daemon: StorageDaemon, settings: OwnedSettings, monitor: Arc<Monitor>, stop: CancellationToken) {
+async fn supervise(
+    mut daemon: StorageDaemon,
+    settings: OwnedSettings,
+    monitor: Arc<Monitor>,
+    stop: CancellationToken,
+    exits: Arc<AtomicU64>,
+) {
     let image = settings.path.display().to_string();
     let mut delay = FIRST_DELAY;
     loop {
@@ -164,6 +179,7 @@ async fn supervise(mut daemon: StorageDaemon, settings: OwnedSettings, monitor: 
             daemon.stop().await;
             return;
         };
+        exits.fetch_add(1, Ordering::SeqCst);
         if started.elapsed() > STABLE {
             delay = FIRST_DELAY;
         }

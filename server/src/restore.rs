@@ -5,14 +5,18 @@
 //! A bad frame stops everything after it; the error names the frame and
 //! how much was applied before it, because storage cannot undo what landed.
 //! An incremental that does not continue the target's chain is refused
-//! before anything is written ([`crate::restore_record`]).
+//! before anything is written ([`crate::restore_record`]), and so is a
+//! stream whose `meta` frame does not fit the target: an incremental
+//! without `since`, a full stream that names one, a size other than the
+//! target's. A smaller full stream would leave the target's old data past
+//! its end, so it is applied only with `zero_tail`, which zeroes the rest.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, BodyDataStream};
 use blockgate_protocol::checkpoint::Restored;
-use blockgate_protocol::sparse::{Decoder, Event};
+use blockgate_protocol::sparse::{Decoder, Event, Meta};
 use blockgate_protocol::{ByteRange, ZeroState};
 use bytes::BytesMut;
 use futures::TryStreamExt;
@@ -32,13 +36,15 @@ pub struct RestoreSettings {
     pub flush: bool,
     /// Apply an incremental that does not continue the target's chain.
     pub force: bool,
+    /// Zero the target past the end of a smaller full stream.
+    pub zero_tail: bool,
     /// Longest stall of the body.
     pub body_timeout: Duration,
 }
 
 /// Applies a sparse stream; its summary on success.
 pub async fn restore(backend: Arc<Backend>, body: Body, settings: RestoreSettings) -> Result<Restored, ApiError> {
-    let RestoreSettings { may_deallocate, flush, force, body_timeout } = settings;
+    let RestoreSettings { may_deallocate, flush, force, zero_tail, body_timeout } = settings;
     let mut frames = body.into_data_stream();
     let mut decoder = Decoder::new(backend.size());
     let mut buffer = BytesMut::new();
@@ -47,6 +53,7 @@ pub async fn restore(backend: Arc<Backend>, body: Body, settings: RestoreSetting
     let mut input_done = false;
     let mut received = 0u64;
     let mut checkpoint = None;
+    let mut tail = None;
     loop {
         let event = match decoder.decode(&mut buffer) {
             Ok(Some(event)) => event,
@@ -72,9 +79,14 @@ pub async fn restore(backend: Arc<Backend>, body: Body, settings: RestoreSetting
         };
         let applied = match event {
             Event::Meta(meta) => {
-                if let Err(refused) = restore_record::admit(&backend, meta.since.as_deref(), meta.checkpoint.as_deref(), force) {
+                let admitted = check_meta(&meta, backend.size(), zero_tail, force)
+                    .and_then(|()| restore_record::admit(&backend, meta.since.as_deref(), meta.checkpoint.as_deref(), force));
+                if let Err(refused) = admitted {
                     discard_rest(frames);
                     return Err(refused);
+                }
+                if meta.virtual_size < backend.size() {
+                    tail = Some(meta.virtual_size..backend.size());
                 }
                 checkpoint = meta.checkpoint;
                 skip_zero_frames = !meta.incremental && reads_as_zeros(&backend).await?;
@@ -106,6 +118,11 @@ pub async fn restore(backend: Arc<Backend>, body: Body, settings: RestoreSetting
                         return Err(rejected(pipeline.fail(error).await));
                     }
                 }
+                if let Some(tail) = tail.clone().filter(|_| !skip_zero_frames) {
+                    if let Err(error) = pipeline.zero(&backend, tail.start, tail.end - tail.start, may_deallocate).await {
+                        return Err(rejected(pipeline.fail(error).await));
+                    }
+                }
                 pipeline.finish().await.map_err(rejected)?;
                 if flush {
                     backend.flush().await?;
@@ -113,7 +130,7 @@ pub async fn restore(backend: Arc<Backend>, body: Body, settings: RestoreSetting
                 if let Some(checkpoint) = &checkpoint {
                     restore_record::set(&backend, checkpoint)?;
                 }
-                return Ok(Restored { summary, checkpoint });
+                return Ok(Restored { summary, checkpoint, zero_tail: tail.map(|tail| tail.end - tail.start) });
             }
         };
         if let Err(error) = applied {
@@ -121,6 +138,32 @@ pub async fn restore(backend: Arc<Backend>, body: Body, settings: RestoreSetting
             return Err(rejected(pipeline.fail(error).await));
         }
     }
+}
+
+/// Refuses a `meta` frame that does not fit the target or cannot be
+/// checked against its chain, before anything is written.
+fn check_meta(meta: &Meta, target_size: u64, zero_tail: bool, force: bool) -> Result<(), ApiError> {
+    let refuse = |why: String| Err(ApiError::BadRequest(format!("meta frame: {why}")));
+    if meta.incremental && meta.since.is_none() && !force {
+        return refuse(
+            "an incremental stream must name the checkpoint it continues from (since), or it cannot be checked against the \
+             target's chain; add force=y to apply it anyway"
+                .into(),
+        );
+    }
+    if !meta.incremental && meta.since.is_some() {
+        return refuse("a full stream (incremental false) names since; only incrementals continue from a checkpoint".into());
+    }
+    let size = meta.virtual_size;
+    if size == target_size || (size < target_size && zero_tail && !meta.incremental) {
+        return Ok(());
+    }
+    let advice = if size < target_size && !meta.incremental {
+        "; applied as is, the target would keep its old data past the stream's end: add zero_tail=y to zero it"
+    } else {
+        ""
+    };
+    refuse(format!("virtual-size {size} differs from the target image's {target_size} bytes{advice}"))
 }
 
 /// Reads the body to its end; any byte is a 400.

@@ -13,7 +13,16 @@
 //! leaves no record. Writes that bypass blockgate (a VM started on the
 //! target) are not seen: nothing else should write a target between the
 //! links of its chain.
+//!
+//! A restore has its target to itself: while one runs, other writes and
+//! restores into the same target (through any ticket) are refused with
+//! 409, and a restore does not start while writes are running, so the
+//! checkpoint it records describes what it wrote and nothing else.
 
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
@@ -49,8 +58,79 @@ pub fn set(backend: &Backend, checkpoint: &str) -> ApiResult<()> {
     state_file::save(&record_path(backend), &reached).map_err(failed)
 }
 
+/// What runs into each target, process-wide.
+#[derive(Debug, Default)]
+struct Activity {
+    writers: usize,
+    restoring: bool,
+}
+
+static ACTIVITY: LazyLock<Mutex<HashMap<String, Activity>>> = LazyLock::new(Default::default);
+
+/// A running write or restore into a target; released when dropped.
+#[derive(Debug)]
+pub struct Claim {
+    target: String,
+    restore: bool,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut activity = ACTIVITY.lock();
+        if let Some(entry) = activity.get_mut(&self.target) {
+            if self.restore {
+                entry.restoring = false;
+            } else {
+                entry.writers -= 1;
+            }
+            if entry.writers == 0 && !entry.restoring {
+                activity.remove(&self.target);
+            }
+        }
+    }
+}
+
+fn restore_running() -> ApiError {
+    ApiError::Conflict("a restore into this image is running; writes and other restores wait until it ends".into())
+}
+
+/// Starts a write outside the chain (raw PUT, PATCH zero): refused while a
+/// restore runs; clears the record.
+pub fn begin_write(backend: &Backend) -> ApiResult<Claim> {
+    let target = backend.target().to_string();
+    {
+        let mut activity = ACTIVITY.lock();
+        let entry = activity.entry(target.clone()).or_default();
+        if entry.restoring {
+            return Err(restore_running());
+        }
+        entry.writers += 1;
+    }
+    let claim = Claim { target, restore: false };
+    forget(backend)?;
+    Ok(claim)
+}
+
+/// Starts a restore: refused while another restore or any write runs.
+pub fn begin_restore(backend: &Backend) -> ApiResult<Claim> {
+    let target = backend.target().to_string();
+    let mut activity = ACTIVITY.lock();
+    let entry = activity.entry(target.clone()).or_default();
+    if entry.restoring {
+        return Err(restore_running());
+    }
+    if entry.writers > 0 {
+        return Err(ApiError::Conflict(format!(
+            "{} writes into this image are running; a restore starts once they end, so that its checkpoint describes the image",
+            entry.writers
+        )));
+    }
+    entry.restoring = true;
+    Ok(Claim { target, restore: true })
+}
+
 /// Clears the record: the target is about to change outside its chain.
-pub fn forget(backend: &Backend) -> ApiResult<()> {
+fn forget(backend: &Backend) -> ApiResult<()> {
     match std::fs::remove_file(record_path(backend)) {
         Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(failed(error)),
         _ => Ok(()),
@@ -60,7 +140,7 @@ pub fn forget(backend: &Backend) -> ApiResult<()> {
 /// Decides whether a stream labelled `since` → `checkpoint` may be
 /// applied, then clears the record until it is. An incremental must
 /// continue exactly where the last restore left the target; `force`
-/// applies it anyway.
+/// applies it anyway. The caller holds the target's restore [`Claim`].
 pub fn admit(backend: &Backend, since: Option<&str>, checkpoint: Option<&str>, force: bool) -> ApiResult<()> {
     for (key, id) in [("since", since), ("checkpoint", checkpoint)] {
         if let Some(id) = id {

@@ -159,7 +159,11 @@ struct PutPlan {
     flush: bool,
     /// Apply an incremental stream out of its chain.
     force: bool,
+    /// Zero what a smaller full stream leaves of the target.
+    zero_tail: bool,
     format: Format,
+    /// The target, held for this write or restore.
+    claim: restore_record::Claim,
 }
 
 pub async fn put(
@@ -176,14 +180,13 @@ pub async fn put(
             return Err(error);
         }
     };
-    let PutPlan { operation, start, expected, flush, force, format } = plan;
+    let PutPlan { operation, start, expected, flush, force, zero_tail, format, claim: _claim } = plan;
     let ticket = operation.ticket().clone();
     if format == Format::Sparse {
-        let settings = RestoreSettings { may_deallocate: ticket.sparse, flush, force, body_timeout: state.body_timeout };
+        let settings = RestoreSettings { may_deallocate: ticket.sparse, flush, force, zero_tail, body_timeout: state.body_timeout };
         let restored = cancelable(restore(ticket.backend.clone(), body, settings), &ticket).await?;
         return Ok(Json(restored).into_response());
     }
-    restore_record::forget(&ticket.backend)?;
     let size = ticket.backend.size();
     let limit = expected.unwrap_or(size - start);
     let over_limit = |received: u64| match expected {
@@ -218,11 +221,16 @@ fn plan_put(state: &AppState, id: &str, params: &Params, headers: &HeaderMap) ->
     let format = transfer_format(params)?;
     let flush = flag(params, "flush", true)?;
     let force = flag(params, "force", false)?;
+    let zero_tail = flag(params, "zero_tail", false)?;
     if format == Format::Sparse {
         if headers.contains_key(header::CONTENT_RANGE) {
             return Err(ApiError::BadRequest("Content-Range does not apply to format=sparse; frames carry their offsets".into()));
         }
-        return Ok(PutPlan { operation, start: 0, expected: None, flush, force, format });
+        let claim = restore_record::begin_restore(&ticket.backend)?;
+        return Ok(PutPlan { operation, start: 0, expected: None, flush, force, zero_tail, format, claim });
+    }
+    if zero_tail {
+        return Err(ApiError::BadRequest("zero_tail=y applies to format=sparse; zero the rest of a raw upload with PATCH zero".into()));
     }
     let size = ticket.backend.size();
     let content_range = match headers.get(header::CONTENT_RANGE) {
@@ -257,7 +265,8 @@ fn plan_put(state: &AppState, id: &str, params: &Params, headers: &HeaderMap) ->
             size,
         ));
     }
-    Ok(PutPlan { operation, start, expected, flush, force, format })
+    let claim = restore_record::begin_write(&ticket.backend)?;
+    Ok(PutPlan { operation, start, expected, flush, force, zero_tail, format, claim })
 }
 
 /// Adds how much of a failed write landed to its message.
@@ -304,7 +313,7 @@ async fn zero(ticket: &Ticket, offset: u64, length: u64, flush: bool) -> ApiResu
             size,
         ));
     }
-    restore_record::forget(&ticket.backend)?;
+    let _claim = restore_record::begin_write(&ticket.backend)?;
     ticket.backend.zero(offset, length, ticket.sparse).await?;
     if flush {
         ticket.backend.flush().await?;

@@ -7,6 +7,7 @@ mod cli;
 mod cli_safety;
 mod common;
 mod data;
+mod durability;
 mod errors;
 mod faults;
 mod lifecycle;

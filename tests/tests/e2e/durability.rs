@@ -1,0 +1,259 @@
+//! Nothing lost is ever reported as saved: writes a qemu-storage-daemon
+//! acknowledged and lost in a `kill -9` fail every later flush until they
+//! are written again (raw and qcow2), a sparse restore that spans a crash
+//! never ends 200, a stream whose meta frame does not fit the target is
+//! refused before it writes, and a restore has its target to itself.
+
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::common::*;
+
+/// A sparse frame: header, then the payload and CRLF if there is one.
+fn frame(kind: &str, start: u64, length: u64, payload: &[u8]) -> Vec<u8> {
+    let mut frame = format!("{kind} {start:016x} {length:016x}\r\n").into_bytes();
+    if !payload.is_empty() {
+        frame.extend_from_slice(payload);
+        frame.extend_from_slice(b"\r\n");
+    }
+    frame
+}
+
+fn meta_frame(meta: &Value) -> Vec<u8> {
+    let json = serde_json::to_vec(meta).unwrap();
+    frame("meta", 0, json.len() as u64, &json)
+}
+
+/// A stream of `meta`, one data frame at 0 and zeros to `size`, and a
+/// stop frame without trailer.
+fn stream(meta: Value, data: &[u8], size: u64) -> Vec<u8> {
+    let mut stream = meta_frame(&meta);
+    stream.extend(frame("data", 0, data.len() as u64, data));
+    if size > data.len() as u64 {
+        stream.extend(frame("zero", data.len() as u64, size - data.len() as u64, &[]));
+    }
+    stream.extend(frame("stop", 0, 0, &[]));
+    stream
+}
+
+/// Kills the server's one qemu-storage-daemon and waits for its successor.
+async fn kill_daemon(server: &Server) {
+    let [old] = daemon_pids(server)[..] else { panic!("one qemu-storage-daemon child") };
+    kill(Pid::from_raw(old as i32), Signal::SIGKILL).unwrap();
+    wait_until("a new qemu-storage-daemon runs", async || daemon_pids(server).iter().any(|&pid| pid != old)).await;
+}
+
+/// PUTs `data` at `offset`; a 502 while the daemon comes back is retried.
+async fn put_retrying(server: &Server, offset: u64, data: &[u8], query: &str) -> (StatusCode, String) {
+    let range = format!("bytes {offset}-{}/*", offset + data.len() as u64 - 1);
+    for _ in 0..100 {
+        let response =
+            server.client().put(server.image_url("disk") + query).header("content-range", &range).body(data.to_vec()).send().await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        if status != StatusCode::BAD_GATEWAY || text.contains("writes may be lost") {
+            return (status, text);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the restarted daemon never took a write");
+}
+
+async fn patch(server: &Server, body: Value) -> (StatusCode, String) {
+    let response = server.client().patch(server.image_url("disk")).json(&body).send().await.unwrap();
+    (response.status(), response.text().await.unwrap())
+}
+
+async fn writes_lost_in_a_crash_fail_every_flush_until_written_again(format: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join(format!("disk.{format}"));
+    let server = Server::start(dir.path(), &[format!("disk={},size=64M,format={format}", image.display())]).await;
+    let first = random_bytes(8 * MIB as usize, 1);
+    assert_eq!(put_retrying(&server, 0, &first, "?flush=n").await.0, StatusCode::OK);
+    kill_daemon(&server).await;
+    let second = random_bytes(MIB as usize, 2);
+    assert_eq!(put_retrying(&server, 32 * MIB, &second, "?flush=n").await.0, StatusCode::OK, "a write after the restart lands");
+    for attempt in 0..3 {
+        let (status, text) = patch(&server, json!({"op": "flush"})).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "flush attempt {attempt}: {text}");
+        assert!(text.contains("writes may be lost") && text.contains("start the transfer over"), "{text}");
+    }
+    let (status, text) = put_retrying(&server, 40 * MIB, &second, "").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "a PUT's own flush reports the loss too: {text}");
+    let (status, _) = patch(&server, json!({"op": "zero", "offset": 0, "size": MIB, "flush": true})).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "7 MiB are still lost");
+    // Written again (the first MiB as zeros, the rest as data): stable.
+    assert_eq!(put_retrying(&server, MIB, &first[MIB as usize..], "?flush=n").await.0, StatusCode::OK);
+    let (status, text) = patch(&server, json!({"op": "flush"})).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let view = raw_view(&image);
+    assert!(view[..MIB as usize].iter().all(|&byte| byte == 0));
+    assert!(view[MIB as usize..8 * MIB as usize] == first[MIB as usize..]);
+    assert!(view[32 * MIB as usize..33 * MIB as usize] == second[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qcow2_writes_lost_in_a_crash_fail_every_flush_until_written_again() {
+    writes_lost_in_a_crash_fail_every_flush_until_written_again("qcow2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_writes_lost_in_a_crash_fail_every_flush_until_written_again() {
+    writes_lost_in_a_crash_fail_every_flush_until_written_again("raw").await;
+}
+
+/// A PUT whose body the test feeds: the sender and the pending response.
+struct SlowPut {
+    sender: tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
+    response: tokio::task::JoinHandle<(StatusCode, String)>,
+}
+
+impl SlowPut {
+    fn start(server: &Server, query: &str, headers: &[(&str, String)]) -> SlowPut {
+        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        let body = reqwest::Body::wrap_stream(tokio_stream(receiver));
+        let mut request = server.client().put(server.image_url("disk") + query).body(body);
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        let response = tokio::spawn(async move {
+            let response = request.send().await.unwrap();
+            (response.status(), response.text().await.unwrap())
+        });
+        SlowPut { sender, response }
+    }
+
+    async fn send(&self, bytes: Vec<u8>) {
+        self.sender.send(Ok(bytes)).await.unwrap();
+    }
+
+    async fn finish(self) -> (StatusCode, String) {
+        drop(self.sender);
+        self.response.await.unwrap()
+    }
+}
+
+fn tokio_stream(
+    mut receiver: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>,
+) -> impl futures::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+    futures::stream::poll_fn(move |context| receiver.poll_recv(context))
+}
+
+fn full_meta(size: u64, data_size: u64, checkpoint: Option<&str>) -> Value {
+    let mut meta = json!({"virtual-size": size, "data-size": data_size});
+    if let Some(checkpoint) = checkpoint {
+        meta["checkpoint"] = json!(checkpoint);
+    }
+    meta
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_that_spans_a_daemon_crash_never_ends_200() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    let server = Server::start(dir.path(), &[format!("disk={},size=64M", image.display())]).await;
+    let data = random_bytes(16 * MIB as usize, 3);
+    let whole = stream(full_meta(64 * MIB, data.len() as u64, Some("c1")), &data, 64 * MIB);
+    let (head, rest) = whole.split_at(whole.len() - 80);
+    let restore = SlowPut::start(&server, "?format=sparse", &[]);
+    restore.send(head.to_vec()).await;
+    // The data frame is written and acknowledged (qcow2 metadata may
+    // still be in the daemon's memory); then the daemon dies.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    kill_daemon(&server).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    restore.send(rest.to_vec()).await;
+    let (status, text) = restore.finish().await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{text}");
+    assert!(text.contains("writes may be lost"), "{text}");
+    let incremental = stream(json!({"virtual-size": 64 * MIB, "data-size": 4096, "incremental": true, "since": "c1"}), &[1; 4096], 0);
+    let (status, text) = put_stream(&server.client(), server.image_url("disk") + "?format=sparse", incremental).await;
+    assert_eq!(status, StatusCode::CONFLICT, "the failed restore recorded no checkpoint: {text}");
+    // Started over, the restore ends exact.
+    let (status, text) = put_stream(&server.client(), server.image_url("disk") + "?format=sparse", whole.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert!(raw_view(&image)[..data.len()] == data[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_does_not_fit_the_target_is_refused_before_it_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    let server = Server::start(dir.path(), &[format!("disk={},size=128M", image.display())]).await;
+    let old = random_bytes(MIB as usize, 4);
+    assert_eq!(put_retrying(&server, 100 * MIB, &old, "").await.0, StatusCode::OK);
+    let url = server.image_url("disk") + "?format=sparse";
+    let data = random_bytes(MIB as usize, 5);
+    let small = stream(full_meta(64 * MIB, MIB, Some("c1")), &data, 64 * MIB);
+    let refusals = [
+        (small.clone(), "64 MiB full stream onto 128 MiB", "67108864"),
+        (stream(full_meta(0, 0, Some("c1")), &[], 0)[..].to_vec(), "virtual-size 0", "virtual-size 0"),
+        (meta_frame(&json!({"data-size": 0})), "missing virtual-size", "virtual-size"),
+        (
+            stream(json!({"virtual-size": 128 * MIB, "data-size": MIB, "incremental": true, "checkpoint": "c1"}), &data, 0),
+            "incremental without since",
+            "since",
+        ),
+        (
+            stream(json!({"virtual-size": 64 * MIB, "data-size": MIB, "incremental": true, "since": "c0"}), &data, 0),
+            "small incremental",
+            "67108864",
+        ),
+        (stream(json!({"virtual-size": 128 * MIB, "data-size": MIB, "since": "c0"}), &data, 128 * MIB), "full stream with since", "since"),
+    ];
+    for (body, what, named) in refusals {
+        let (status, text) = put_stream(&server.client(), url.clone(), body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{what}: {text}");
+        assert!(text.contains(named), "{what}: {text}");
+    }
+    let view = raw_view(&image);
+    assert!(view[..MIB as usize].iter().all(|&byte| byte == 0), "nothing was written");
+    assert!(view[100 * MIB as usize..101 * MIB as usize] == old[..]);
+    // No checkpoint was recorded: an incremental from c1 is out of its chain.
+    let incremental = stream(json!({"virtual-size": 128 * MIB, "data-size": 4096, "incremental": true, "since": "c1"}), &[1; 4096], 0);
+    assert_eq!(put_stream(&server.client(), url.clone(), incremental).await.0, StatusCode::CONFLICT);
+    // With zero_tail=y the rest is zeroed, and the summary says so.
+    let (status, text) = put_stream(&server.client(), url.clone() + "&zero_tail=y", small).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let summary: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(summary["zero-tail"], 64 * MIB, "{summary}");
+    let view = raw_view(&image);
+    assert!(view[..MIB as usize] == data[..]);
+    assert!(view[64 * MIB as usize..].iter().all(|&byte| byte == 0), "old data past the stream is gone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_restore_has_its_target_to_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    let server = Server::start(dir.path(), &[format!("disk={},size=16M", image.display())]).await;
+    let data = random_bytes(MIB as usize, 6);
+    let whole = stream(full_meta(16 * MIB, MIB, Some("c1")), &data, 16 * MIB);
+    let (head, rest) = whole.split_at(100);
+    let restore = SlowPut::start(&server, "?format=sparse", &[]);
+    restore.send(head.to_vec()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, text) = put_retrying(&server, 0, &[7; 4096], "").await;
+    assert_eq!(status, StatusCode::CONFLICT, "a raw PUT during a restore: {text}");
+    assert!(text.contains("restore"), "{text}");
+    assert_eq!(patch(&server, json!({"op": "zero", "offset": 0, "size": 4096})).await.0, StatusCode::CONFLICT);
+    let (status, text) = put_stream(&server.client(), server.image_url("disk") + "?format=sparse", whole.clone()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "a second restore: {text}");
+    restore.send(rest.to_vec()).await;
+    let (status, text) = restore.finish().await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert!(raw_view(&image)[..MIB as usize] == data[..]);
+
+    // A restore does not start while a raw PUT runs.
+    let upload = SlowPut::start(&server, "", &[("content-range", format!("bytes 0-{}/*", 2 * 4096 - 1))]);
+    upload.send(vec![9; 4096]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, text) = put_stream(&server.client(), server.image_url("disk") + "?format=sparse", whole).await;
+    assert_eq!(status, StatusCode::CONFLICT, "a restore during a raw PUT: {text}");
+    upload.send(vec![9; 4096]).await;
+    assert_eq!(upload.finish().await.0, StatusCode::OK);
+}
