@@ -70,7 +70,12 @@ async fn full_and_incremental_backups_restore_exactly_for_two_rounds() {
         assert_eq!(status, StatusCode::OK, "{summary}");
         let summary: Value = serde_json::from_str(&summary).unwrap();
         assert_eq!(summary["verified"], true, "the full stream's trailer checksum was checked");
-        let (status, summary) = put_stream(&client, format!("{}?format=sparse", server.image_url("dst")), incremental).await;
+        // A ticket-bitmap incremental names no checkpoint to continue
+        // from: refused (nothing written) unless the client forces it.
+        let (status, summary) = put_stream(&client, format!("{}?format=sparse", server.image_url("dst")), incremental.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{summary}");
+        assert!(summary.contains("force=y"), "{summary}");
+        let (status, summary) = put_stream(&client, format!("{}?format=sparse&force=y", server.image_url("dst")), incremental).await;
         assert_eq!(status, StatusCode::OK, "{summary}");
         let summary: Value = serde_json::from_str(&summary).unwrap();
         assert_eq!(summary["verified"], false, "incremental streams carry no checksum");
@@ -88,7 +93,7 @@ async fn full_and_incremental_backups_restore_exactly_for_two_rounds() {
         let client = server.client();
         let incremental = get_stream(&client, format!("{}?format=sparse&context=dirty", server.image_url("src"))).await;
         assert_eq!(meta(&incremental)["bitmap"], "b2");
-        let (status, summary) = put_stream(&client, format!("{}?format=sparse", server.image_url("dst")), incremental).await;
+        let (status, summary) = put_stream(&client, format!("{}?format=sparse&force=y", server.image_url("dst")), incremental).await;
         assert_eq!(status, StatusCode::OK, "{summary}");
         // Same content, same checksum.
         let checksum = |ticket: &'static str| {
