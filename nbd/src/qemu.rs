@@ -183,13 +183,33 @@ async fn terminate(child: &mut Child, program: &str) {
     let _ = child.kill().await;
 }
 
+/// One image file of a daemon's block graph and the files it links to,
+/// each decided by the caller (qemu is never left to open a file a header
+/// names: see [`crate::qcow2`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageLayer {
+    /// The file, resolved.
+    pub path: PathBuf,
+    /// Its format, never probed: `raw` or `qcow2`.
+    pub format: String,
+    /// The backing image of a qcow2, opened read-only; `None` opens none.
+    pub backing: Option<Box<ImageLayer>>,
+    /// The external data file of a qcow2.
+    pub data_file: Option<PathBuf>,
+}
+
+impl ImageLayer {
+    /// A file with no backing and no data file.
+    pub fn single(path: &Path, format: &str) -> ImageLayer {
+        ImageLayer { path: path.to_path_buf(), format: format.to_string(), backing: None, data_file: None }
+    }
+}
+
 /// What qemu-storage-daemon should open.
 #[derive(Debug, Clone)]
 pub struct DaemonSettings<'a> {
-    /// Image file.
-    pub path: &'a Path,
-    /// Its format, never probed.
-    pub format: &'a str,
+    /// The image and what it links to.
+    pub image: &'a ImageLayer,
     /// Open the image read-only (no writes, no persistent bitmaps).
     pub read_only: bool,
 }
@@ -245,29 +265,65 @@ impl StorageDaemon {
         self.child.wait().await
     }
 
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Stops the daemon; its persistent bitmaps are written back.
     pub async fn stop(&mut self) {
         terminate(&mut self.child, "qemu-storage-daemon").await;
     }
 }
 
-/// `qemu-storage-daemon` with the image's two block nodes (JSON, so no
-/// path needs quoting), the NBD server and the monitor.
+/// The `--blockdev` options of `layer` and the layers below it, those a
+/// node refers to first; the name of its format node. Layer `depth` has
+/// the nodes `file{depth}`, `data{depth}` and `disk{depth}` (the image
+/// itself is [`StorageDaemon::NODE`]). A qcow2 node always says what its
+/// backing and data file are (`null`: none), so qemu opens nothing the
+/// header names by itself.
+fn blockdevs(layer: &ImageLayer, depth: usize, read_only: bool, nodes: &mut Vec<serde_json::Value>) -> Result<String> {
+    let filename = |path: &Path| path.to_str().map(str::to_string).ok_or_else(|| failed(format!("{} is not UTF-8", path.display())));
+    let backing = match &layer.backing {
+        Some(backing) => serde_json::Value::from(blockdevs(backing, depth + 1, true, nodes)?),
+        None => serde_json::Value::Null,
+    };
+    let file = format!("file{depth}");
+    nodes.push(serde_json::json!({
+        "driver": "file", "node-name": file, "filename": filename(&layer.path)?, "discard": "unmap", "read-only": read_only,
+    }));
+    let node = format!("disk{depth}");
+    let mut format = serde_json::json!({
+        "driver": layer.format, "node-name": node, "file": file, "discard": "unmap", "read-only": read_only,
+    });
+    if layer.format == "qcow2" {
+        format["backing"] = backing;
+        if let Some(data_file) = &layer.data_file {
+            let data = format!("data{depth}");
+            nodes.push(serde_json::json!({
+                "driver": "file", "node-name": data, "filename": filename(data_file)?, "discard": "unmap", "read-only": read_only,
+            }));
+            format["data-file"] = data.into();
+        }
+    } else if layer.backing.is_some() || layer.data_file.is_some() {
+        return Err(failed(format!("{}: only a qcow2 image has a backing or data file", layer.path.display())));
+    }
+    nodes.push(format);
+    Ok(node)
+}
+
+/// `qemu-storage-daemon` with the image's block nodes (JSON, so no path
+/// needs quoting), the NBD server and the monitor.
 async fn spawn_daemon(settings: &DaemonSettings<'_>, nbd_socket: &Path, qmp_socket: &Path) -> Result<Child> {
-    let filename = settings.path.to_str().ok_or_else(|| failed(format!("{} is not UTF-8", settings.path.display())))?;
-    let file = serde_json::json!({
-        "driver": "file", "node-name": "file0", "filename": filename, "discard": "unmap", "read-only": settings.read_only,
-    });
-    let format = serde_json::json!({
-        "driver": settings.format, "node-name": StorageDaemon::NODE, "file": "file0", "discard": "unmap", "read-only": settings.read_only,
-    });
+    let mut nodes = Vec::new();
+    let top = blockdevs(settings.image, 0, settings.read_only, &mut nodes)?;
+    debug_assert_eq!(top, StorageDaemon::NODE);
     let keyval_path = |path: &Path| path.to_string_lossy().replace(',', ",,");
     let mut command = Command::new("qemu-storage-daemon");
+    for node in nodes {
+        command.arg("--blockdev").arg(node.to_string());
+    }
     command
-        .arg("--blockdev")
-        .arg(file.to_string())
-        .arg("--blockdev")
-        .arg(format.to_string())
         .arg("--chardev")
         .arg(format!("socket,id=qmp0,path={},server=on,wait=off", keyval_path(qmp_socket)))
         .args(["--monitor", "chardev=qmp0"])
@@ -278,7 +334,7 @@ async fn spawn_daemon(settings: &DaemonSettings<'_>, nbd_socket: &Path, qmp_sock
     // serves one client at a time, and a probe's connection could still
     // hold it when the real one arrives. Clients wait for it with
     // `Qmp::connect_when_ready`.
-    launch(command, "qemu-storage-daemon", &[nbd_socket], settings.path).await
+    launch(command, "qemu-storage-daemon", &[nbd_socket], &settings.image.path).await
 }
 
 /// Creates an image file with qemu-img, readable by its owner only (disk

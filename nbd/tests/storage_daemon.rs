@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use blockgate_nbd::qemu::{DaemonSettings, StorageDaemon};
+use blockgate_nbd::qemu::{DaemonSettings, ImageLayer, StorageDaemon};
 use blockgate_nbd::qmp::{Qmp, QmpError};
 use blockgate_nbd::{Address, Client, ConnectOptions, DIRTY_BITMAP_PREFIX, ZeroFlags};
 use serde_json::{Value, json};
@@ -21,7 +21,7 @@ async fn bitmaps_and_exports_are_managed_live_and_persist() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk,with comma.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "16M"]);
-    let mut daemon = StorageDaemon::start(&DaemonSettings { path: &image, format: "qcow2", read_only: false }).await.unwrap();
+    let mut daemon = StorageDaemon::start(&DaemonSettings { image: &ImageLayer::single(&image, "qcow2"), read_only: false }).await.unwrap();
     let mut qmp = Qmp::connect_when_ready(daemon.qmp_socket(), std::time::Duration::from_secs(5)).await.unwrap();
     let node = StorageDaemon::NODE;
     qmp.execute("block-dirty-bitmap-add", json!({"node": node, "name": "cp1", "persistent": true})).await.unwrap();
@@ -63,7 +63,8 @@ async fn bitmaps_and_exports_are_managed_live_and_persist() {
 async fn a_daemon_that_cannot_open_its_image_says_why() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing.qcow2");
-    let error = StorageDaemon::start(&DaemonSettings { path: &missing, format: "qcow2", read_only: true }).await.err().unwrap();
+    let error =
+        StorageDaemon::start(&DaemonSettings { image: &ImageLayer::single(&missing, "qcow2"), read_only: true }).await.err().unwrap();
     assert!(error.to_string().contains("qemu-storage-daemon exited"), "{error}");
     assert!(error.to_string().contains("missing.qcow2"), "{error}");
 }

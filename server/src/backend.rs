@@ -27,6 +27,7 @@ use crate::checkpoints::{self, Checkpoints};
 use crate::config::{ImageFormat, ImageSource, ImageSpec};
 use crate::durability::Ledger;
 use crate::error::{ApiError, ApiResult};
+use crate::image_files;
 use crate::metrics::metrics;
 use crate::owned::{MAIN_EXPORT, OwnedImage, OwnedSettings};
 
@@ -49,6 +50,9 @@ pub struct BackendSettings {
     pub request_timeout: Duration,
     /// Where checkpoint and restore records are kept.
     pub state_dir: Arc<std::path::Path>,
+    /// Where the backing and data files a qcow2 names may lie: the
+    /// `--allow-dir` directories and those of `--image` files (resolved).
+    pub allowed_links: Arc<[std::path::PathBuf]>,
 }
 
 /// Which dirty map a request reads.
@@ -81,11 +85,19 @@ impl Drop for View {
     }
 }
 
+/// A connection of the pool, and how often the owned daemon had exited
+/// when it was opened: a connection that the daemon's exit closed is a
+/// break the ledger already counted ([`Backend::notice_restart`]).
+struct Slot {
+    client: Client,
+    daemon_exits: u64,
+}
+
 /// An NBD export and connections to it.
 pub struct Backend {
     address: Address,
     options: ConnectOptions,
-    slots: Vec<tokio::sync::Mutex<Option<Client>>>,
+    slots: Vec<tokio::sync::Mutex<Option<Slot>>>,
     next_slot: AtomicUsize,
     request_timeout: Duration,
     size: u64,
@@ -179,12 +191,27 @@ impl Backend {
     /// Opens a local file on a qemu-storage-daemon of our own.
     async fn open_file(spec: &ImageSpec, path: &std::path::Path, settings: BackendSettings) -> Result<Backend> {
         let format = file_format(spec, path);
-        match (path.exists(), spec.create_size) {
-            (true, _) => warn_if_content_differs(path, format),
+        let exists = path.exists();
+        match (exists, spec.create_size) {
+            (true, _) => {}
             (false, Some(size)) => qemu::create_image(path, format.as_str(), size).await?,
             (false, None) => bail!("{} does not exist", path.display()),
         }
         let path = std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
+        // File-system work off the async workers; the file is checked (no
+        // FIFO, no link outside the allowed directories) before anything
+        // else reads it.
+        let (layer, pins) = {
+            let (path, allowed) = (path.clone(), settings.allowed_links.clone());
+            tokio::task::spawn_blocking(move || {
+                let resolved = image_files::resolve(&path, format.as_str(), &allowed)?;
+                if exists {
+                    warn_if_content_differs(&path, format);
+                }
+                anyhow::Ok(resolved)
+            })
+            .await??
+        };
         let info = qemu::image_info(&path, Some(format.as_str())).await?;
         let image = path.display().to_string();
         let bitmap = match (&spec.bitmap, spec.dirty) {
@@ -203,13 +230,8 @@ impl Backend {
             ImageFormat::Raw => Err("the image is raw, which cannot hold persistent bitmaps; checkpoints need qcow2".to_string()),
             ImageFormat::Qcow2 => Ok(Checkpoints::open(&path, &settings.state_dir)?),
         };
-        let owned_settings = OwnedSettings {
-            path: path.clone(),
-            format,
-            read_only: spec.read_only,
-            node_read_only,
-            command_timeout: settings.request_timeout,
-        };
+        let owned_settings =
+            OwnedSettings { image: layer, pins, read_only: spec.read_only, node_read_only, command_timeout: settings.request_timeout };
         let owned = OwnedImage::start(owned_settings).await?;
         let owned = Arc::new(owned);
         let address = Address::unix(owned.nbd_socket(), MAIN_EXPORT);
@@ -251,7 +273,7 @@ impl Backend {
         }
         let size = first.size();
         let mut slots: Vec<_> = (1..settings.connections).map(|_| tokio::sync::Mutex::new(None)).collect();
-        slots.insert(0, tokio::sync::Mutex::new(Some(first)));
+        slots.insert(0, tokio::sync::Mutex::new(Some(Slot { client: first, daemon_exits: 0 })));
         Ok(Backend {
             target: address.to_string(),
             address,
@@ -350,16 +372,31 @@ impl Backend {
         let index = self.next_slot.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let mut slot = self.slots[index].lock().await;
         match slot.as_ref() {
-            Some(client) if !client.is_closed() => return Ok(client.clone()),
-            Some(_) => self.ledger.connection_broke(),
+            Some(open) if !open.client.is_closed() => return Ok(open.client.clone()),
+            Some(closed) => self.notice_closed(closed),
             None => {}
         }
+        let daemon_exits = self.daemon_exits();
         let client = Client::connect(&self.address, &self.options).await?;
         if client.size() != self.size {
             return Err(blockgate_nbd::Error::Protocol(format!("the export changed size from {} to {} bytes", self.size, client.size())));
         }
-        *slot = Some(client.clone());
+        *slot = Some(Slot { client: client.clone(), daemon_exits });
         Ok(client)
+    }
+
+    /// How often the owned daemon exited (0 for an NBD URI).
+    fn daemon_exits(&self) -> u64 {
+        self.owned.as_ref().map_or(0, |owned| owned.restarts())
+    }
+
+    /// Enters a closed connection in the ledger, unless a daemon exit
+    /// that the ledger counted already explains it.
+    fn notice_closed(&self, closed: &Slot) {
+        self.notice_restart();
+        if closed.daemon_exits == self.daemon_exits() {
+            self.ledger.connection_broke();
+        }
     }
 
     /// A live connection within the request timeout.
@@ -393,11 +430,9 @@ impl Backend {
     /// Enters a restart of the owned daemon in the ledger, if one happened
     /// since the last look (its connections may not have seen EOF yet).
     fn notice_restart(&self) {
-        if let Some(owned) = &self.owned {
-            let restarts = owned.restarts();
-            if self.restarts_seen.swap(restarts, Ordering::SeqCst) != restarts {
-                self.ledger.connection_broke();
-            }
+        let exits = self.daemon_exits();
+        if self.restarts_seen.swap(exits, Ordering::SeqCst) != exits {
+            self.ledger.connection_broke();
         }
     }
 
@@ -406,8 +441,9 @@ impl Backend {
     async fn notice_breaks(&self) {
         self.notice_restart();
         for slot in &self.slots {
-            if slot.lock().await.as_ref().is_some_and(Client::is_closed) {
-                self.ledger.connection_broke();
+            // Taken out, so that one closed connection counts once.
+            if let Some(closed) = slot.lock().await.take_if(|slot| slot.client.is_closed()) {
+                self.notice_closed(&closed);
             }
         }
     }
@@ -485,7 +521,7 @@ impl Backend {
             return Ok(());
         }
         for slot in &self.slots {
-            let other = slot.lock().await.clone();
+            let other = slot.lock().await.as_ref().map(|slot| slot.client.clone());
             if let Some(other) = other.filter(|other| !other.is_closed()) {
                 self.within_timeout(&other, async |client| client.flush().await).await?;
             }
@@ -502,8 +538,8 @@ impl Backend {
     /// backend owns one.
     pub async fn stop(&self) {
         for slot in &self.slots {
-            if let Some(client) = slot.lock().await.take() {
-                client.disconnect().await;
+            if let Some(slot) = slot.lock().await.take() {
+                slot.client.disconnect().await;
             }
         }
         if let Some(owned) = &self.owned {

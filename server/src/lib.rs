@@ -15,6 +15,7 @@ pub mod durability;
 pub mod error;
 pub mod extents;
 pub mod hashing;
+pub mod image_files;
 pub mod metrics;
 pub mod owned;
 pub mod ranges;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use blockgate_protocol::ticket::parse_ticket;
 use blockgate_server::backend::{Backend, BackendSettings};
-use blockgate_server::config::{self, Args, ImageSource, LogFormat};
+use blockgate_server::config::{self, Args, ImageSource, ImageSpec, LogFormat};
 use blockgate_server::control::{self, ControlState};
 use blockgate_server::routes::{self, AppState};
 use blockgate_server::server::{self, ConnectionLimits, Endpoint, Listener};
@@ -79,12 +79,13 @@ async fn run(args: Args) -> Result<()> {
     }
     let port = tcp_listeners[0].local_addr()?.port();
     let limits = Limits { max_readers: args.max_readers, max_writers: args.max_writers };
+    let allow_dirs = Arc::new(allowed_directories(&args.allow_dirs)?);
     let backend = BackendSettings {
         connections: args.nbd_connections,
         request_timeout: Duration::from_secs(args.nbd_timeout),
         state_dir: args.state_dir().into(),
+        allowed_links: allowed_links(&allow_dirs, &args.images),
     };
-    let allow_dirs = Arc::new(allowed_directories(&args.allow_dirs)?);
 
     let tickets = Arc::new(Tickets::new(Duration::from_secs(args.cancel_timeout)));
     if let Err(error) = open_tickets(&args, &tickets, limits, &backend, &allow_dirs, port).await {
@@ -181,6 +182,16 @@ fn allowed_directories(dirs: &[PathBuf]) -> Result<Vec<PathBuf>> {
             Ok(real)
         })
         .collect()
+}
+
+/// Where the backing and data files of qcow2 images may lie: the allowed
+/// directories and the directories of `--image` files.
+fn allowed_links(allow_dirs: &[PathBuf], images: &[ImageSpec]) -> Arc<[PathBuf]> {
+    let image_dirs = images.iter().filter_map(|spec| match &spec.source {
+        ImageSource::File(path) => std::fs::canonicalize(std::path::absolute(path).ok()?.parent()?).ok(),
+        ImageSource::Nbd(_) => None,
+    });
+    allow_dirs.iter().cloned().chain(image_dirs).collect()
 }
 
 async fn open_tickets(

@@ -13,9 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use blockgate_nbd::qemu::{DaemonSettings, QemuError, StorageDaemon};
+use blockgate_nbd::qemu::{DaemonSettings, ImageLayer, QemuError, StorageDaemon};
 use blockgate_nbd::qmp::{Qmp, QmpError};
-use blockgate_protocol::ticket::ImageFormat;
+
+use crate::image_files::Pins;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -34,10 +35,11 @@ pub const MAIN_EXPORT: &str = "disk";
 /// What the daemon opens and exports.
 #[derive(Debug, Clone)]
 pub struct OwnedSettings {
-    /// Image file.
-    pub path: PathBuf,
-    /// Its format, never probed.
-    pub format: ImageFormat,
+    /// The image, its format (never probed) and the files it links to,
+    /// checked ([`crate::image_files`]).
+    pub image: ImageLayer,
+    /// Those files by device and inode, checked before every start.
+    pub pins: Pins,
     /// The main export refuses writes.
     pub read_only: bool,
     /// The image is opened read-only too (then it cannot hold new bitmaps).
@@ -96,6 +98,7 @@ impl OwnedImage {
     /// Starts the daemon, adds the main export and starts the watcher.
     pub async fn start(settings: OwnedSettings) -> Result<OwnedImage, QemuError> {
         let mut daemon = StorageDaemon::start(&daemon_settings(&settings)).await?;
+        check_open_files(&mut daemon, &settings).await?;
         let monitor = Arc::new(Monitor {
             socket: daemon.qmp_socket().to_path_buf(),
             timeout: settings.command_timeout,
@@ -139,7 +142,30 @@ impl OwnedImage {
 }
 
 fn daemon_settings(settings: &OwnedSettings) -> DaemonSettings<'_> {
-    DaemonSettings { path: &settings.path, format: settings.format.as_str(), read_only: settings.node_read_only }
+    DaemonSettings { image: &settings.image, read_only: settings.node_read_only }
+}
+
+/// Stops a daemon that does not hold the checked files open: one of them
+/// was swapped between the check and qemu's open.
+async fn check_open_files(daemon: &mut StorageDaemon, settings: &OwnedSettings) -> Result<(), QemuError> {
+    let checked = match daemon.pid() {
+        Some(pid) => settings.pins.verify_open_by(pid),
+        None => Err(anyhow::anyhow!("qemu-storage-daemon exited as it started")),
+    };
+    if let Err(error) = checked {
+        daemon.stop().await;
+        return Err(QemuError::new(format!("{error:#}")));
+    }
+    Ok(())
+}
+
+/// Starts the daemon again on its sockets, if its files are still the
+/// checked ones.
+async fn restart(daemon: &mut StorageDaemon, settings: &OwnedSettings, monitor: &Monitor) -> Result<(), QemuError> {
+    settings.pins.verify_paths().map_err(|error| QemuError::new(format!("{error:#}")))?;
+    daemon.respawn(&daemon_settings(settings)).await?;
+    check_open_files(daemon, settings).await?;
+    add_main_export(monitor, settings).await
 }
 
 /// Adds the export data requests use. It carries no bitmap: dirty maps
@@ -156,7 +182,7 @@ async fn add_main_export(monitor: &Monitor, settings: &OwnedSettings) -> Result<
         .execute("block-export-add", export)
         .await
         .map(drop)
-        .map_err(|error| QemuError::new(format!("exporting {}: {error}", settings.path.display())))
+        .map_err(|error| QemuError::new(format!("exporting {}: {error}", settings.image.path.display())))
 }
 
 /// Waits for the daemon to exit and starts it again, until `stop`.
@@ -167,7 +193,7 @@ async fn supervise(
     stop: CancellationToken,
     exits: Arc<AtomicU64>,
 ) {
-    let image = settings.path.display().to_string();
+    let image = settings.image.path.display().to_string();
     let mut delay = FIRST_DELAY;
     loop {
         let started = Instant::now();
@@ -192,11 +218,7 @@ async fn supervise(
                 () = stop.cancelled() => return,
             }
             delay = (delay * 2).min(MAX_DELAY);
-            let restarted = match daemon.respawn(&daemon_settings(&settings)).await {
-                Ok(()) => add_main_export(&monitor, &settings).await,
-                Err(error) => Err(error),
-            };
-            match restarted {
+            match restart(&mut daemon, &settings, &monitor).await {
                 Ok(()) => {
                     crate::metrics::metrics().nbd_restarts.inc();
                     tracing::info!(%image, "qemu-storage-daemon restarted; checkpoints made before the crash need a new full backup");

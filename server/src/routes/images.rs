@@ -300,7 +300,7 @@ pub async fn patch(State(state): State<AppState>, Path(id): Path<String>, header
     };
     match parse_patch(&body).map_err(|error| ApiError::BadRequest(error.0))? {
         PatchRequest::Zero { offset, size, flush } => cancelable(zero(&ticket, offset, size, flush), &ticket).await?,
-        PatchRequest::Flush => cancelable(async { Ok(ticket.backend.flush().await?) }, &ticket).await?,
+        PatchRequest::Flush => cancelable(ticket.backend.flush(), &ticket).await?,
     }
     Ok(StatusCode::OK.into_response())
 }

@@ -10,6 +10,7 @@ mod data;
 mod durability;
 mod errors;
 mod faults;
+mod host_files;
 mod lifecycle;
 mod load;
 mod openapi;

@@ -1,0 +1,209 @@
+//! The files a qcow2 header names: its backing file (with the backing
+//! format) and its external data file. qemu opens both by itself when it
+//! opens a qcow2 image, so a header that names a host file hands that file
+//! to whoever reads or writes the image. blockgate reads the header here,
+//! without qemu, decides which of these files may be opened, and builds
+//! every block node itself with explicit formats ([`crate::qemu`]).
+//!
+//! The header layout is qemu's `docs/interop/qcow2.txt`: big-endian fields,
+//! the backing file name at `backing_file_offset`, and header extensions
+//! (type, length, data padded to 8 bytes) after the header, among them the
+//! backing format (`0xe2792aca`) and the external data file name
+//! (`0x44415441`), which incompatible feature bit 2 makes mandatory.
+
+use std::io::Read;
+
+/// The magic number at offset 0.
+pub const MAGIC: &[u8; 4] = b"QFI\xfb";
+/// Longest header (with extensions) read: qemu keeps it in the first
+/// cluster, at most 2 MiB.
+const MAX_HEADER: usize = 2 << 20;
+/// Longest file name qemu allows in a header.
+const MAX_NAME: usize = 1023;
+const EXTENSION_END: u32 = 0;
+const EXTENSION_BACKING_FORMAT: u32 = 0xe279_2aca;
+const EXTENSION_DATA_FILE: u32 = 0x4441_5441;
+const INCOMPATIBLE_DATA_FILE: u64 = 1 << 2;
+
+/// What a qcow2 header names besides the image itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Links {
+    /// The backing file name, as written (relative names are relative to
+    /// the image's directory).
+    pub backing: Option<String>,
+    /// The backing file's format, if the header records it.
+    pub backing_format: Option<String>,
+    /// The external data file name, as written.
+    pub data_file: Option<String>,
+}
+
+/// A header that is not a qcow2 header qemu would open.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a valid qcow2 header: {0}")]
+pub struct HeaderError(String);
+
+fn invalid(why: impl Into<String>) -> HeaderError {
+    HeaderError(why.into())
+}
+
+fn be_u32(header: &[u8], at: usize) -> Result<u32, HeaderError> {
+    let bytes = header.get(at..at + 4).ok_or_else(|| invalid(format!("ends before offset {}", at + 4)))?;
+    Ok(u32::from_be_bytes(bytes.try_into().expect("4 bytes")))
+}
+
+fn be_u64(header: &[u8], at: usize) -> Result<u64, HeaderError> {
+    let bytes = header.get(at..at + 8).ok_or_else(|| invalid(format!("ends before offset {}", at + 8)))?;
+    Ok(u64::from_be_bytes(bytes.try_into().expect("8 bytes")))
+}
+
+fn name(bytes: &[u8], what: &str) -> Result<String, HeaderError> {
+    if bytes.len() > MAX_NAME {
+        return Err(invalid(format!("{what} name of {} bytes", bytes.len())));
+    }
+    String::from_utf8(bytes.to_vec()).map_err(|_| invalid(format!("{what} name is not UTF-8")))
+}
+
+/// The links of a qcow2 header held in `header` (the file's first bytes,
+/// at most [`MAX_HEADER`] of them).
+pub fn parse(header: &[u8]) -> Result<Links, HeaderError> {
+    if !header.starts_with(MAGIC) {
+        return Err(invalid("no qcow2 magic"));
+    }
+    let version = be_u32(header, 4)?;
+    let backing_offset = be_u64(header, 8)?;
+    let backing_size = be_u32(header, 16)? as usize;
+    let mut links = Links::default();
+    if backing_offset != 0 && backing_size != 0 {
+        let start = usize::try_from(backing_offset).map_err(|_| invalid("backing file offset out of range"))?;
+        let bytes = start
+            .checked_add(backing_size)
+            .and_then(|end| header.get(start..end))
+            .ok_or_else(|| invalid(format!("backing file name at {backing_offset} past the header")))?;
+        links.backing = Some(name(bytes, "backing file")?);
+    }
+    let (incompatible, mut at) = match version {
+        2 => (0, 72),
+        3 => (be_u64(header, 72)?, be_u32(header, 100)? as usize),
+        other => return Err(invalid(format!("version {other}"))),
+    };
+    if at < 72 {
+        return Err(invalid(format!("header length {at}")));
+    }
+    loop {
+        let kind = be_u32(header, at)?;
+        let length = be_u32(header, at + 4)? as usize;
+        if kind == EXTENSION_END {
+            break;
+        }
+        let data = header.get(at + 8..at + 8 + length).ok_or_else(|| invalid(format!("extension {kind:#x} runs past the header")))?;
+        match kind {
+            EXTENSION_BACKING_FORMAT => links.backing_format = Some(name(data, "backing format")?),
+            EXTENSION_DATA_FILE => links.data_file = Some(name(data, "data file")?),
+            _ => {}
+        }
+        at += 8 + length.next_multiple_of(8);
+    }
+    if incompatible & INCOMPATIBLE_DATA_FILE != 0 && links.data_file.is_none() {
+        return Err(invalid("an external data file is required but not named"));
+    }
+    if incompatible & INCOMPATIBLE_DATA_FILE == 0 {
+        // qemu ignores the name without the feature bit.
+        links.data_file = None;
+    }
+    Ok(links)
+}
+
+/// Reads the header of an open qcow2 file and parses its links.
+pub fn read_links(file: &mut impl Read) -> Result<Links, std::io::Error> {
+    let mut header = Vec::with_capacity(64 << 10);
+    file.take(MAX_HEADER as u64).read_to_end(&mut header)?;
+    parse(&header).map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidData, error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A version 3 header with the given backing name and extensions.
+    fn header(backing: Option<&str>, extensions: &[(u32, &[u8])], incompatible: u64) -> Vec<u8> {
+        let mut header = vec![0u8; 104];
+        header[..4].copy_from_slice(MAGIC);
+        header[4..8].copy_from_slice(&3u32.to_be_bytes());
+        header[72..80].copy_from_slice(&incompatible.to_be_bytes());
+        header[100..104].copy_from_slice(&104u32.to_be_bytes());
+        for (kind, data) in extensions {
+            header.extend(kind.to_be_bytes());
+            header.extend((data.len() as u32).to_be_bytes());
+            header.extend(*data);
+            header.resize(header.len().next_multiple_of(8), 0);
+        }
+        header.extend([0; 8]);
+        if let Some(backing) = backing {
+            let offset = header.len() as u64;
+            header[8..16].copy_from_slice(&offset.to_be_bytes());
+            header[16..20].copy_from_slice(&(backing.len() as u32).to_be_bytes());
+            header.extend(backing.as_bytes());
+        }
+        header
+    }
+
+    #[test]
+    fn backing_file_format_and_data_file_are_read() {
+        let bytes = header(Some("../secret"), &[(EXTENSION_BACKING_FORMAT, b"raw"), (EXTENSION_DATA_FILE, b"/etc/shadow")], 4);
+        let links = parse(&bytes).unwrap();
+        assert_eq!(links.backing.as_deref(), Some("../secret"));
+        assert_eq!(links.backing_format.as_deref(), Some("raw"));
+        assert_eq!(links.data_file.as_deref(), Some("/etc/shadow"));
+        assert_eq!(parse(&header(None, &[], 0)).unwrap(), Links::default());
+        assert!(parse(&header(None, &[], INCOMPATIBLE_DATA_FILE)).is_err(), "a data file required but not named");
+    }
+
+    #[test]
+    fn headers_qemu_img_makes_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("top.qcow2");
+        let data = dir.path().join("data.raw");
+        let run = |args: &[&str]| {
+            let status = std::process::Command::new("qemu-img").args(args).status().expect("qemu-img (qemu-utils)");
+            assert!(status.success(), "qemu-img {args:?}");
+        };
+        run(&["create", "-q", "-f", "qcow2", "-b", "/nonexistent/base", "-F", "raw", "-u", image.to_str().unwrap(), "1M"]);
+        let links = read_links(&mut std::fs::File::open(&image).unwrap()).unwrap();
+        assert_eq!((links.backing.as_deref(), links.backing_format.as_deref()), (Some("/nonexistent/base"), Some("raw")));
+        std::fs::remove_file(&image).unwrap();
+        let option = format!("data_file={},data_file_raw=on", data.display());
+        run(&["create", "-q", "-f", "qcow2", "-o", &option, image.to_str().unwrap(), "1M"]);
+        let links = read_links(&mut std::fs::File::open(&image).unwrap()).unwrap();
+        assert_eq!(links.data_file.as_deref(), data.to_str());
+        assert_eq!(links.backing, None);
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_after_the_magic_parse_or_fail_without_panic(tail in prop::collection::vec(any::<u8>(), 0..600)) {
+            let mut bytes = MAGIC.to_vec();
+            bytes.extend(tail);
+            let _ = parse(&bytes);
+        }
+
+        #[test]
+        fn any_field_values_parse_or_fail_without_panic(
+            version in prop_oneof![Just(2u32), Just(3u32), any::<u32>()],
+            backing_offset in prop_oneof![any::<u64>(), 0u64..300],
+            backing_size in prop_oneof![any::<u32>(), 0u32..300],
+            header_length in prop_oneof![any::<u32>(), 0u32..300],
+            extension in (any::<u32>(), prop_oneof![any::<u32>(), 0u32..64]),
+        ) {
+            let mut bytes = header(None, &[], 0);
+            bytes[4..8].copy_from_slice(&version.to_be_bytes());
+            bytes[8..16].copy_from_slice(&backing_offset.to_be_bytes());
+            bytes[16..20].copy_from_slice(&backing_size.to_be_bytes());
+            bytes[100..104].copy_from_slice(&header_length.to_be_bytes());
+            bytes[104..108].copy_from_slice(&extension.0.to_be_bytes());
+            bytes[108..112].copy_from_slice(&extension.1.to_be_bytes());
+            bytes.resize(300, 0);
+            let _ = parse(&bytes);
+        }
+    }
+}

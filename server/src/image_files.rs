@@ -1,0 +1,238 @@
+//! The host files an owned image reaches, decided before qemu opens any:
+//! the image, and for a qcow2 the backing chain and external data files
+//! its headers name. A linked file is opened only if it resolves to a
+//! regular file (or block device) inside an allowed directory
+//! (`--allow-dir`, and the directories of `--image` files); a `json:` name
+//! never is. Anything else refuses the image, naming the file. The
+//! header is read here (qemu would open what it names), from a file
+//! opened without following symlinks and without blocking, so a FIFO or
+//! a symlink swapped in costs a refusal, never a hang.
+//!
+//! Every file is then *pinned* by device and inode: before each start of
+//! the daemon the paths must still be those files (no symlink, no other
+//! file renamed over them), and after the start the daemon must hold
+//! each of them open, so a swap between the check and qemu's open is
+//! caught too.
+
+use std::fs::{File, Metadata};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use blockgate_nbd::qcow2;
+use blockgate_nbd::qemu::ImageLayer;
+
+/// Deepest backing chain followed.
+const MAX_CHAIN: usize = 16;
+
+/// A file by device and inode, and the path it was found at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pin {
+    path: PathBuf,
+    device: u64,
+    inode: u64,
+}
+
+impl Pin {
+    fn of(path: &Path, metadata: &Metadata) -> Pin {
+        Pin { path: path.to_path_buf(), device: metadata.dev(), inode: metadata.ino() }
+    }
+
+    fn matches(&self, metadata: &Metadata) -> bool {
+        (metadata.dev(), metadata.ino()) == (self.device, self.inode)
+    }
+}
+
+/// The files of an image, pinned.
+#[derive(Debug, Clone, Default)]
+pub struct Pins(Vec<Pin>);
+
+impl Pins {
+    /// Checks, without following symlinks, that every path is still the
+    /// file that was checked.
+    pub fn verify_paths(&self) -> Result<()> {
+        for pin in &self.0 {
+            let metadata = std::fs::symlink_metadata(&pin.path).with_context(|| format!("{}", pin.path.display()))?;
+            let real = std::fs::canonicalize(&pin.path).with_context(|| format!("{}", pin.path.display()))?;
+            if !pin.matches(&metadata) || real != pin.path {
+                bail!(
+                    "{} is no longer the file that was checked (replaced or reached through a symlink); not opening it",
+                    pin.path.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that process `pid` holds every pinned file open (and so
+    /// opened those files, not others swapped in after the check).
+    pub fn verify_open_by(&self, pid: u32) -> Result<()> {
+        let open: Vec<Metadata> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .with_context(|| format!("listing the open files of process {pid}"))?
+            .filter_map(|entry| std::fs::metadata(entry.ok()?.path()).ok())
+            .collect();
+        for pin in &self.0 {
+            if !open.iter().any(|metadata| pin.matches(metadata)) {
+                bail!("qemu-storage-daemon did not open {} as checked (the file was replaced); stopped it", pin.path.display());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Opens a file for reading without following a symlink and without
+/// blocking (a FIFO would), and checks it is a regular file or a block
+/// device.
+fn open_checked(path: &Path) -> Result<(File, Metadata)> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let metadata = file.metadata().with_context(|| format!("{}", path.display()))?;
+    let kind = metadata.file_type();
+    if !(kind.is_file() || kind.is_block_device()) {
+        bail!("{} is not a regular file or a block device", path.display());
+    }
+    Ok((file, metadata))
+}
+
+/// Resolves a file a header names: relative to the image's directory,
+/// symlinks followed, inside an allowed directory.
+fn linked_file(name: &str, image: &Path, what: &str, allowed: &[PathBuf]) -> Result<PathBuf> {
+    let refused = |why: &str| anyhow::anyhow!("{}: its {what} {name:?} {why}; it is not opened", image.display());
+    if name.starts_with("json:") {
+        return Err(refused("is a json: file name"));
+    }
+    let directory = image.parent().unwrap_or(Path::new("/"));
+    let real = std::fs::canonicalize(directory.join(name)).map_err(|error| refused(&format!("cannot be resolved ({error})")))?;
+    if !allowed.iter().any(|dir| real.starts_with(dir)) {
+        return Err(refused("lies outside the allowed directories (--allow-dir and the directories of --image files)"));
+    }
+    Ok(real)
+}
+
+/// The image at `path` (resolved) opened as `format`, with the chain and
+/// data files its qcow2 headers name, each checked; and their pins.
+pub fn resolve(path: &Path, format: &str, allowed: &[PathBuf]) -> Result<(ImageLayer, Pins)> {
+    let mut pins = Pins::default();
+    let layer = resolve_layer(path, format, allowed, &mut pins, 0)?;
+    Ok((layer, pins))
+}
+
+fn resolve_layer(path: &Path, format: &str, allowed: &[PathBuf], pins: &mut Pins, depth: usize) -> Result<ImageLayer> {
+    if depth > MAX_CHAIN {
+        bail!("{}: backing chain deeper than {MAX_CHAIN}", path.display());
+    }
+    let (mut file, metadata) = open_checked(path)?;
+    pins.0.push(Pin::of(path, &metadata));
+    let mut layer = ImageLayer::single(path, format);
+    match format {
+        "raw" => return Ok(layer),
+        "qcow2" => {}
+        other => bail!("{}: format {other} is not served (raw or qcow2)", path.display()),
+    }
+    let links = qcow2::read_links(&mut file).with_context(|| format!("reading the qcow2 header of {}", path.display()))?;
+    if let Some(name) = &links.data_file {
+        let data_file = linked_file(name, path, "external data file", allowed)?;
+        let (_, metadata) = open_checked(&data_file)?;
+        pins.0.push(Pin::of(&data_file, &metadata));
+        layer.data_file = Some(data_file);
+    }
+    if let Some(name) = &links.backing {
+        let backing = linked_file(name, path, "backing file", allowed)?;
+        let Some(backing_format) = links.backing_format.as_deref() else {
+            bail!(
+                "{}: its backing file {name:?} has no recorded format, and formats are never probed (qemu-img rebase -u -F)",
+                path.display()
+            );
+        };
+        layer.backing = Some(Box::new(resolve_layer(&backing, backing_format, allowed, pins, depth + 1)?));
+    }
+    Ok(layer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qemu_img(args: &[&str]) {
+        let status = std::process::Command::new("qemu-img").args(args).status().expect("qemu-img (qemu-utils)");
+        assert!(status.success(), "qemu-img {args:?}");
+    }
+
+    #[test]
+    fn links_inside_the_allowed_directories_are_followed_and_others_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(root.path()).unwrap();
+        let images = root.join("images");
+        std::fs::create_dir(&images).unwrap();
+        let secret = root.join("secret.raw");
+        std::fs::write(&secret, b"secret").unwrap();
+        let allowed = vec![images.clone()];
+        let text = |path: &Path| path.to_str().unwrap().to_string();
+
+        let base = images.join("base.raw");
+        std::fs::write(&base, vec![0; 1 << 20]).unwrap();
+        let top = images.join("top.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", &text(&top)]);
+        let (layer, pins) = resolve(&top, "qcow2", &allowed).unwrap();
+        assert_eq!(layer.backing.as_deref(), Some(&ImageLayer::single(&base, "raw")));
+        assert_eq!(pins.0.len(), 2);
+        pins.verify_paths().unwrap();
+
+        let cases: [(&str, Vec<&str>); 3] = [
+            ("outside", vec!["-b", "../secret.raw", "-F", "raw"]),
+            ("absolute", vec!["-b", secret.to_str().unwrap(), "-F", "raw"]),
+            ("json", vec!["-b", "json:{\"driver\":\"raw\"}", "-F", "raw"]),
+        ];
+        for (name, options) in cases {
+            let image = images.join(format!("{name}.qcow2"));
+            let path = text(&image);
+            let mut args = vec!["create", "-q", "-f", "qcow2", "-u"];
+            args.extend(options);
+            args.extend([path.as_str(), "1M"]);
+            qemu_img(&args);
+            let error = format!("{:#}", resolve(&image, "qcow2", &allowed).unwrap_err());
+            assert!(error.contains(&path) && error.contains("not opened"), "{name}: {error}");
+        }
+        let data_outside = images.join("data.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={},data_file_raw=on", secret.display()),
+            &text(&data_outside),
+            "1M",
+        ]);
+        let error = format!("{:#}", resolve(&data_outside, "qcow2", &allowed).unwrap_err());
+        assert!(error.contains("external data file") && error.contains("outside"), "{error}");
+    }
+
+    #[test]
+    fn a_fifo_or_a_swapped_file_is_refused_without_blocking() {
+        let root = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(root.path()).unwrap();
+        let allowed = vec![root.clone()];
+        let fifo = root.join("fifo");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let error = format!("{:#}", resolve(&fifo, "raw", &allowed).unwrap_err());
+        assert!(error.contains("not a regular file"), "{error}");
+
+        let image = root.join("disk.raw");
+        std::fs::write(&image, b"disk").unwrap();
+        let (_, pins) = resolve(&image, "raw", &allowed).unwrap();
+        let secret = root.join("secret");
+        std::fs::write(&secret, b"secret").unwrap();
+        std::fs::rename(&image, root.join("old")).unwrap();
+        std::os::unix::fs::symlink(&secret, &image).unwrap();
+        assert!(pins.verify_paths().is_err(), "a symlink swapped in");
+        std::fs::remove_file(&image).unwrap();
+        std::fs::copy(&secret, &image).unwrap();
+        assert!(pins.verify_paths().is_err(), "another file renamed over it");
+        let error = format!("{:#}", resolve(&image.join("x"), "raw", &allowed).unwrap_err());
+        assert!(error.contains("opening"), "{error}");
+    }
+}
