@@ -257,3 +257,153 @@ async fn a_running_restore_has_its_target_to_itself() {
     upload.send(vec![9; 4096]).await;
     assert_eq!(upload.finish().await.0, StatusCode::OK);
 }
+
+/// The qemu-storage-daemon child serving `image`.
+fn daemon_of(server: &Server, image: &std::path::Path) -> u32 {
+    let name = image.file_name().unwrap().to_str().unwrap();
+    let pids: Vec<u32> = daemon_pids(server)
+        .into_iter()
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| cmdline.contains(name)))
+        .collect();
+    let [pid] = pids[..] else { panic!("one daemon for {name}, found {pids:?}") };
+    pid
+}
+
+/// Kills `image`'s daemon after `delay` (in a task of its own).
+fn kill_later(server: &Server, image: &std::path::Path, delay: Duration) -> tokio::task::JoinHandle<()> {
+    let pid = daemon_of(server, image);
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    })
+}
+
+/// The whole image as the server reads it.
+async fn image_bytes(server: &Server, ticket: &str) -> Option<Vec<u8>> {
+    let response = server.client().get(server.image_url(ticket)).send().await.ok()?;
+    if response.status() != StatusCode::OK {
+        return None;
+    }
+    response.bytes().await.ok().map(|bytes| bytes.to_vec())
+}
+
+/// Retries until the image reads whole (the daemon may be restarting).
+async fn read_back(server: &Server, ticket: &str) -> Vec<u8> {
+    for _ in 0..100 {
+        if let Some(bytes) = image_bytes(server, ticket).await {
+            return bytes;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{ticket} never read back");
+}
+
+/// A full stream of `url`, retried while its daemon restarts.
+async fn full_stream(client: &reqwest::Client, url: &str) -> Vec<u8> {
+    for _ in 0..100 {
+        let response = client.get(format!("{url}?format=sparse")).send().await.unwrap();
+        if response.status() == StatusCode::OK {
+            if let Ok(bytes) = response.bytes().await {
+                return bytes.to_vec();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no full stream of {url}");
+}
+
+/// Restores and incremental backups with the daemon killed at random
+/// moments, 20 rounds over five pairs of images (so that no daemon meets
+/// the restart backoff of a crash loop): a 200 always means the target
+/// holds exactly the source's bytes, and a backup stream that reads as
+/// complete restores exactly; anything else is an error the client sees,
+/// and started over the transfer ends exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_kills_at_random_moments_never_end_in_a_false_success() {
+    use rand::{Rng, SeedableRng};
+    const PAIRS: usize = 5;
+    let seed = rand::random::<u64>();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: String| dir.path().join(format!("{name}.qcow2"));
+    let images: Vec<String> = (0..PAIRS)
+        .flat_map(|pair| ["src", "dst"].map(|side| format!("{side}{pair}={},size=32M", path(format!("{side}{pair}")).display())))
+        .collect();
+    let server = Server::start(dir.path(), &images).await;
+    let client = server.client();
+    let data = random_bytes(12 * MIB as usize, seed);
+    for pair in 0..PAIRS {
+        for (at, chunk) in data.chunks(4 * MIB as usize).enumerate() {
+            let offset = at as u64 * 10 * MIB;
+            let range = format!("bytes {offset}-{}/*", offset + chunk.len() as u64 - 1);
+            let response = client
+                .put(server.image_url(&format!("src{pair}")))
+                .header("content-range", range)
+                .body(chunk.to_vec())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+    }
+    let mut since: Vec<Option<String>> = vec![None; PAIRS];
+    for round in 0..20 {
+        let pair = round % PAIRS;
+        let (src_ticket, dst_ticket) = (format!("src{pair}"), format!("dst{pair}"));
+        let (src, dst) = (server.image_url(&src_ticket), server.image_url(&dst_ticket));
+        let context = format!("seed {seed}, round {round}");
+        if round % 2 == 0 {
+            // A full restore, the target's daemon killed at a random moment.
+            let full = full_stream(&client, &src).await;
+            let expected = read_back(&server, &src_ticket).await;
+            let killer = kill_later(&server, &path(dst_ticket.clone()), Duration::from_millis(rng.random_range(0..400)));
+            let mut attempts = 0;
+            loop {
+                let (status, text) = put_stream(&client, format!("{dst}?format=sparse"), full.clone()).await;
+                if status == StatusCode::OK {
+                    assert!(read_back(&server, &dst_ticket).await == expected, "{context}: a 200 restore with other bytes: {text}");
+                    break;
+                }
+                attempts += 1;
+                assert!(attempts < 100, "{context}: the restore never succeeded: {status} {text}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            killer.await.unwrap();
+            since[pair] = None;
+        } else {
+            // An incremental (or, with no usable checkpoint, a full) backup,
+            // the source's daemon killed at a random moment; a stream read
+            // whole is applied to the target and must make it equal.
+            let offset = rng.random_range(0..31) * MIB;
+            let change = random_bytes(MIB as usize, seed + round as u64);
+            let range = format!("bytes {offset}-{}/*", offset + MIB - 1);
+            for _ in 0..100 {
+                let response = client.put(&src).header("content-range", &range).body(change.clone()).send().await.unwrap();
+                if response.status() == StatusCode::OK {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let expected = read_back(&server, &src_ticket).await;
+            let next = format!("c{round}");
+            let query = match &since[pair] {
+                Some(since) => format!("{src}?format=sparse&since={since}&checkpoint={next}"),
+                None => format!("{src}?format=sparse&checkpoint={next}"),
+            };
+            let killer = kill_later(&server, &path(src_ticket.clone()), Duration::from_millis(rng.random_range(0..300)));
+            let stream = match client.get(&query).send().await {
+                Ok(response) if response.status() == StatusCode::OK => response.bytes().await.ok(),
+                _ => None,
+            };
+            killer.await.unwrap();
+            since[pair] = None;
+            if let Some(stream) = stream {
+                let (status, text) = put_stream(&client, format!("{dst}?format=sparse"), stream.to_vec()).await;
+                if status == StatusCode::OK {
+                    assert!(read_back(&server, &dst_ticket).await == expected, "{context}: a complete backup restored other bytes: {text}");
+                    since[pair] = Some(next);
+                }
+            }
+        }
+    }
+}
