@@ -298,6 +298,26 @@ async fn read_back(server: &Server, ticket: &str) -> Vec<u8> {
     panic!("{ticket} never read back");
 }
 
+/// A sparse restore whose body arrives at a network's pace (256 KiB every
+/// 10 ms), so that the daemon may die while the server waits for data.
+async fn paced_restore(server: &Server, ticket: &str, stream: &[u8]) -> (StatusCode, String) {
+    let (sender, receiver) = tokio::sync::mpsc::channel(2);
+    let body = reqwest::Body::wrap_stream(tokio_stream(receiver));
+    let request = server.client().put(server.image_url(ticket) + "?format=sparse").body(body).send();
+    let response = tokio::spawn(async move {
+        let response = request.await.unwrap();
+        (response.status(), response.text().await.unwrap())
+    });
+    for chunk in stream.chunks(256 << 10) {
+        if sender.send(Ok(chunk.to_vec())).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(sender);
+    response.await.unwrap()
+}
+
 /// A full stream of `url`, retried while its daemon restarts.
 async fn full_stream(client: &reqwest::Client, url: &str) -> Vec<u8> {
     for _ in 0..100 {
@@ -356,10 +376,10 @@ async fn daemon_kills_at_random_moments_never_end_in_a_false_success() {
             // A full restore, the target's daemon killed at a random moment.
             let full = full_stream(&client, &src).await;
             let expected = read_back(&server, &src_ticket).await;
-            let killer = kill_later(&server, &path(dst_ticket.clone()), Duration::from_millis(rng.random_range(0..400)));
+            let killer = kill_later(&server, &path(dst_ticket.clone()), Duration::from_millis(rng.random_range(0..600)));
             let mut attempts = 0;
             loop {
-                let (status, text) = put_stream(&client, format!("{dst}?format=sparse"), full.clone()).await;
+                let (status, text) = paced_restore(&server, &dst_ticket, &full).await;
                 if status == StatusCode::OK {
                     assert!(read_back(&server, &dst_ticket).await == expected, "{context}: a 200 restore with other bytes: {text}");
                     break;
