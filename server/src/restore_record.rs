@@ -90,43 +90,39 @@ impl Drop for Claim {
     }
 }
 
-fn restore_running() -> ApiError {
-    ApiError::Conflict("a restore into this image is running; writes and other restores wait until it ends".into())
+/// Claims the target for a write or a restore. A restore runs alone; a
+/// write runs beside other writes.
+fn claim(backend: &Backend, restore: bool) -> ApiResult<Claim> {
+    let target = backend.target().to_string();
+    let mut activity = ACTIVITY.lock();
+    let entry = activity.entry(target.clone()).or_default();
+    if entry.restoring {
+        return Err(ApiError::Conflict("a restore into this image is running; writes and other restores wait until it ends".into()));
+    }
+    if !restore {
+        entry.writers += 1;
+    } else if entry.writers > 0 {
+        return Err(ApiError::Conflict(format!(
+            "{} writes into this image are running; a restore starts once they end, so that its checkpoint describes the image",
+            entry.writers
+        )));
+    } else {
+        entry.restoring = true;
+    }
+    Ok(Claim { target, restore })
 }
 
 /// Starts a write outside the chain (raw PUT, PATCH zero): refused while a
 /// restore runs; clears the record.
 pub fn begin_write(backend: &Backend) -> ApiResult<Claim> {
-    let target = backend.target().to_string();
-    {
-        let mut activity = ACTIVITY.lock();
-        let entry = activity.entry(target.clone()).or_default();
-        if entry.restoring {
-            return Err(restore_running());
-        }
-        entry.writers += 1;
-    }
-    let claim = Claim { target, restore: false };
+    let claim = claim(backend, false)?;
     forget(backend)?;
     Ok(claim)
 }
 
 /// Starts a restore: refused while another restore or any write runs.
 pub fn begin_restore(backend: &Backend) -> ApiResult<Claim> {
-    let target = backend.target().to_string();
-    let mut activity = ACTIVITY.lock();
-    let entry = activity.entry(target.clone()).or_default();
-    if entry.restoring {
-        return Err(restore_running());
-    }
-    if entry.writers > 0 {
-        return Err(ApiError::Conflict(format!(
-            "{} writes into this image are running; a restore starts once they end, so that its checkpoint describes the image",
-            entry.writers
-        )));
-    }
-    entry.restoring = true;
-    Ok(Claim { target, restore: true })
+    claim(backend, true)
 }
 
 /// Clears the record: the target is about to change outside its chain.

@@ -40,6 +40,14 @@ fn stream(meta: Value, data: &[u8], size: u64) -> Vec<u8> {
     stream
 }
 
+/// A server with one qcow2 image `disk` of `size` in a new directory.
+async fn serve_disk(size: &str) -> (tempfile::TempDir, std::path::PathBuf, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    let server = Server::start(dir.path(), &[format!("disk={},size={size}", image.display())]).await;
+    (dir, image, server)
+}
+
 /// Kills the server's one qemu-storage-daemon and waits for its successor.
 async fn kill_daemon(server: &Server) {
     let [old] = daemon_pids(server)[..] else { panic!("one qemu-storage-daemon child") };
@@ -153,9 +161,7 @@ fn full_meta(size: u64, data_size: u64, checkpoint: Option<&str>) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_that_spans_a_daemon_crash_never_ends_200() {
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.qcow2");
-    let server = Server::start(dir.path(), &[format!("disk={},size=64M", image.display())]).await;
+    let (_dir, image, server) = serve_disk("64M").await;
     let data = random_bytes(16 * MIB as usize, 3);
     let whole = stream(full_meta(64 * MIB, data.len() as u64, Some("c1")), &data, 64 * MIB);
     let (head, rest) = whole.split_at(whole.len() - 80);
@@ -181,9 +187,7 @@ async fn a_restore_that_spans_a_daemon_crash_never_ends_200() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_does_not_fit_the_target_is_refused_before_it_writes() {
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.qcow2");
-    let server = Server::start(dir.path(), &[format!("disk={},size=128M", image.display())]).await;
+    let (_dir, image, server) = serve_disk("128M").await;
     let old = random_bytes(MIB as usize, 4);
     assert_eq!(put_retrying(&server, 100 * MIB, &old, "").await.0, StatusCode::OK);
     let url = server.image_url("disk") + "?format=sparse";
@@ -228,9 +232,7 @@ async fn a_stream_that_does_not_fit_the_target_is_refused_before_it_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_restore_has_its_target_to_itself() {
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.qcow2");
-    let server = Server::start(dir.path(), &[format!("disk={},size=16M", image.display())]).await;
+    let (_dir, image, server) = serve_disk("16M").await;
     let data = random_bytes(MIB as usize, 6);
     let whole = stream(full_meta(16 * MIB, MIB, Some("c1")), &data, 16 * MIB);
     let (head, rest) = whole.split_at(100);
