@@ -5,7 +5,7 @@
 //! reads and writes, zero, flush, checksum, the sparse stream,
 //! checkpoints), retried
 //! with backoff when that is safe. [`transfer`] moves whole images between
-//! a local file of any format ([`LocalImage`], through a local qemu-nbd)
+//! a local raw or qcow2 file ([`LocalImage`], through a local qemu-nbd)
 //! and a server on several connections, following extents.
 
 mod error;

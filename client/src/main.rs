@@ -91,6 +91,43 @@ enum FormatArg {
     Qcow2,
 }
 
+/// The format of a local file, as the server picks one: never probed from
+/// the content (a raw image holds whatever its guest wrote, such as a
+/// qcow2 header naming a host file as its backing file).
+#[derive(Args)]
+struct FormatChoice {
+    /// Format of the local file [default: qcow2 for *.qcow2, else raw];
+    /// never guessed from its content.
+    #[arg(long, value_enum)]
+    format: Option<FormatArg>,
+}
+
+impl FormatChoice {
+    /// Opens `file` read-only in its format, with a note on stderr when
+    /// its first bytes announce another one.
+    async fn open(&self, file: &Path) -> Result<LocalImage> {
+        let format = self.of(file);
+        if let Ok(Some(looks_like)) = blockgate_nbd::qemu::sniff_format(file) {
+            if looks_like != format {
+                eprintln!(
+                    "blockgate: note: {} looks like {looks_like} but is read as {format} (formats are never guessed; --format says which)",
+                    file.display()
+                );
+            }
+        }
+        Ok(LocalImage::open_read_only(file, format).await?)
+    }
+
+    fn of(&self, file: &Path) -> &'static str {
+        match self.format {
+            Some(FormatArg::Qcow2) => "qcow2",
+            Some(FormatArg::Raw) => "raw",
+            None if file.extension().is_some_and(|extension| extension == "qcow2") => "qcow2",
+            None => "raw",
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Show the image's size, features and limits.
@@ -122,6 +159,8 @@ enum Command {
     Checksum {
         /// Image URL or local file.
         target: String,
+        #[command(flatten)]
+        format: FormatChoice,
         /// Block size of the hash.
         #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE)]
         block_size: u64,
@@ -138,9 +177,8 @@ enum Command {
         url: String,
         /// File to create (must not exist).
         file: PathBuf,
-        /// Format of the file [default: qcow2 for *.qcow2, else raw].
-        #[arg(long, value_enum)]
-        format: Option<FormatArg>,
+        #[command(flatten)]
+        format: FormatChoice,
         /// Only the dirty ranges, into a qcow2 overlay on --backing.
         #[arg(long, requires = "backing")]
         incremental: bool,
@@ -158,11 +196,13 @@ enum Command {
         #[command(flatten)]
         transfer: TransferArgs,
     },
-    /// Upload a local image of any format qemu-img reads.
-    #[command(after_help = "Example:\n  blockgate upload --cacert ca.pem disk.vmdk https://host:54322/images/disk")]
+    /// Upload a local raw or qcow2 image.
+    #[command(after_help = "Example:\n  blockgate upload --cacert ca.pem disk.qcow2 https://host:54322/images/disk")]
     Upload {
         /// Local file.
         file: PathBuf,
+        #[command(flatten)]
+        format: FormatChoice,
         /// Image URL.
         url: String,
         #[command(flatten)]
@@ -342,12 +382,15 @@ async fn run(cli: Cli) -> Result<()> {
             let scope = Scope { incremental: matches!(context, ContextArg::Dirty), since: since.clone(), checkpoint: None };
             list_extents(&client(url)?, &scope, *json).await?
         }
-        Command::Checksum { target, block_size, algorithm } => {
+        Command::Checksum { target, format, block_size, algorithm } => {
             check_block_size(*block_size).map_err(anyhow::Error::msg)?;
             let checksum = if target.starts_with("https://") {
+                if format.format.is_some() {
+                    bail!("--format is for a local file; the server knows its image's format");
+                }
                 client(target)?.checksum(*algorithm, Some(*block_size)).await?.checksum
             } else {
-                local_checksum(Path::new(target), *algorithm, *block_size).await?
+                local_checksum(format.open(Path::new(target)).await?, *algorithm, *block_size).await?
             };
             println!("{checksum}  {target}");
         }
@@ -364,14 +407,8 @@ async fn run(cli: Cli) -> Result<()> {
                     finish(transfer::download_incremental(&client, &local, &scope, &options).await, local).await?
                 }
                 _ => {
-                    let format = match format {
-                        Some(FormatArg::Qcow2) => "qcow2",
-                        Some(FormatArg::Raw) => "raw",
-                        None if file.extension().is_some_and(|e| e == "qcow2") => "qcow2",
-                        None => "raw",
-                    };
                     let size = client.size().await?;
-                    let local = LocalImage::create(&partial.temporary, format, size).await?;
+                    let local = LocalImage::create(&partial.temporary, format.of(file), size).await?;
                     if let Some(checkpoint) = checkpoint {
                         // Made before the first byte is read: every later
                         // write is in the next incremental.
@@ -383,12 +420,12 @@ async fn run(cli: Cli) -> Result<()> {
             partial.commit()?;
             reporter.done("downloaded", &stats);
         }
-        Command::Upload { file, url, transfer } => {
+        Command::Upload { file, format, url, transfer } => {
             let connections = usize::from(transfer.connections);
             let client = client_with(url, connections)?;
             let reporter = Reporter::new(transfer.progress.progress);
             let options = TransferOptions { connections, progress: reporter.callback() };
-            let local = LocalImage::open_read_only(file).await?;
+            let local = format.open(file).await?;
             let stats = finish(transfer::upload(&local, &client, &options).await, local).await?;
             reporter.done("uploaded", &stats);
         }
@@ -530,8 +567,7 @@ where
 }
 
 /// The blkhash of a local file, zero runs hashed without reading.
-async fn local_checksum(path: &Path, algorithm: Algorithm, block_size: u64) -> Result<String> {
-    let local = LocalImage::open_read_only(path).await?;
+async fn local_checksum(local: LocalImage, algorithm: Algorithm, block_size: u64) -> Result<String> {
     let hashed = async {
         let mut hasher = BlockHasher::with_algorithm(algorithm, block_size);
         for run in local.runs().await? {

@@ -204,3 +204,37 @@ async fn duplicate_image_ids_are_refused_and_host_names_are_listened_on() {
     assert!(child.wait().unwrap().success(), "the server stops cleanly on SIGTERM");
     assert!(answered, "--listen localhost:PORT serves");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_file_with_a_forged_qcow2_header_is_read_as_raw() {
+    let dir = tempfile::tempdir().unwrap();
+    // A host file the user can read, and a raw backup of a guest that
+    // wrote a qcow2 header naming it as its backing file.
+    let secret = dir.path().join("secret.txt");
+    std::fs::write(&secret, b"SECRET HOST FILE ".repeat(4096)).unwrap();
+    let header = dir.path().join("hdr.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", "-b", secret.to_str().unwrap(), "-F", "raw", header.to_str().unwrap(), "64M"]);
+    let mut backup = std::fs::read(&header).unwrap();
+    backup.resize(64 * MIB as usize, 0);
+    let backup_file = dir.path().join("backup.raw");
+    std::fs::write(&backup_file, &backup).unwrap();
+    let target = dir.path().join("target.raw");
+    std::fs::write(&target, vec![0u8; 64 * MIB as usize]).unwrap();
+    let server = Server::start(dir.path(), &[format!("dst={}", target.display())]).await;
+
+    let output = blockgate(&server, &["upload", backup_file.to_str().unwrap(), &server.image_url("dst")]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let uploaded = std::fs::read(&target).unwrap();
+    assert!(uploaded == backup, "the file's own bytes were uploaded, header and all");
+    assert!(!uploaded.windows(17).any(|window| window == b"SECRET HOST FILE "), "the host file was sent");
+
+    let checksum = |target: &str, extra: &[&str]| {
+        let output = blockgate(&server, &[&["checksum"][..], extra, &[target]].concat());
+        assert!(output.status.success(), "{}", stderr(&output));
+        String::from_utf8_lossy(&output.stdout).split_whitespace().next().unwrap().to_string()
+    };
+    let remote = checksum(&server.image_url("dst"), &[]);
+    assert_eq!(checksum(backup_file.to_str().unwrap(), &[]), remote, "the local file is hashed as raw");
+    // As qcow2 only when asked (or named so).
+    assert_ne!(checksum(backup_file.to_str().unwrap(), &["--format", "qcow2"]), remote);
+}
