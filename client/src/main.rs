@@ -290,8 +290,10 @@ async fn main() -> ExitCode {
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let outcome = tokio::select! {
-        outcome = run(cli) => outcome,
+        // A signal wins over a failure it caused in the same instant.
+        biased;
         signal = interrupted() => Err(anyhow::Error::new(Interrupted(signal))),
+        outcome = run(cli) => outcome,
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -322,7 +324,8 @@ async fn interrupted() -> &'static str {
 /// A download's file while it is written: a hidden name beside the target,
 /// linked to the target's name only when the download is complete, and
 /// removed if it never is (failure, Ctrl-C), so no file that looks like a
-/// finished backup is ever left behind.
+/// finished backup is ever left behind. One left by a CLI that was killed
+/// (SIGKILL, a crash) is removed by the next download to the same name.
 struct PartialFile {
     temporary: PathBuf,
     target: PathBuf,
@@ -335,7 +338,9 @@ impl PartialFile {
             bail!("{} exists; choose a new file", target.display());
         }
         let name = target.file_name().with_context(|| format!("{} is not a file name", target.display()))?;
-        let temporary = target.with_file_name(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
+        let prefix = format!(".{}.partial-", name.to_string_lossy());
+        remove_stale(target, &prefix);
+        let temporary = target.with_file_name(format!("{prefix}{}", std::process::id()));
         Ok(PartialFile { temporary, target: target.to_path_buf(), committed: false })
     }
 
@@ -347,6 +352,27 @@ impl PartialFile {
         let _ = std::fs::remove_file(&self.temporary);
         self.committed = true;
         Ok(())
+    }
+}
+
+/// Removes the partial files beside `target` (`PREFIX` then a process
+/// id) whose process is gone: this one's own id counts as gone too, since
+/// it has made none yet.
+fn remove_stale(target: &Path, prefix: &str) {
+    let directory = match target.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(directory) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|name| name.strip_prefix(prefix)).and_then(|pid| pid.parse::<u32>().ok()) else {
+            continue;
+        };
+        let gone = pid == std::process::id() || !Path::new(&format!("/proc/{pid}")).exists();
+        if gone && std::fs::remove_file(entry.path()).is_ok() {
+            eprintln!("blockgate: removed the stale partial download {} (its process {pid} is gone)", entry.path().display());
+        }
     }
 }
 
