@@ -9,12 +9,13 @@
 //! and a server on several connections, following extents.
 
 mod error;
+mod framing;
 mod image;
 mod local;
 mod retry;
 pub mod transfer;
 
-pub use error::{ClientError, Result, chain};
+pub use error::{ClientError, Result, chain, printable};
 pub use image::{ImageClient, Scope, Trust};
 pub use local::{LocalImage, Run};
 pub use retry::{RETRY_LOG, RetryPolicy};

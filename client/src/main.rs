@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, Result, bail};
 use blockgate_client::transfer::{self, DEFAULT_CONNECTIONS, Progress, Stats, TransferOptions};
-use blockgate_client::{ImageClient, LocalImage, RETRY_LOG, Scope, Trust, chain};
+use blockgate_client::{ClientError, ImageClient, LocalImage, RETRY_LOG, Scope, Trust, chain, printable};
 use blockgate_protocol::blkhash::{Algorithm, BlockHasher, DEFAULT_BLOCK_SIZE, check_block_size};
 use blockgate_protocol::{DirtyState, ZeroState};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -205,6 +205,10 @@ enum Command {
         format: FormatChoice,
         /// Image URL.
         url: String,
+        /// Upload a file smaller than the remote image and zero the rest
+        /// of it (else the sizes must be equal).
+        #[arg(long)]
+        zero_tail: bool,
         #[command(flatten)]
         transfer: TransferArgs,
     },
@@ -237,6 +241,10 @@ enum Command {
         /// Apply an incremental that does not continue the image's chain.
         #[arg(long)]
         force: bool,
+        /// Apply a full stream of a smaller image and zero the rest of the
+        /// image (else the sizes must be equal).
+        #[arg(long)]
+        zero_tail: bool,
         #[command(flatten)]
         progress: ProgressArg,
     },
@@ -298,8 +306,14 @@ async fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("blockgate: error: {}", chain(error.as_ref()));
-            if error.downcast_ref::<Interrupted>().is_some() { ExitCode::from(130) } else { ExitCode::FAILURE }
+            eprintln!("blockgate: error: {}", printable(&chain(error.as_ref())));
+            if error.downcast_ref::<Interrupted>().is_some() {
+                ExitCode::from(130)
+            } else if error.downcast_ref::<ClientError>().is_some_and(ClientError::is_size_mismatch) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -402,7 +416,7 @@ async fn run(cli: Cli) -> Result<()> {
             let options = client.options().await?;
             let size = client.size().await?;
             let info = serde_json::json!({"url": client.url(), "size": size, "options": options});
-            println!("{}", serde_json::to_string_pretty(&info)?);
+            println!("{}", printable_json(serde_json::to_string_pretty(&info)?));
         }
         Command::Extents { url, context, since, json } => {
             let scope = Scope { incremental: matches!(context, ContextArg::Dirty), since: since.clone(), checkpoint: None };
@@ -425,7 +439,7 @@ async fn run(cli: Cli) -> Result<()> {
             let connections = usize::from(transfer.connections);
             let client = client_with(url, connections)?;
             let reporter = Reporter::new(transfer.progress.progress);
-            let options = TransferOptions { connections, progress: reporter.callback() };
+            let options = TransferOptions { connections, progress: reporter.callback(), zero_tail: false };
             let stats = match backing {
                 Some(backing) if *incremental => {
                     let local = LocalImage::create_overlay(&partial.temporary, backing).await?;
@@ -446,14 +460,17 @@ async fn run(cli: Cli) -> Result<()> {
             partial.commit()?;
             reporter.done("downloaded", &stats);
         }
-        Command::Upload { file, format, url, transfer } => {
+        Command::Upload { file, format, url, zero_tail, transfer } => {
             let connections = usize::from(transfer.connections);
             let client = client_with(url, connections)?;
             let reporter = Reporter::new(transfer.progress.progress);
-            let options = TransferOptions { connections, progress: reporter.callback() };
+            let options = TransferOptions { connections, progress: reporter.callback(), zero_tail: *zero_tail };
             let local = format.open(file).await?;
             let stats = finish(transfer::upload(&local, &client, &options).await, local).await?;
             reporter.done("uploaded", &stats);
+            if stats.tail_zeroed > 0 {
+                eprintln!("blockgate: zeroed the {} bytes past the end of {} in the remote image", stats.tail_zeroed, file.display());
+            }
         }
         Command::Backup { url, incremental, since, checkpoint, progress } => {
             if std::io::stdout().is_terminal() {
@@ -479,10 +496,10 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
             stdout.flush().await?;
-            let stats = Stats { data_bytes: written, zero_bytes: 0, requests: 1, seconds: started.elapsed().as_secs_f64() };
+            let stats = Stats { data_bytes: written, requests: 1, seconds: started.elapsed().as_secs_f64(), ..Stats::default() };
             reporter.done("backed up", &stats);
         }
-        Command::Restore { url, force, progress } => {
+        Command::Restore { url, force, zero_tail, progress } => {
             let reporter = Reporter::new(progress.progress);
             let callback = reporter.callback();
             // A stream in a file has a known size; from a pipe, the total
@@ -497,13 +514,26 @@ async fn run(cli: Cli) -> Result<()> {
                     callback(Progress { done, total: total.max(done) });
                 }
             });
-            let restored = client(url)?.restore(stdin, *force).await?;
-            println!("{}", serde_json::to_string(&restored)?);
+            let restored = match client(url)?.restore(stdin, *force, *zero_tail).await {
+                Ok(restored) => restored,
+                // A stream cannot be read twice: nothing to start over from.
+                Err(error) if error.lost_writes() => {
+                    return Err(anyhow::Error::new(error)
+                        .context("the server may have lost writes (its storage daemon restarted): run the restore again from the start"));
+                }
+                Err(error) if error.is_size_mismatch() && !zero_tail => {
+                    return Err(anyhow::Error::new(error).context(
+                        "the stream's image and this one differ in size (--zero-tail applies a smaller one and zeroes the rest)",
+                    ));
+                }
+                Err(error) => return Err(error.into()),
+            };
+            println!("{}", printable_json(serde_json::to_string(&restored)?));
             if let Some(checkpoint) = &restored.checkpoint {
-                eprintln!("the image is now at checkpoint {checkpoint}");
+                eprintln!("the image is now at checkpoint {}", printable(checkpoint));
             }
             let data_bytes = sent.load(std::sync::atomic::Ordering::Relaxed);
-            reporter.done("restored", &Stats { data_bytes, zero_bytes: 0, requests: 1, seconds: started.elapsed().as_secs_f64() });
+            reporter.done("restored", &Stats { data_bytes, requests: 1, seconds: started.elapsed().as_secs_f64(), ..Stats::default() });
         }
         Command::Checkpoint(command) => checkpoint_command(command, client).await?,
     }
@@ -519,17 +549,18 @@ async fn checkpoint_command(command: &CheckpointCommand, client: impl Fn(&str) -
             }
             for checkpoint in checkpoints {
                 if *json {
-                    println!("{}", serde_json::to_string(&checkpoint)?);
+                    println!("{}", printable_json(serde_json::to_string(&checkpoint)?));
                     continue;
                 }
                 let dirty = checkpoint.dirty_bytes.map_or_else(|| "-".to_string(), |bytes| bytes.to_string());
-                let parent = checkpoint.parent.as_deref().unwrap_or("-");
-                println!("{:<24} {:<20} {parent:<24} {dirty:>14} {:>6}", checkpoint.id, checkpoint.created, checkpoint.usable);
+                let (id, created) = (printable(&checkpoint.id), printable(&checkpoint.created));
+                let parent = printable(checkpoint.parent.as_deref().unwrap_or("-"));
+                println!("{id:<24} {created:<20} {parent:<24} {dirty:>14} {:>6}", checkpoint.usable);
             }
         }
         CheckpointCommand::Create { url, id } => {
             let checkpoint = client(url)?.create_checkpoint(id.as_deref()).await?;
-            println!("{}", serde_json::to_string(&checkpoint)?);
+            println!("{}", printable_json(serde_json::to_string(&checkpoint)?));
         }
         CheckpointCommand::Delete { url, id } => client(url)?.delete_checkpoint(id).await?,
     }
@@ -544,6 +575,17 @@ async fn ensure_checkpoint(client: &ImageClient, id: &str) -> Result<()> {
     }
     client.create_checkpoint(Some(id)).await?;
     Ok(())
+}
+
+/// JSON text fit for a terminal: serde_json escapes C0 controls in
+/// strings but leaves DEL and the C1 codes (U+0080-U+009F, CSI among
+/// them) raw; they are escaped too. Newlines stay: outside strings they
+/// are layout, and inside strings serde_json escaped them already.
+fn printable_json(json: String) -> String {
+    if !json.chars().any(|c| c.is_control() && c != '\n') {
+        return json;
+    }
+    json.chars().map(|c| if c.is_control() && c != '\n' { format!("\\u{:04x}", u32::from(c)) } else { c.to_string() }).collect()
 }
 
 /// Bytes of a stream's start kept to read its `meta` frame.
