@@ -370,8 +370,9 @@ impl PartialFile {
 }
 
 /// Removes the partial files beside `target` (`PREFIX` then a process
-/// id) whose process is gone: this one's own id counts as gone too, since
-/// it has made none yet.
+/// id) whose process is gone (signal 0 finds no such process; a process
+/// of another user still counts as running): this one's own id counts as
+/// gone too, since it has made none yet.
 fn remove_stale(target: &Path, prefix: &str) {
     let directory = match target.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
@@ -380,10 +381,10 @@ fn remove_stale(target: &Path, prefix: &str) {
     let Ok(entries) = std::fs::read_dir(directory) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|name| name.strip_prefix(prefix)).and_then(|pid| pid.parse::<u32>().ok()) else {
-            continue;
-        };
-        let gone = pid == std::process::id() || !Path::new(&format!("/proc/{pid}")).exists();
+        let pid = name.to_str().and_then(|name| name.strip_prefix(prefix)).and_then(|pid| pid.parse::<i32>().ok());
+        let Some(pid) = pid.filter(|&pid| pid > 0) else { continue };
+        let gone = pid.unsigned_abs() == std::process::id()
+            || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) == Err(nix::errno::Errno::ESRCH);
         if gone && std::fs::remove_file(entry.path()).is_ok() {
             eprintln!("blockgate: removed the stale partial download {} (its process {pid} is gone)", entry.path().display());
         }

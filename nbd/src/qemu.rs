@@ -192,7 +192,10 @@ async fn launch(mut command: Command, program: &'static str, sockets: &[&Path], 
     } else {
         command.spawn()
     };
-    let mut child = spawned.map_err(|error| failed(format!("starting {program} (is qemu-utils installed?): {error}")))?;
+    let mut child = spawned.map_err(|error| {
+        let wanted = if tie == Tie::ToThisProcess { "qemu-utils and util-linux (setpriv)" } else { "qemu-utils" };
+        failed(format!("starting {program} (is {wanted} installed?): {error}"))
+    })?;
     let stderr_lines = Arc::new(Mutex::new(Vec::<String>::new()));
     if let Some(stderr) = child.stderr.take() {
         let lines = stderr_lines.clone();
