@@ -433,7 +433,7 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 local_checksum(format.open(Path::new(target)).await?, *algorithm, *block_size).await?
             };
-            println!("{checksum}  {target}");
+            println!("{}  {target}", printable(&checksum));
         }
         Command::Download { url, file, format, incremental, backing, since, checkpoint, transfer } => {
             let partial = PartialFile::new(file)?;

@@ -269,6 +269,10 @@ async fn the_servers_text_reaches_the_terminal_escaped() {
             )
             .into_response(),
         ),
+        ("GET", target) if target.starts_with("/images/disk/checksum") => Some(
+            axum::Json(serde_json::json!({"algorithm": "blake2b", "block_size": 4 << 20, "checksum": "\u{1b}[2J\u{1b}[1;1H00ff"}))
+                .into_response(),
+        ),
         ("DELETE", _) => status(StatusCode::NOT_FOUND, "no checkpoint \u{1b}]0;owned\u{7}\u{1b}[2J\u{9b}1m here"),
         ("PUT", target) if target.contains("format=sparse") => Some(
             axum::Json(
@@ -280,8 +284,9 @@ async fn the_servers_text_reaches_the_terminal_escaped() {
     })
     .await;
     let url = fake.url();
-    let cases: [&[&str]; 5] = [
+    let cases: [&[&str]; 6] = [
         &["info", &url],
+        &["checksum", &url],
         &["checkpoint", "list", &url],
         &["checkpoint", "list", "--json", &url],
         &["checkpoint", "delete", &url, "cp1"],
