@@ -227,6 +227,7 @@ async fn a_raw_file_with_a_forged_qcow2_header_is_read_as_raw() {
     let uploaded = std::fs::read(&target).unwrap();
     assert!(uploaded == backup, "the file's own bytes were uploaded, header and all");
     assert!(!uploaded.windows(17).any(|window| window == b"SECRET HOST FILE "), "the host file was sent");
+    assert!(stderr(&output).contains("looks like qcow2 but is read as raw"), "the user is told: {}", stderr(&output));
 
     let checksum = |target: &str, extra: &[&str]| {
         let output = blockgate(&server, &[&["checksum"][..], extra, &[target]].concat());
@@ -237,6 +238,8 @@ async fn a_raw_file_with_a_forged_qcow2_header_is_read_as_raw() {
     assert_eq!(checksum(backup_file.to_str().unwrap(), &[]), remote, "the local file is hashed as raw");
     // As qcow2 only when asked (or named so).
     assert_ne!(checksum(backup_file.to_str().unwrap(), &["--format", "qcow2"]), remote);
+    let output = blockgate(&server, &["checksum", "--format", "raw", &server.image_url("dst")]);
+    assert!(!output.status.success() && stderr(&output).contains("--format is for a local file"), "{}", stderr(&output));
 }
 
 /// The qemu-nbd children of a process.
