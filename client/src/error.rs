@@ -1,7 +1,9 @@
 //! The client's one error type. Policy: a transfer retries what may pass
 //! (connection trouble, 5xx such as the 502 of a restarted qemu-nbd, a
-//! body cut off or short) a bounded number of times; a 4xx is the caller's
-//! mistake and fails at once with the server's one-line message. Each
+//! body cut off or short) a bounded number of times, but never a 502 that
+//! says writes may be lost (only writing them again helps); a 4xx is the
+//! caller's mistake and fails at once with the server's one-line message
+//! (control characters escaped: see [`printable`]). Each
 //! variant's text names only its own level; its source carries the rest
 //! of the chain, so a printed chain never says a thing twice.
 
