@@ -1,7 +1,11 @@
 //! [`ImageClient`]: one image on a blockgate (or imageio) server, over
 //! HTTPS with reqwest and rustls. Each call is one HTTP request, retried
 //! by the [`RetryPolicy`] when that is safe; reads check that exactly the
-//! asked bytes arrived, so a short body is never taken for data.
+//! asked bytes arrived, so a short body is never taken for data. Nothing
+//! the server sends is trusted further than checked: JSON and error
+//! bodies are read up to a bound, extents must follow each other without
+//! gaps or empty ones, a sparse stream must end with its `stop` frame, and
+//! the server's messages are kept with their control characters escaped.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -17,8 +21,39 @@ use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE};
 use reqwest::{Method, Response};
 use serde::de::DeserializeOwned;
 
-use crate::error::{ClientError, Result};
+use crate::error::{ClientError, Result, printable};
+use crate::framing::FrameWalker;
 use crate::retry::RetryPolicy;
+
+/// Most bytes of a JSON answer (options, checksum, checkpoints, a restore's
+/// summary) read into memory.
+const MAX_JSON_BODY: usize = 1 << 20;
+/// Most bytes of an error answer kept for its message.
+const MAX_ERROR_BODY: usize = 4 << 10;
+/// Most bytes of one extent's JSON text.
+const MAX_EXTENT_TEXT: usize = 64 << 10;
+
+/// Up to `limit` bytes of a body; true as well if it had more.
+async fn read_at_most(mut response: Response, limit: usize) -> Result<(Vec<u8>, bool)> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            body.extend_from_slice(&chunk[..limit - body.len()]);
+            return Ok((body, true));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((body, false))
+}
+
+/// A JSON answer, read up to [`MAX_JSON_BODY`] bytes.
+async fn json<T: DeserializeOwned>(response: Response, what: &str) -> Result<T> {
+    let (body, cut) = read_at_most(response, MAX_JSON_BODY).await?;
+    if cut {
+        return Err(ClientError::Protocol(format!("{what}: the answer is larger than {MAX_JSON_BODY} bytes")));
+    }
+    serde_json::from_slice(&body).map_err(|error| ClientError::Protocol(format!("{what}: {error}")))
+}
 
 /// Which certificates to trust.
 #[derive(Debug, Clone)]
@@ -152,7 +187,11 @@ impl ImageClient {
             return Ok(response);
         }
         let status = response.status();
-        let mut message = response.text().await.unwrap_or_default().trim().to_string();
+        let (body, cut) = read_at_most(response, MAX_ERROR_BODY).await.unwrap_or_default();
+        let mut message = printable(String::from_utf8_lossy(&body).trim()).into_owned();
+        if cut {
+            message.push_str("...");
+        }
         if message.is_empty() {
             message = "the server gave no reason".into();
         }
@@ -161,12 +200,7 @@ impl ImageClient {
 
     /// `OPTIONS`: features, limits and (from blockgate) size and bitmap.
     pub async fn options(&self) -> Result<ImageOptions> {
-        self.retry
-            .run("OPTIONS", || async {
-                let response = self.send(self.http.request(Method::OPTIONS, &self.url)).await?;
-                response.json().await.map_err(|error| ClientError::Protocol(format!("OPTIONS: {error}")))
-            })
-            .await
+        self.retry.run("OPTIONS", || async { json(self.send(self.http.request(Method::OPTIONS, &self.url)).await?, "OPTIONS").await }).await
     }
 
     /// The image size, from the `Content-Range` of a one-byte GET: it works
@@ -187,7 +221,8 @@ impl ImageClient {
     }
 
     /// The extents of `context`, optionally of one range, as a stream that
-    /// parses the JSON array as it arrives.
+    /// parses the JSON array as it arrives; each must start where the last
+    /// one ended (at the range's start first) and hold at least one byte.
     pub async fn extents<F>(&self, scope: &Scope, range: Option<(u64, u64)>) -> Result<impl Stream<Item = Result<Extent<F>>> + use<F>>
     where
         F: DeserializeOwned + Send + 'static,
@@ -198,17 +233,29 @@ impl ImageClient {
         }
         let response = self.retry.run("GET extents", || self.send(self.http.get(&url))).await?;
         let body = response.bytes_stream().map_err(ClientError::from);
-        let state = (Box::pin(body), BytesMut::new(), ArrayDecoder::default(), false);
-        Ok(stream::try_unfold(state, |(mut body, mut buffer, mut decoder, mut ended)| async move {
+        let next = range.map_or(0, |(start, _)| start);
+        let state = (Box::pin(body), BytesMut::new(), ArrayDecoder::default(), false, next);
+        let invalid = |reason: String| ClientError::Protocol(format!("extents: {reason}"));
+        Ok(stream::try_unfold(state, move |(mut body, mut buffer, mut decoder, mut ended, next)| async move {
             loop {
-                if let Some(extent) = decoder.decode::<Extent<F>>(&mut buffer).map_err(|error| ClientError::Protocol(error.to_string()))? {
-                    return Ok(Some((extent, (body, buffer, decoder, ended))));
+                if let Some(extent) = decoder.decode::<Extent<F>>(&mut buffer).map_err(|error| invalid(error.to_string()))? {
+                    if extent.length == 0 {
+                        return Err(invalid(format!("an empty extent at offset {}", extent.start)));
+                    }
+                    if extent.start != next {
+                        return Err(invalid(format!("an extent at offset {} where one at {next} was due", extent.start)));
+                    }
+                    let end = extent.start.checked_add(extent.length).ok_or_else(|| invalid("an extent past 2^64 bytes".into()))?;
+                    return Ok(Some((extent, (body, buffer, decoder, ended, end))));
                 }
                 if decoder.is_done() {
                     return Ok(None);
                 }
                 if ended {
-                    return Err(ClientError::Protocol("the extents listing ended early".into()));
+                    return Err(invalid("the listing ended early".into()));
+                }
+                if buffer.len() > MAX_EXTENT_TEXT {
+                    return Err(invalid(format!("an item larger than {MAX_EXTENT_TEXT} bytes")));
                 }
                 match body.next().await {
                     Some(chunk) => buffer.extend_from_slice(&chunk?),
@@ -302,42 +349,47 @@ impl ImageClient {
         if let Some(block_size) = block_size {
             url.push_str(&format!("&block_size={block_size}"));
         }
-        self.retry
-            .run("GET checksum", || async {
-                let response = self.send(self.http.get(&url)).await?;
-                response.json().await.map_err(|error| ClientError::Protocol(format!("checksum: {error}")))
-            })
-            .await
+        self.retry.run("GET checksum", || async { json(self.send(self.http.get(&url)).await?, "checksum").await }).await
     }
 
     /// The sparse stream of `scope`. Only starting the request is retried;
-    /// a stream cut later fails (it has no stop frame).
+    /// a stream cut later fails, and so does one that ends, cleanly or not,
+    /// without its `stop` frame, or has anything after it.
     pub async fn backup(&self, scope: &Scope) -> Result<impl Stream<Item = Result<Bytes>> + use<>> {
         let url = format!("{}?format=sparse&{}", self.url, scope.query()?);
         let response = self.retry.run("GET sparse", || self.send(self.http.get(&url))).await?;
-        Ok(response.bytes_stream().map_err(ClientError::from))
+        let body = Box::pin(response.bytes_stream().map_err(ClientError::from));
+        let framing = |reason: String| ClientError::Protocol(format!("sparse stream: {reason}"));
+        Ok(stream::try_unfold((body, FrameWalker::default()), move |(mut body, mut walker)| async move {
+            match body.try_next().await? {
+                Some(chunk) => {
+                    walker.pass(&chunk).map_err(framing)?;
+                    Ok(Some((chunk, (body, walker))))
+                }
+                None => walker.finish().map(|()| None).map_err(framing),
+            }
+        }))
     }
 
     /// Applies a sparse stream; `force` applies an incremental that does
-    /// not continue the target's chain.
-    pub async fn restore<S>(&self, stream: S, force: bool) -> Result<Restored>
+    /// not continue the target's chain; `zero_tail` applies a full stream
+    /// of a smaller image and zeroes the rest of the target.
+    pub async fn restore<S>(&self, stream: S, force: bool, zero_tail: bool) -> Result<Restored>
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send + Sync + 'static,
     {
-        let url = format!("{}?format=sparse&force={}", self.url, if force { "y" } else { "n" });
+        let mut url = format!("{}?format=sparse&force={}", self.url, if force { "y" } else { "n" });
+        if zero_tail {
+            url.push_str("&zero_tail=y");
+        }
         let response = self.send(self.http.put(&url).body(reqwest::Body::wrap_stream(stream))).await?;
-        response.json().await.map_err(|error| ClientError::Protocol(format!("restore summary: {error}")))
+        json(response, "restore summary").await
     }
 
     /// The image's checkpoints, oldest first.
     pub async fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
         let url = format!("{}/checkpoints", self.url);
-        self.retry
-            .run("GET checkpoints", || async {
-                let response = self.send(self.http.get(&url)).await?;
-                response.json().await.map_err(|error| ClientError::Protocol(format!("checkpoints: {error}")))
-            })
-            .await
+        self.retry.run("GET checkpoints", || async { json(self.send(self.http.get(&url)).await?, "checkpoints").await }).await
     }
 
     /// Makes a checkpoint (named by the server when `id` is `None`). Not
@@ -351,8 +403,7 @@ impl ImageClient {
             None => serde_json::json!({}),
         };
         let request = self.http.post(format!("{}/checkpoints", self.url)).header(CONTENT_TYPE, "application/json").body(body.to_string());
-        let response = self.send(request).await?;
-        response.json().await.map_err(|error| ClientError::Protocol(format!("new checkpoint: {error}")))
+        json(self.send(request).await?, "new checkpoint").await
     }
 
     /// Deletes a checkpoint. Not retried either: a retry after a lost

@@ -5,16 +5,17 @@
 //! reads and writes, zero, flush, checksum, the sparse stream,
 //! checkpoints), retried
 //! with backoff when that is safe. [`transfer`] moves whole images between
-//! a local file of any format ([`LocalImage`], through a local qemu-nbd)
+//! a local raw or qcow2 file ([`LocalImage`], through a local qemu-nbd)
 //! and a server on several connections, following extents.
 
 mod error;
+mod framing;
 mod image;
 mod local;
 mod retry;
 pub mod transfer;
 
-pub use error::{ClientError, Result, chain};
+pub use error::{ClientError, Result, chain, printable};
 pub use image::{ImageClient, Scope, Trust};
 pub use local::{LocalImage, Run};
 pub use retry::{RETRY_LOG, RetryPolicy};

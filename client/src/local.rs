@@ -1,7 +1,8 @@
-//! A local image file of any format qemu reads, reached the way imageio's
+//! A local raw or qcow2 image file, reached the way imageio's
 //! client does it: through a qemu-nbd child on a private socket and our NBD
 //! client. Downloads create the file (raw, qcow2, or a qcow2 overlay on the
-//! previous backup); uploads open it read-only and list its data and zero
+//! previous backup); uploads open it read-only in the format they are told
+//! (never probed) and list its data and zero
 //! ranges so holes travel as zero requests, not bytes.
 
 use std::path::Path;
@@ -46,10 +47,11 @@ impl LocalImage {
         Self::open(path, "qcow2", false).await
     }
 
-    /// Opens an existing file read-only, format detected.
-    pub async fn open_read_only(path: &Path) -> Result<LocalImage> {
-        let info = qemu::image_info(path, None).await?;
-        Self::open(path, &info.format, true).await
+    /// Opens an existing file read-only as `format`, never as what its
+    /// content looks like: a raw image holds whatever its guest wrote, a
+    /// qcow2 header naming a host file as backing, say.
+    pub async fn open_read_only(path: &Path, format: &str) -> Result<LocalImage> {
+        Self::open(path, format, true).await
     }
 
     async fn open(path: &Path, format: &str, read_only: bool) -> Result<LocalImage> {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, Result, bail};
 use blockgate_client::transfer::{self, DEFAULT_CONNECTIONS, Progress, Stats, TransferOptions};
-use blockgate_client::{ImageClient, LocalImage, RETRY_LOG, Scope, Trust, chain};
+use blockgate_client::{ClientError, ImageClient, LocalImage, RETRY_LOG, Scope, Trust, chain, printable};
 use blockgate_protocol::blkhash::{Algorithm, BlockHasher, DEFAULT_BLOCK_SIZE, check_block_size};
 use blockgate_protocol::{DirtyState, ZeroState};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -91,6 +91,43 @@ enum FormatArg {
     Qcow2,
 }
 
+/// The format of a local file, as the server picks one: never probed from
+/// the content (a raw image holds whatever its guest wrote, such as a
+/// qcow2 header naming a host file as its backing file).
+#[derive(Args)]
+struct FormatChoice {
+    /// Format of the local file [default: qcow2 for *.qcow2, else raw];
+    /// never guessed from its content.
+    #[arg(long, value_enum)]
+    format: Option<FormatArg>,
+}
+
+impl FormatChoice {
+    /// Opens `file` read-only in its format, with a note on stderr when
+    /// its first bytes announce another one.
+    async fn open(&self, file: &Path) -> Result<LocalImage> {
+        let format = self.of(file);
+        if let Ok(Some(looks_like)) = blockgate_nbd::qemu::sniff_format(file) {
+            if looks_like != format {
+                eprintln!(
+                    "blockgate: note: {} looks like {looks_like} but is read as {format} (formats are never guessed; --format says which)",
+                    file.display()
+                );
+            }
+        }
+        Ok(LocalImage::open_read_only(file, format).await?)
+    }
+
+    fn of(&self, file: &Path) -> &'static str {
+        match self.format {
+            Some(FormatArg::Qcow2) => "qcow2",
+            Some(FormatArg::Raw) => "raw",
+            None if file.extension().is_some_and(|extension| extension == "qcow2") => "qcow2",
+            None => "raw",
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Show the image's size, features and limits.
@@ -122,6 +159,8 @@ enum Command {
     Checksum {
         /// Image URL or local file.
         target: String,
+        #[command(flatten)]
+        format: FormatChoice,
         /// Block size of the hash.
         #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE)]
         block_size: u64,
@@ -138,9 +177,8 @@ enum Command {
         url: String,
         /// File to create (must not exist).
         file: PathBuf,
-        /// Format of the file [default: qcow2 for *.qcow2, else raw].
-        #[arg(long, value_enum)]
-        format: Option<FormatArg>,
+        #[command(flatten)]
+        format: FormatChoice,
         /// Only the dirty ranges, into a qcow2 overlay on --backing.
         #[arg(long, requires = "backing")]
         incremental: bool,
@@ -158,13 +196,19 @@ enum Command {
         #[command(flatten)]
         transfer: TransferArgs,
     },
-    /// Upload a local image of any format qemu-img reads.
-    #[command(after_help = "Example:\n  blockgate upload --cacert ca.pem disk.vmdk https://host:54322/images/disk")]
+    /// Upload a local raw or qcow2 image.
+    #[command(after_help = "Example:\n  blockgate upload --cacert ca.pem disk.qcow2 https://host:54322/images/disk")]
     Upload {
         /// Local file.
         file: PathBuf,
+        #[command(flatten)]
+        format: FormatChoice,
         /// Image URL.
         url: String,
+        /// Upload a file smaller than the remote image and zero the rest
+        /// of it (else the sizes must be equal).
+        #[arg(long)]
+        zero_tail: bool,
         #[command(flatten)]
         transfer: TransferArgs,
     },
@@ -197,6 +241,10 @@ enum Command {
         /// Apply an incremental that does not continue the image's chain.
         #[arg(long)]
         force: bool,
+        /// Apply a full stream of a smaller image and zero the rest of the
+        /// image (else the sizes must be equal).
+        #[arg(long)]
+        zero_tail: bool,
         #[command(flatten)]
         progress: ProgressArg,
     },
@@ -250,14 +298,22 @@ async fn main() -> ExitCode {
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let outcome = tokio::select! {
-        outcome = run(cli) => outcome,
+        // A signal wins over a failure it caused in the same instant.
+        biased;
         signal = interrupted() => Err(anyhow::Error::new(Interrupted(signal))),
+        outcome = run(cli) => outcome,
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("blockgate: error: {}", chain(error.as_ref()));
-            if error.downcast_ref::<Interrupted>().is_some() { ExitCode::from(130) } else { ExitCode::FAILURE }
+            eprintln!("blockgate: error: {}", printable(&chain(error.as_ref())));
+            if error.downcast_ref::<Interrupted>().is_some() {
+                ExitCode::from(130)
+            } else if error.downcast_ref::<ClientError>().is_some_and(ClientError::is_size_mismatch) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -282,7 +338,8 @@ async fn interrupted() -> &'static str {
 /// A download's file while it is written: a hidden name beside the target,
 /// linked to the target's name only when the download is complete, and
 /// removed if it never is (failure, Ctrl-C), so no file that looks like a
-/// finished backup is ever left behind.
+/// finished backup is ever left behind. One left by a CLI that was killed
+/// (SIGKILL, a crash) is removed by the next download to the same name.
 struct PartialFile {
     temporary: PathBuf,
     target: PathBuf,
@@ -295,7 +352,9 @@ impl PartialFile {
             bail!("{} exists; choose a new file", target.display());
         }
         let name = target.file_name().with_context(|| format!("{} is not a file name", target.display()))?;
-        let temporary = target.with_file_name(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
+        let prefix = format!(".{}.partial-", name.to_string_lossy());
+        remove_stale(target, &prefix);
+        let temporary = target.with_file_name(format!("{prefix}{}", std::process::id()));
         Ok(PartialFile { temporary, target: target.to_path_buf(), committed: false })
     }
 
@@ -307,6 +366,28 @@ impl PartialFile {
         let _ = std::fs::remove_file(&self.temporary);
         self.committed = true;
         Ok(())
+    }
+}
+
+/// Removes the partial files beside `target` (`PREFIX` then a process
+/// id) whose process is gone (signal 0 finds no such process; a process
+/// of another user still counts as running): this one's own id counts as
+/// gone too, since it has made none yet.
+fn remove_stale(target: &Path, prefix: &str) {
+    let directory = match target.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(directory) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name.to_str().and_then(|name| name.strip_prefix(prefix)).and_then(|pid| pid.parse::<i32>().ok());
+        let Some(pid) = pid.filter(|&pid| pid > 0) else { continue };
+        let gone = pid.unsigned_abs() == std::process::id()
+            || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) == Err(nix::errno::Errno::ESRCH);
+        if gone && std::fs::remove_file(entry.path()).is_ok() {
+            eprintln!("blockgate: removed the stale partial download {} (its process {pid} is gone)", entry.path().display());
+        }
     }
 }
 
@@ -336,27 +417,30 @@ async fn run(cli: Cli) -> Result<()> {
             let options = client.options().await?;
             let size = client.size().await?;
             let info = serde_json::json!({"url": client.url(), "size": size, "options": options});
-            println!("{}", serde_json::to_string_pretty(&info)?);
+            println!("{}", printable_json(serde_json::to_string_pretty(&info)?));
         }
         Command::Extents { url, context, since, json } => {
             let scope = Scope { incremental: matches!(context, ContextArg::Dirty), since: since.clone(), checkpoint: None };
             list_extents(&client(url)?, &scope, *json).await?
         }
-        Command::Checksum { target, block_size, algorithm } => {
+        Command::Checksum { target, format, block_size, algorithm } => {
             check_block_size(*block_size).map_err(anyhow::Error::msg)?;
             let checksum = if target.starts_with("https://") {
+                if format.format.is_some() {
+                    bail!("--format is for a local file; the server knows its image's format");
+                }
                 client(target)?.checksum(*algorithm, Some(*block_size)).await?.checksum
             } else {
-                local_checksum(Path::new(target), *algorithm, *block_size).await?
+                local_checksum(format.open(Path::new(target)).await?, *algorithm, *block_size).await?
             };
-            println!("{checksum}  {target}");
+            println!("{}  {target}", printable(&checksum));
         }
         Command::Download { url, file, format, incremental, backing, since, checkpoint, transfer } => {
             let partial = PartialFile::new(file)?;
             let connections = usize::from(transfer.connections);
             let client = client_with(url, connections)?;
             let reporter = Reporter::new(transfer.progress.progress);
-            let options = TransferOptions { connections, progress: reporter.callback() };
+            let options = TransferOptions { connections, progress: reporter.callback(), zero_tail: false };
             let stats = match backing {
                 Some(backing) if *incremental => {
                     let local = LocalImage::create_overlay(&partial.temporary, backing).await?;
@@ -364,14 +448,8 @@ async fn run(cli: Cli) -> Result<()> {
                     finish(transfer::download_incremental(&client, &local, &scope, &options).await, local).await?
                 }
                 _ => {
-                    let format = match format {
-                        Some(FormatArg::Qcow2) => "qcow2",
-                        Some(FormatArg::Raw) => "raw",
-                        None if file.extension().is_some_and(|e| e == "qcow2") => "qcow2",
-                        None => "raw",
-                    };
                     let size = client.size().await?;
-                    let local = LocalImage::create(&partial.temporary, format, size).await?;
+                    let local = LocalImage::create(&partial.temporary, format.of(file), size).await?;
                     if let Some(checkpoint) = checkpoint {
                         // Made before the first byte is read: every later
                         // write is in the next incremental.
@@ -383,14 +461,17 @@ async fn run(cli: Cli) -> Result<()> {
             partial.commit()?;
             reporter.done("downloaded", &stats);
         }
-        Command::Upload { file, url, transfer } => {
+        Command::Upload { file, format, url, zero_tail, transfer } => {
             let connections = usize::from(transfer.connections);
             let client = client_with(url, connections)?;
             let reporter = Reporter::new(transfer.progress.progress);
-            let options = TransferOptions { connections, progress: reporter.callback() };
-            let local = LocalImage::open_read_only(file).await?;
+            let options = TransferOptions { connections, progress: reporter.callback(), zero_tail: *zero_tail };
+            let local = format.open(file).await?;
             let stats = finish(transfer::upload(&local, &client, &options).await, local).await?;
             reporter.done("uploaded", &stats);
+            if stats.tail_zeroed > 0 {
+                eprintln!("blockgate: zeroed the {} bytes past the end of {} in the remote image", stats.tail_zeroed, file.display());
+            }
         }
         Command::Backup { url, incremental, since, checkpoint, progress } => {
             if std::io::stdout().is_terminal() {
@@ -416,10 +497,10 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
             stdout.flush().await?;
-            let stats = Stats { data_bytes: written, zero_bytes: 0, requests: 1, seconds: started.elapsed().as_secs_f64() };
+            let stats = Stats { data_bytes: written, requests: 1, seconds: started.elapsed().as_secs_f64(), ..Stats::default() };
             reporter.done("backed up", &stats);
         }
-        Command::Restore { url, force, progress } => {
+        Command::Restore { url, force, zero_tail, progress } => {
             let reporter = Reporter::new(progress.progress);
             let callback = reporter.callback();
             // A stream in a file has a known size; from a pipe, the total
@@ -434,13 +515,26 @@ async fn run(cli: Cli) -> Result<()> {
                     callback(Progress { done, total: total.max(done) });
                 }
             });
-            let restored = client(url)?.restore(stdin, *force).await?;
-            println!("{}", serde_json::to_string(&restored)?);
+            let restored = match client(url)?.restore(stdin, *force, *zero_tail).await {
+                Ok(restored) => restored,
+                // A stream cannot be read twice: nothing to start over from.
+                Err(error) if error.lost_writes() => {
+                    return Err(anyhow::Error::new(error)
+                        .context("the server may have lost writes (its storage daemon restarted): run the restore again from the start"));
+                }
+                Err(error) if error.is_size_mismatch() && !zero_tail => {
+                    return Err(anyhow::Error::new(error).context(
+                        "the stream's image and this one differ in size (--zero-tail applies a smaller one and zeroes the rest)",
+                    ));
+                }
+                Err(error) => return Err(error.into()),
+            };
+            println!("{}", printable_json(serde_json::to_string(&restored)?));
             if let Some(checkpoint) = &restored.checkpoint {
-                eprintln!("the image is now at checkpoint {checkpoint}");
+                eprintln!("the image is now at checkpoint {}", printable(checkpoint));
             }
             let data_bytes = sent.load(std::sync::atomic::Ordering::Relaxed);
-            reporter.done("restored", &Stats { data_bytes, zero_bytes: 0, requests: 1, seconds: started.elapsed().as_secs_f64() });
+            reporter.done("restored", &Stats { data_bytes, requests: 1, seconds: started.elapsed().as_secs_f64(), ..Stats::default() });
         }
         Command::Checkpoint(command) => checkpoint_command(command, client).await?,
     }
@@ -456,17 +550,18 @@ async fn checkpoint_command(command: &CheckpointCommand, client: impl Fn(&str) -
             }
             for checkpoint in checkpoints {
                 if *json {
-                    println!("{}", serde_json::to_string(&checkpoint)?);
+                    println!("{}", printable_json(serde_json::to_string(&checkpoint)?));
                     continue;
                 }
                 let dirty = checkpoint.dirty_bytes.map_or_else(|| "-".to_string(), |bytes| bytes.to_string());
-                let parent = checkpoint.parent.as_deref().unwrap_or("-");
-                println!("{:<24} {:<20} {parent:<24} {dirty:>14} {:>6}", checkpoint.id, checkpoint.created, checkpoint.usable);
+                let (id, created) = (printable(&checkpoint.id), printable(&checkpoint.created));
+                let parent = printable(checkpoint.parent.as_deref().unwrap_or("-"));
+                println!("{id:<24} {created:<20} {parent:<24} {dirty:>14} {:>6}", checkpoint.usable);
             }
         }
         CheckpointCommand::Create { url, id } => {
             let checkpoint = client(url)?.create_checkpoint(id.as_deref()).await?;
-            println!("{}", serde_json::to_string(&checkpoint)?);
+            println!("{}", printable_json(serde_json::to_string(&checkpoint)?));
         }
         CheckpointCommand::Delete { url, id } => client(url)?.delete_checkpoint(id).await?,
     }
@@ -481,6 +576,17 @@ async fn ensure_checkpoint(client: &ImageClient, id: &str) -> Result<()> {
     }
     client.create_checkpoint(Some(id)).await?;
     Ok(())
+}
+
+/// JSON text fit for a terminal: serde_json escapes C0 controls in
+/// strings but leaves DEL and the C1 codes (U+0080-U+009F, CSI among
+/// them) raw; they are escaped too. Newlines stay: outside strings they
+/// are layout, and inside strings serde_json escaped them already.
+fn printable_json(json: String) -> String {
+    if !json.chars().any(|c| c.is_control() && c != '\n') {
+        return json;
+    }
+    json.chars().map(|c| if c.is_control() && c != '\n' { format!("\\u{:04x}", u32::from(c)) } else { c.to_string() }).collect()
 }
 
 /// Bytes of a stream's start kept to read its `meta` frame.
@@ -530,8 +636,7 @@ where
 }
 
 /// The blkhash of a local file, zero runs hashed without reading.
-async fn local_checksum(path: &Path, algorithm: Algorithm, block_size: u64) -> Result<String> {
-    let local = LocalImage::open_read_only(path).await?;
+async fn local_checksum(local: LocalImage, algorithm: Algorithm, block_size: u64) -> Result<String> {
     let hashed = async {
         let mut hasher = BlockHasher::with_algorithm(algorithm, block_size);
         for run in local.runs().await? {

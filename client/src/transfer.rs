@@ -4,18 +4,26 @@
 //! (each retried on its own), zero ranges become a PATCH zero on the
 //! server or a local zero, and nothing at all where the target is known to
 //! read as zeros already. Progress goes to a callback.
+//!
+//! An image's extents must cover it exactly, or the transfer fails (a
+//! download that followed a listing of half the image would look whole).
+//! An upload whose writes the server lost (its storage daemon restarted
+//! before they were flushed: the flush answers 502 "writes may be lost")
+//! starts over and writes every range again, zeros too, since lost data
+//! reads as zeros; it gives up after [`UPLOAD_TRIES`] tries.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use blockgate_protocol::{DirtyState, Extent, ZeroState};
-use futures::stream::{self, TryStreamExt};
+use futures::stream::{self, Stream, TryStreamExt};
 use serde::Serialize;
 
 use crate::error::{ClientError, Result};
 use crate::image::{ImageClient, Scope};
 use crate::local::{LocalImage, Run};
+use crate::retry::RETRY_LOG;
 
 /// Bytes per data request: large enough to amortise a request, small
 /// enough that `connections` of them in memory stay modest.
@@ -23,6 +31,9 @@ pub const CHUNK: u64 = 8 << 20;
 
 /// Connections used unless told otherwise.
 pub const DEFAULT_CONNECTIONS: usize = 4;
+
+/// Tries of an upload whose writes the server keeps losing.
+pub const UPLOAD_TRIES: u32 = 3;
 
 /// How far a transfer got.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -47,6 +58,9 @@ pub struct Stats {
     pub requests: u64,
     /// Wall-clock seconds.
     pub seconds: f64,
+    /// Bytes of the remote image past the end of a smaller local one,
+    /// zeroed (an upload with `zero_tail`).
+    pub tail_zeroed: u64,
 }
 
 /// How to run a transfer.
@@ -56,11 +70,14 @@ pub struct TransferOptions {
     pub connections: usize,
     /// Progress callback.
     pub progress: Option<ProgressFn>,
+    /// Upload a local image smaller than the remote one and zero the rest
+    /// of the remote image (else the sizes must be equal).
+    pub zero_tail: bool,
 }
 
 impl Default for TransferOptions {
     fn default() -> Self {
-        TransferOptions { connections: DEFAULT_CONNECTIONS, progress: None }
+        TransferOptions { connections: DEFAULT_CONNECTIONS, progress: None, zero_tail: false }
     }
 }
 
@@ -121,12 +138,18 @@ impl Tally {
         }
     }
 
+    /// Progress starts again from nothing (the work done still counts).
+    fn restart(&self) {
+        self.done.store(0, Ordering::Relaxed);
+    }
+
     fn stats(&self, started: Instant) -> Stats {
         Stats {
             data_bytes: self.data.load(Ordering::Relaxed),
             zero_bytes: self.zero.load(Ordering::Relaxed),
             requests: self.requests.load(Ordering::Relaxed),
             seconds: started.elapsed().as_secs_f64(),
+            tail_zeroed: 0,
         }
     }
 }
@@ -154,15 +177,40 @@ async fn connections_for(client: &ImageClient, wanted: usize, writing: bool) -> 
     Ok(wanted.min(limit.max(1) as usize))
 }
 
+/// The extents of the whole image, which has `size` bytes, checked to
+/// end where it ends ([`ImageClient::extents`] checks they follow each
+/// other from 0).
+async fn covering<F>(client: &ImageClient, scope: &Scope, size: u64) -> Result<impl Stream<Item = Result<Extent<F>>> + use<F>>
+where
+    F: serde::de::DeserializeOwned + Send + 'static,
+{
+    let extents = Box::pin(client.extents::<F>(scope, None).await?);
+    Ok(stream::try_unfold((extents, 0u64), move |(mut extents, end)| async move {
+        match extents.try_next().await? {
+            Some(extent) if extent.start + extent.length > size => Err(ClientError::Protocol(format!(
+                "the extents pass the end of the image ({} of {size} bytes)",
+                extent.start + extent.length
+            ))),
+            Some(extent) => {
+                let end = extent.start + extent.length;
+                Ok(Some((extent, (extents, end))))
+            }
+            None if end == size => Ok(None),
+            None => Err(ClientError::Protocol(format!("the extents end at {end} of {size} bytes"))),
+        }
+    }))
+}
+
 /// Downloads the whole image into `local` (a fresh file that reads as
 /// zeros): data ranges are fetched, zero ranges cost nothing.
 pub async fn download(client: &ImageClient, local: &LocalImage, options: &TransferOptions) -> Result<Stats> {
-    let extents = client.extents::<ZeroState>(&Scope::full(), None).await?;
+    let size = client.size().await?;
+    let extents = covering::<ZeroState>(client, &Scope::full(), size).await?;
     let jobs = extents.map_ok(|extent: Extent<ZeroState>| {
         let run = Run { start: extent.start, length: extent.length, zero: extent.flags.zero };
         split(run, |_, length| Job::Skip { length })
     });
-    download_jobs(client, local, options, jobs).await
+    download_jobs(client, local, size, options, jobs).await
 }
 
 /// Downloads only the ranges `scope` marks changed into `local` (an overlay
@@ -170,7 +218,8 @@ pub async fn download(client: &ImageClient, local: &LocalImage, options: &Transf
 /// locally, clean ranges are left to the backing file.
 pub async fn download_incremental(client: &ImageClient, local: &LocalImage, scope: &Scope, options: &TransferOptions) -> Result<Stats> {
     let scope = Scope { incremental: true, ..scope.clone() };
-    let extents = client.extents::<DirtyState>(&scope, None).await?;
+    let size = client.size().await?;
+    let extents = covering::<DirtyState>(client, &scope, size).await?;
     let jobs = extents.map_ok(|extent: Extent<DirtyState>| {
         if extent.flags.dirty {
             let run = Run { start: extent.start, length: extent.length, zero: extent.flags.zero };
@@ -179,18 +228,18 @@ pub async fn download_incremental(client: &ImageClient, local: &LocalImage, scop
             vec![Job::Skip { length: extent.length }]
         }
     });
-    download_jobs(client, local, options, jobs).await
+    download_jobs(client, local, size, options, jobs).await
 }
 
 /// Runs the jobs of a download, each extent's at a time.
 async fn download_jobs(
     client: &ImageClient,
     local: &LocalImage,
+    size: u64,
     options: &TransferOptions,
     jobs: impl futures::Stream<Item = Result<Vec<Job>>>,
 ) -> Result<Stats> {
     let started = Instant::now();
-    let size = client.size().await?;
     check_sizes(size, local.size())?;
     let connections = connections_for(client, options.connections, false).await?;
     let tally = Tally::new(size, options.progress.clone());
@@ -209,26 +258,48 @@ async fn fetch(client: &ImageClient, local: &LocalImage, job: Job) -> Result<()>
 
 /// Uploads `local` into the image: data ranges are sent, zero ranges are
 /// zeroed on the server, or skipped when the target reads as zeros
-/// throughout; then one flush.
+/// throughout; then one flush. The sizes must be equal, or, with
+/// `zero_tail`, the local image smaller: the rest of the remote image is
+/// zeroed. Nothing is written when they do not fit. If the server lost
+/// writes, the upload starts over, writing every range (up to
+/// [`UPLOAD_TRIES`] tries).
 pub async fn upload(local: &LocalImage, client: &ImageClient, options: &TransferOptions) -> Result<Stats> {
     let started = Instant::now();
     let size = client.size().await?;
-    if local.size() > size {
-        return Err(ClientError::Invalid(format!("the local image ({} bytes) is larger than the target ({size} bytes)", local.size())));
+    if local.size() > size || (local.size() < size && !options.zero_tail) {
+        return Err(ClientError::SizeMismatch { local: local.size(), remote: size });
     }
     let connections = connections_for(client, options.connections, true).await?;
-    let target_is_zero = client
-        .extents::<ZeroState>(&Scope::full(), None)
+    let target_is_zero = covering::<ZeroState>(client, &Scope::full(), size)
         .await?
         .try_all(|extent: Extent<ZeroState>| std::future::ready(extent.flags.zero))
         .await?;
-    let zero_job: fn(u64, u64) -> Job =
-        if target_is_zero { |_, length| Job::Skip { length } } else { |offset, length| Job::Zero { offset, length } };
-    let tally = Tally::new(local.size(), options.progress.clone());
-    let jobs = stream::iter(local.runs().await?.into_iter().flat_map(|run| split(run, zero_job)).map(Ok));
-    run_jobs(jobs, connections, &tally, |job| send(local, client, job)).await?;
-    client.flush().await?;
-    Ok(tally.stats(started))
+    let runs = local.runs().await?;
+    let tail = Job::Zero { offset: local.size(), length: size - local.size() };
+    let tally = Tally::new(size, options.progress.clone());
+    let mut tries = 1;
+    loop {
+        // Lost data reads as zeros: after a loss, zeros are written too.
+        let zero_job: fn(u64, u64) -> Job =
+            if target_is_zero && tries == 1 { |_, length| Job::Skip { length } } else { |offset, length| Job::Zero { offset, length } };
+        let jobs = runs.iter().flat_map(|run| split(*run, zero_job)).chain((size > local.size()).then_some(tail));
+        let sent = async {
+            run_jobs(stream::iter(jobs.map(Ok)), connections, &tally, |job| send(local, client, job)).await?;
+            client.flush().await
+        };
+        match sent.await {
+            Ok(()) => break,
+            Err(error) if error.lost_writes() && tries < UPLOAD_TRIES => {
+                tries += 1;
+                let error = crate::error::chain(&error);
+                tracing::warn!(target: RETRY_LOG, "the server lost writes ({error}); starting the upload over, every range again (try {tries} of {UPLOAD_TRIES})");
+                tally.restart();
+            }
+            Err(error) if error.lost_writes() => return Err(ClientError::WritesLost { tries, last: Box::new(error) }),
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(Stats { tail_zeroed: size - local.size(), ..tally.stats(started) })
 }
 
 async fn send(local: &LocalImage, client: &ImageClient, job: Job) -> Result<()> {

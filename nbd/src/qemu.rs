@@ -6,7 +6,9 @@
 //! for the images it owns (exports and bitmaps are managed live over
 //! [`crate::qmp`]). Children are started without a shell or `--fork`, so
 //! their owner waits for them and reaps them, and stopped with SIGTERM so
-//! qcow2 metadata and persistent bitmaps are written back cleanly.
+//! qcow2 metadata and persistent bitmaps are written back cleanly; the
+//! CLI's qemu-nbd also dies with its owner and never gets the terminal's
+//! signals (see [`QemuNbd::start`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -70,7 +72,8 @@ pub struct QemuNbd {
 
 impl QemuNbd {
     /// Starts qemu-nbd on a new private socket and waits until it accepts
-    /// connections.
+    /// connections. It runs in a process group of its own and is killed
+    /// when this process dies, even by SIGKILL.
     pub async fn start(settings: &ExportSettings<'_>) -> Result<QemuNbd> {
         let socket_dir = tempfile::Builder::new()
             .prefix("blockgate-nbd-")
@@ -106,9 +109,21 @@ impl QemuNbd {
 }
 
 /// Starts qemu-nbd on `socket` and waits until it accepts connections.
+///
+/// The child must not outlive its owner (a CLI killed with SIGKILL would
+/// leave a `--persistent` qemu-nbd holding the file forever), and must not
+/// get the terminal's signals (Ctrl-C signals the whole foreground process
+/// group; a qemu-nbd that died first made a transfer fail with "Broken
+/// pipe" instead of stopping cleanly). So it runs in a process group of
+/// its own, and under `setpriv --pdeathsig KILL` (util-linux), which asks
+/// the kernel to kill it when its parent dies, with no `unsafe` here. The
+/// kernel sends that signal when the parent *thread* that forked it exits,
+/// not the process, so the fork happens on [`lasting_spawner`]'s thread,
+/// which lives as long as the process.
 async fn spawn(settings: &ExportSettings<'_>, socket: &Path) -> Result<Child> {
-    let mut command = Command::new("qemu-nbd");
+    let mut command = Command::new("setpriv");
     command
+        .args(["--pdeathsig", "KILL", "--", "qemu-nbd"])
         .arg("--persistent")
         .arg(format!("--shared={}", settings.shared))
         .arg("--discard=unmap")
@@ -125,14 +140,62 @@ async fn spawn(settings: &ExportSettings<'_>, socket: &Path) -> Result<Child> {
         command.args(["--cache=none", "--aio=native"]);
     }
     command.arg(settings.path);
-    launch(command, "qemu-nbd", &[socket], settings.path).await
+    launch(command, "qemu-nbd", &[socket], settings.path, Tie::ToThisProcess).await
+}
+
+/// A command and where to send the child it starts.
+type SpawnRequest = (Command, tokio::runtime::Handle, tokio::sync::oneshot::Sender<std::io::Result<Child>>);
+
+/// Starts commands on one thread that never exits, in the caller's
+/// runtime (which reaps the children): the parent thread a parent-death
+/// signal watches. A runtime's own threads may exit before the process
+/// does (blocking-pool threads end when idle).
+fn lasting_spawner() -> &'static std::sync::mpsc::Sender<SpawnRequest> {
+    static SPAWNER: std::sync::OnceLock<std::sync::mpsc::Sender<SpawnRequest>> = std::sync::OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (sender, receiver) = std::sync::mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("child-spawner".into())
+            .spawn(move || {
+                for (mut command, runtime, reply) in receiver {
+                    let _entered = runtime.enter();
+                    let _ = reply.send(command.spawn());
+                }
+            })
+            .expect("a thread to start children from");
+        sender
+    })
+}
+
+/// How a child is bound to its owner beyond `kill_on_drop`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tie {
+    /// Nothing more (the server stops its daemon itself, on every signal
+    /// it handles).
+    None,
+    /// A process group of its own, and started from [`lasting_spawner`]'s
+    /// thread (for `setpriv --pdeathsig`).
+    ToThisProcess,
 }
 
 /// Spawns a qemu program (no shell, stderr logged and kept for the error
 /// message) and waits until every one of `sockets` accepts connections.
-async fn launch(mut command: Command, program: &'static str, sockets: &[&Path], image: &Path) -> Result<Child> {
+async fn launch(mut command: Command, program: &'static str, sockets: &[&Path], image: &Path, tie: Tie) -> Result<Child> {
     command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
-    let mut child = command.spawn().map_err(|error| failed(format!("starting {program} (is qemu-utils installed?): {error}")))?;
+    let spawned = if tie == Tie::ToThisProcess {
+        command.process_group(0);
+        let (reply, child) = tokio::sync::oneshot::channel();
+        lasting_spawner()
+            .send((command, tokio::runtime::Handle::current(), reply))
+            .map_err(|_| failed("the thread that starts children is gone"))?;
+        child.await.map_err(|_| failed("the thread that starts children is gone"))?
+    } else {
+        command.spawn()
+    };
+    let mut child = spawned.map_err(|error| {
+        let wanted = if tie == Tie::ToThisProcess { "qemu-utils and util-linux (setpriv)" } else { "qemu-utils" };
+        failed(format!("starting {program} (is {wanted} installed?): {error}"))
+    })?;
     let stderr_lines = Arc::new(Mutex::new(Vec::<String>::new()));
     if let Some(stderr) = child.stderr.take() {
         let lines = stderr_lines.clone();
@@ -334,7 +397,7 @@ async fn spawn_daemon(settings: &DaemonSettings<'_>, nbd_socket: &Path, qmp_sock
     // serves one client at a time, and a probe's connection could still
     // hold it when the real one arrives. Clients wait for it with
     // `Qmp::connect_when_ready`.
-    launch(command, "qemu-storage-daemon", &[nbd_socket], &settings.image.path).await
+    launch(command, "qemu-storage-daemon", &[nbd_socket], &settings.image.path, Tie::None).await
 }
 
 /// Creates an image file with qemu-img, readable by its owner only (disk

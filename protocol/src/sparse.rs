@@ -417,8 +417,9 @@ impl Decoder {
     }
 }
 
-/// Parses `KIND SP START SP LENGTH CR LF`.
-fn parse_header(raw: &[u8]) -> Result<(Kind, u64, u64), String> {
+/// Parses a frame header, `KIND SP START SP LENGTH CR LF`: its kind,
+/// start and length.
+pub fn parse_header(raw: &[u8]) -> Result<(Kind, u64, u64), String> {
     let shown = || String::from_utf8_lossy(raw).escape_debug().to_string();
     if raw.len() != HEADER_LEN || raw[4] != b' ' || raw[21] != b' ' || &raw[38..40] != CRLF {
         return Err(format!("malformed frame header \"{}\"", shown()));

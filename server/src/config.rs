@@ -153,17 +153,32 @@ pub fn with_config_file(arguments: Vec<std::ffi::OsString>) -> Result<Vec<std::f
         }
     }
     let Some(path) = config else { return Ok(arguments) };
-    let text = std::fs::read_to_string(&path).map_err(|error| format!("--config {}: {error}", path.display()))?;
-    let flags = config_flags(&text).map_err(|error| format!("--config {}: {error}", path.display()))?;
+    let flags = read_config(&path).map_err(|error| format!("--config {}: {error}", path.display()))?;
     let mut combined = arguments[..1].to_vec();
     combined.extend(flags.into_iter().map(std::ffi::OsString::from));
     combined.extend(arguments[1..].iter().cloned());
     Ok(combined)
 }
 
-/// The flags a TOML settings file stands for.
+/// The flags of a settings file, which only its owner may change: one
+/// that group or others may write is refused, as ssh refuses such a
+/// config (anyone who can write it chooses what the server serves).
+fn read_config(path: &std::path::Path) -> Result<Vec<String>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let file = std::fs::File::open(path).map_err(|error| error.to_string())?;
+    let mode = file.metadata().map_err(|error| error.to_string())?.permissions().mode();
+    if mode & 0o022 != 0 {
+        return Err(format!("the file is writable by group or others (mode {:o}); make it the owner's only: chmod go-w", mode & 0o7777));
+    }
+    config_flags(&std::io::read_to_string(file).map_err(|error| error.to_string())?)
+}
+
+/// The flags a TOML settings file stands for, each value checked as its
+/// flag would be, so an error names the key (clap's own names only the
+/// flag).
 fn config_flags(text: &str) -> Result<Vec<String>, String> {
     use clap::CommandFactory;
+    use clap::error::ErrorKind;
     let table: toml::Table = text.parse().map_err(|error: toml::de::Error| error.to_string())?;
     let command = Args::command();
     let mut flags = Vec::new();
@@ -172,11 +187,22 @@ fn config_flags(text: &str) -> Result<Vec<String>, String> {
         let known = command.get_arguments().any(|argument| argument.get_long() == Some(name.as_str()));
         if !known || name == "config" {
             return Err(format!("unknown key {key:?}: keys are the flags' names, such as listen, image or allow-dir"));
-        }
-        let scalar = |value: &toml::Value| match value {
-            toml::Value::String(text) => Ok(text.clone()),
-            toml::Value::Integer(number) => Ok(number.to_string()),
-            other => Err(format!("key {key:?}: expected a string or a number, not a {}", other.type_str())),
+        };
+        let scalar = |value: &toml::Value| {
+            let text = match value {
+                toml::Value::String(text) => text.clone(),
+                toml::Value::Integer(number) => number.to_string(),
+                other => return Err(format!("key {key:?}: expected a string or a number, not a {}", other.type_str())),
+            };
+            // The flag alone: only an error of its value counts here (one
+            // flag may require another that a later key gives).
+            let alone = command.clone().try_get_matches_from(["blockgate-server", &format!("--{name}"), &text]);
+            match alone {
+                Err(error) if matches!(error.kind(), ErrorKind::InvalidValue | ErrorKind::ValueValidation) => {
+                    Err(format!("key {key:?}: {}", error.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ")))
+                }
+                _ => Ok(text),
+            }
         };
         match &value {
             toml::Value::Array(items) => {
@@ -350,6 +376,35 @@ mod tests {
         }
         let missing = with_config_file(vec!["s".into(), "--config=/nonexistent.toml".into()]).unwrap_err();
         assert!(missing.contains("/nonexistent.toml"), "{missing}");
+    }
+
+    #[test]
+    fn a_config_value_of_the_wrong_type_names_the_file_and_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blockgate.toml");
+        for (bad, key) in
+            [("max_readers = \"lots\"", "max_readers"), ("log-format = \"xml\"", "log-format"), ("image = [\"a=a.raw\", \"b\"]", "image")]
+        {
+            std::fs::write(&path, bad).unwrap();
+            let error = with_config_file(vec!["blockgate-server".into(), "--config".into(), path.clone().into()]).unwrap_err();
+            assert!(error.contains(&path.display().to_string()) && error.contains(&format!("key {key:?}")), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_config_file_others_may_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blockgate.toml");
+        std::fs::write(&path, "max_readers = 4\n").unwrap();
+        let load = || with_config_file(vec!["blockgate-server".into(), "--config".into(), path.clone().into()]);
+        for mode in [0o664, 0o646, 0o666] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let error = load().unwrap_err();
+            assert!(error.contains(&path.display().to_string()) && error.contains("writable"), "{mode:o}: {error}");
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(load().is_ok());
     }
 
     #[test]

@@ -204,3 +204,147 @@ async fn duplicate_image_ids_are_refused_and_host_names_are_listened_on() {
     assert!(child.wait().unwrap().success(), "the server stops cleanly on SIGTERM");
     assert!(answered, "--listen localhost:PORT serves");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_file_with_a_forged_qcow2_header_is_read_as_raw() {
+    let dir = tempfile::tempdir().unwrap();
+    // A host file the user can read, and a raw backup of a guest that
+    // wrote a qcow2 header naming it as its backing file.
+    let secret = dir.path().join("secret.txt");
+    std::fs::write(&secret, b"SECRET HOST FILE ".repeat(4096)).unwrap();
+    let header = dir.path().join("hdr.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", "-b", secret.to_str().unwrap(), "-F", "raw", header.to_str().unwrap(), "64M"]);
+    let mut backup = std::fs::read(&header).unwrap();
+    backup.resize(64 * MIB as usize, 0);
+    let backup_file = dir.path().join("backup.raw");
+    std::fs::write(&backup_file, &backup).unwrap();
+    let target = dir.path().join("target.raw");
+    std::fs::write(&target, vec![0u8; 64 * MIB as usize]).unwrap();
+    let server = Server::start(dir.path(), &[format!("dst={}", target.display())]).await;
+
+    let output = blockgate(&server, &["upload", backup_file.to_str().unwrap(), &server.image_url("dst")]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let uploaded = std::fs::read(&target).unwrap();
+    assert!(uploaded == backup, "the file's own bytes were uploaded, header and all");
+    assert!(!uploaded.windows(17).any(|window| window == b"SECRET HOST FILE "), "the host file was sent");
+    assert!(stderr(&output).contains("looks like qcow2 but is read as raw"), "the user is told: {}", stderr(&output));
+
+    let checksum = |target: &str, extra: &[&str]| {
+        let output = blockgate(&server, &[&["checksum"][..], extra, &[target]].concat());
+        assert!(output.status.success(), "{}", stderr(&output));
+        String::from_utf8_lossy(&output.stdout).split_whitespace().next().unwrap().to_string()
+    };
+    let remote = checksum(&server.image_url("dst"), &[]);
+    assert_eq!(checksum(backup_file.to_str().unwrap(), &[]), remote, "the local file is hashed as raw");
+    // As qcow2 only when asked (or named so).
+    assert_ne!(checksum(backup_file.to_str().unwrap(), &["--format", "qcow2"]), remote);
+    let output = blockgate(&server, &["checksum", "--format", "raw", &server.image_url("dst")]);
+    assert!(!output.status.success() && stderr(&output).contains("--format is for a local file"), "{}", stderr(&output));
+}
+
+/// The qemu-nbd children of a process.
+fn qemu_nbd_children(pid: u32) -> Vec<u32> {
+    children(pid)
+        .into_iter()
+        .filter(|child| std::fs::read_to_string(format!("/proc/{child}/cmdline")).is_ok_and(|line| line.starts_with("qemu-nbd")))
+        .collect()
+}
+
+/// True while `pid` runs (a zombie does not).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_download_leaves_no_qemu_nbd_and_the_next_run_removes_its_partial_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = Nbdkit::start(dir.path(), "slow", &["--filter=delay", "pattern", "size=1G", "rdelay=20ms"]);
+    let small = dir.path().join("small.raw");
+    std::fs::write(&small, random_bytes(4 * MIB as usize, 7)).unwrap();
+    let server = Server::start(dir.path(), &[format!("slow={},ro", slow.uri()), format!("small={},ro", small.display())]).await;
+    let target = dir.path().join("disk.qcow2");
+    let mut child = Command::new(binary("blockgate"))
+        .arg("--cacert")
+        .arg(server.ca())
+        .args(["download", "--progress", "none", &server.image_url("slow"), target.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    wait_until("the download is under way", async || !qemu_nbd_children(child.id()).is_empty()).await;
+    let qemu_nbd = qemu_nbd_children(child.id());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_until("qemu-nbd died with the CLI", async || !qemu_nbd.iter().any(|pid| running(*pid))).await;
+    let partial = files_named(dir.path(), ".disk.qcow2.partial-");
+    assert_eq!(partial.len(), 1, "SIGKILL leaves the partial file: {partial:?}");
+
+    let output = blockgate(&server, &["download", &server.image_url("small"), target.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains(&format!("removed the stale partial download {}", dir.path().join(&partial[0]).display())),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(files_named(dir.path(), ".disk.qcow2"), Vec::<String>::new(), "no partial file is left");
+    assert!(target.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_near_the_end_of_a_download_exits_130_and_leaves_nothing() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    std::fs::write(&image, random_bytes(48 * MIB as usize, 5)).unwrap();
+    let server = Server::start(dir.path(), &[format!("disk={},ro", image.display())]).await;
+    let mut interrupted = 0;
+    for attempt in 0..12 {
+        let target = dir.path().join(format!("copy-{attempt}.qcow2"));
+        // As a terminal does it: the CLI leads a process group, and Ctrl-C
+        // signals the whole group.
+        let mut child = Command::new(binary("blockgate"))
+            .arg("--cacert")
+            .arg(server.ca())
+            .args(["download", "--connections", "2", "--progress", "json", &server.image_url("disk"), target.to_str().unwrap()])
+            .process_group(0)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let group = Pid::from_raw(child.id() as i32);
+        // Past 80%, 90%... and at 100% (the flush and close).
+        let threshold = [0.8, 0.9, 1.0][attempt % 3];
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut said = Vec::new();
+        let mut qemu_nbd = Vec::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if qemu_nbd.is_empty() {
+                qemu_nbd = qemu_nbd_children(child.id());
+            }
+            let progress: Option<serde_json::Value> = serde_json::from_str(&line).ok();
+            said.push(line);
+            let done = progress.as_ref().and_then(|p| Some(p["done"].as_f64()? / p["total"].as_f64()?));
+            if done.is_some_and(|done| done >= threshold) {
+                nix::sys::signal::killpg(group, Signal::SIGINT).unwrap();
+                break;
+            }
+        }
+        said.extend(lines.map(Result::unwrap));
+        let status = child.wait().unwrap();
+        let said = said.join("\n");
+        // Either the signal came in time (130, nothing left), or after the
+        // download was complete (0, the whole file).
+        match status.code() {
+            Some(130) => {
+                assert!(!target.exists(), "attempt {attempt}: {said}");
+                interrupted += 1;
+            }
+            Some(0) => assert_eq!(std::fs::read(&target).unwrap().len(), 48 * MIB as usize, "attempt {attempt}"),
+            _ => panic!("attempt {attempt} at {threshold}: {status}: {said}"),
+        }
+        assert_eq!(files_named(dir.path(), &format!(".copy-{attempt}")), Vec::<String>::new(), "attempt {attempt}: no partial file");
+        wait_until("qemu-nbd is gone", async || !qemu_nbd.iter().any(|pid| running(*pid))).await;
+    }
+    assert!(interrupted >= 6, "most signals came before the end: {interrupted} of 12");
+}

@@ -4,6 +4,7 @@
 mod backup;
 mod checkpoints;
 mod cli;
+mod cli_hostile;
 mod cli_safety;
 mod common;
 mod data;
