@@ -334,12 +334,12 @@ async fn full_stream(client: &reqwest::Client, url: &str) -> Vec<u8> {
     panic!("no full stream of {url}");
 }
 
-/// Restores and incremental backups with the daemon killed at random
-/// moments, 20 rounds over five pairs of images (so that no daemon meets
-/// the restart backoff of a crash loop): a 200 always means the target
-/// holds exactly the source's bytes, and a backup stream that reads as
-/// complete restores exactly; anything else is an error the client sees,
-/// and started over the transfer ends exact.
+/// CLI uploads, restores and incremental backups with the daemon killed
+/// at random moments, 20 rounds over five pairs of images (so that no
+/// daemon meets the restart backoff of a crash loop): an exit 0 or a 200
+/// always means the target holds exactly the source's bytes, and a backup
+/// stream that reads as complete restores exactly; anything else is an
+/// error the client sees, and started over the transfer ends exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_kills_at_random_moments_never_end_in_a_false_success() {
     use rand::{Rng, SeedableRng};
@@ -374,7 +374,36 @@ async fn daemon_kills_at_random_moments_never_end_in_a_false_success() {
         let (src_ticket, dst_ticket) = (format!("src{pair}"), format!("dst{pair}"));
         let (src, dst) = (server.image_url(&src_ticket), server.image_url(&dst_ticket));
         let context = format!("seed {seed}, round {round}");
-        if round % 2 == 0 {
+        if round % 3 == 2 {
+            // `blockgate upload` of a raw file, the target's daemon killed
+            // at a random moment.
+            let file = dir.path().join(format!("upload{round}.raw"));
+            let content = random_bytes(32 * MIB as usize, seed ^ round as u64);
+            std::fs::write(&file, &content).unwrap();
+            let killer = kill_later(&server, &path(dst_ticket.clone()), Duration::from_millis(rng.random_range(0..1500)));
+            let mut attempts = 0;
+            loop {
+                let output = tokio::process::Command::new(binary("blockgate"))
+                    .arg("--cacert")
+                    .arg(server.ca())
+                    .args(["upload", "--connections", "1"])
+                    .arg(&file)
+                    .arg(&dst)
+                    .output()
+                    .await
+                    .unwrap();
+                if output.status.success() {
+                    let stderr = String::from_utf8_lossy(&output.stderr);
+                    assert!(read_back(&server, &dst_ticket).await == content, "{context}: upload exit 0 with other bytes: {stderr}");
+                    break;
+                }
+                attempts += 1;
+                assert!(attempts < 20, "{context}: the upload never succeeded: {}", String::from_utf8_lossy(&output.stderr));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            killer.await.unwrap();
+            since[pair] = None;
+        } else if round % 3 == 0 {
             // A full restore, the target's daemon killed at a random moment.
             let full = full_stream(&client, &src).await;
             let expected = read_back(&server, &src_ticket).await;
