@@ -458,3 +458,43 @@ async fn daemon_kills_at_random_moments_never_end_in_a_false_success() {
         }
     }
 }
+
+/// The case: `blockgate upload --connections 1` into a qcow2
+/// image, its daemon killed once part of the file is written. The writes
+/// acknowledged before the kill were never flushed, so the upload must
+/// start over (it says so) and end with the file's bytes, never exit 0
+/// with zeros where data was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cli_upload_whose_daemon_is_killed_starts_over_and_ends_exact() {
+    use tokio::io::AsyncBufReadExt;
+    let (dir, image, server) = serve_disk("64M").await;
+    let file = dir.path().join("source.raw");
+    let content = random_bytes(64 * MIB as usize, 8);
+    std::fs::write(&file, &content).unwrap();
+    let mut child = tokio::process::Command::new(binary("blockgate"))
+        .arg("--cacert")
+        .arg(server.ca())
+        .args(["upload", "--connections", "1", "--progress", "json"])
+        .arg(&file)
+        .arg(server.image_url("disk"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut said = Vec::new();
+    let mut killed = false;
+    while let Some(line) = lines.next_line().await.unwrap() {
+        let done = serde_json::from_str::<Value>(&line).ok().and_then(|progress| progress["done"].as_u64());
+        if !killed && done.is_some_and(|done| done >= 16 * MIB) {
+            kill_daemon(&server).await;
+            killed = true;
+        }
+        said.push(line);
+    }
+    let status = child.wait().await.unwrap();
+    let said = said.join("\n");
+    assert!(killed, "the upload ended before 16 MiB: {said}");
+    assert!(status.success(), "{said}");
+    assert!(said.contains("starting the upload over"), "{said}");
+    assert!(raw_view(&image) == content);
+}
