@@ -498,3 +498,46 @@ async fn a_cli_upload_whose_daemon_is_killed_starts_over_and_ends_exact() {
     assert!(said.contains("starting the upload over"), "{said}");
     assert!(raw_view(&image) == content);
 }
+
+async fn cli(server: &Server, args: &[&str], stdin: Option<&std::path::Path>) -> std::process::Output {
+    let mut command = tokio::process::Command::new(binary("blockgate"));
+    command.arg("--cacert").arg(server.ca()).args(args);
+    if let Some(stdin) = stdin {
+        command.stdin(std::fs::File::open(stdin).unwrap());
+    }
+    command.output().await.unwrap()
+}
+
+/// A smaller file or stream leaves the image's old tail behind: refused
+/// (exit 2, both sizes named) before anything is written, unless the
+/// tail is zeroed on request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_smaller_upload_or_restore_is_refused_unless_the_tail_is_zeroed() {
+    let (dir, image, server) = serve_disk("32M").await;
+    let old = random_bytes(32 * MIB as usize, 9);
+    assert_eq!(put_retrying(&server, 0, &old, "").await.0, StatusCode::OK);
+    let small = dir.path().join("small.raw");
+    let content = random_bytes(8 * MIB as usize, 10);
+    std::fs::write(&small, &content).unwrap();
+    let url = server.image_url("disk");
+    let output = cli(&server, &["upload", small.to_str().unwrap(), &url], None).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&(8 * MIB).to_string()) && stderr.contains(&(32 * MIB).to_string()), "{stderr}");
+    assert!(raw_view(&image) == old, "nothing was written");
+    let output = cli(&server, &["upload", "--zero-tail", small.to_str().unwrap(), &url], None).await;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let view = raw_view(&image);
+    assert!(view[..8 * MIB as usize] == content[..] && view[8 * MIB as usize..].iter().all(|&byte| byte == 0));
+
+    // The same through a stream of a smaller image.
+    assert_eq!(put_retrying(&server, 0, &old, "").await.0, StatusCode::OK);
+    let stream_file = dir.path().join("small.sparse");
+    std::fs::write(&stream_file, stream(json!({"virtual-size": 8 * MIB, "data-size": 8 * MIB}), &content, 8 * MIB)).unwrap();
+    let output = cli(&server, &["restore", &url], Some(&stream_file)).await;
+    assert_eq!(output.status.code(), Some(2), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(raw_view(&image) == old, "nothing was written");
+    let output = cli(&server, &["restore", "--zero-tail", &url], Some(&stream_file)).await;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(raw_view(&image) == view);
+}
