@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use blockgate_protocol::ticket::parse_ticket;
 use blockgate_server::backend::{Backend, BackendSettings};
 use blockgate_server::config::{self, Args, ImageSource, LogFormat};
+use blockgate_server::connections::Budget;
 use blockgate_server::control::{self, ControlState};
 use blockgate_server::routes::{self, AppState};
 use blockgate_server::server::{self, ConnectionLimits, Endpoint, Listener};
@@ -22,7 +23,6 @@ use blockgate_server::tls;
 use clap::Parser;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::Semaphore;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -106,7 +106,7 @@ async fn run(args: Args) -> Result<()> {
     // Each listener has its own connection budget (the TCP addresses of
     // --listen share one): a flood of remote clients never delays the
     // orchestrator on the control socket, nor local software.
-    let remote_budget = Arc::new(Semaphore::new(args.max_connections as usize));
+    let remote_budget = Budget::new(args.max_connections as usize, Some(args.max_connections_per_address as usize));
     let mut endpoints = Vec::new();
     for (listener, address) in tcp_listeners.into_iter().zip(&addresses) {
         endpoints.push(Endpoint {
@@ -117,23 +117,24 @@ async fn run(args: Args) -> Result<()> {
         tracing::info!(address = %format!("https://{address}"), "data API listening (TLS)");
     }
     if let Some(path) = &args.local_socket {
-        let budget = Arc::new(Semaphore::new(args.max_connections as usize));
+        let budget = Budget::new(args.max_connections as usize, None);
         endpoints.push(Endpoint { listener: Listener::Unix(bind_unix(path)?), router: routes::router(state.clone()), budget });
         tracing::info!(socket = %path.display(), "data API listening (local, no TLS)");
     }
     if let Some(path) = &args.control_socket {
         let control = ControlState { tickets: tickets.clone(), limits, backend, allow_dirs: allow_dirs.clone() };
-        let budget = Arc::new(Semaphore::new(CONTROL_CONNECTIONS));
+        let budget = Budget::new(CONTROL_CONNECTIONS, None);
         endpoints.push(Endpoint { listener: Listener::Unix(bind_unix(path)?), router: control::router(control), budget });
         tracing::info!(socket = %path.display(), "control API listening");
     }
     for (listener, address) in metrics_listeners {
-        let budget = Arc::new(Semaphore::new(CONTROL_CONNECTIONS));
+        let budget = Budget::new(CONTROL_CONNECTIONS, None);
         endpoints.push(Endpoint { listener: Listener::PlainTcp(listener), router: control::metrics_router(tickets.clone()), budget });
         tracing::info!(address = %format!("http://{address}/metrics"), "metrics listening");
     }
     let reaper = tokio::spawn(reap_expired(tickets.clone()));
-    let connection_limits = ConnectionLimits { header_timeout: Duration::from_secs(args.header_timeout) };
+    let connection_limits =
+        ConnectionLimits { header_timeout: Duration::from_secs(args.header_timeout), send_timeout: Duration::from_secs(args.send_timeout) };
     server::serve(endpoints, connection_limits, shutdown_signal()).await;
     reaper.abort();
     stop_all(&tickets).await;
