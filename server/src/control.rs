@@ -24,7 +24,7 @@ use crate::access_log;
 use crate::backend::{Backend, BackendSettings};
 use crate::config::{ImageSource, ImageSpec};
 use crate::error::{ApiError, ApiResult};
-use crate::routes::{not_found, refuse_method};
+use crate::routes::{not_found, refuse_control_characters, refuse_method};
 use crate::tickets::{Limits, Ticket, Tickets};
 
 /// What the control routes need.
@@ -57,6 +57,7 @@ pub fn router(state: ControlState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(|method: Method, uri: Uri| async move { refuse_method(ROUTES, &method, uri.path()) })
+        .layer(axum::middleware::from_fn(refuse_control_characters))
         .layer(axum::middleware::from_fn(|request, next| access_log::log_requests(ROUTES, request, next)))
         .with_state(state)
 }
@@ -91,6 +92,9 @@ fn allowed_file(path: &str, allow_dirs: &[PathBuf]) -> ApiResult<PathBuf> {
 
 /// Opens the image a ticket names and makes the ticket.
 pub async fn open_ticket(spec: TicketSpec, limits: Limits, backend: BackendSettings, allow_dirs: &[PathBuf]) -> ApiResult<Ticket> {
+    if spec.url.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest("field \"url\" holds control characters".into()));
+    }
     let source = match spec.url.strip_prefix("file://") {
         Some(path) if path.starts_with('/') => ImageSource::File(allowed_file(path, allow_dirs)?),
         Some(_) => return Err(ApiError::BadRequest(format!("field \"url\": {:?} must be file:///ABSOLUTE/PATH", spec.url))),
@@ -133,7 +137,7 @@ async fn add(State(state): State<ControlState>, Path(id): Path<String>, body: Bo
     // qemu-nbd must release the image before a new one can lock it.
     state.tickets.remove(&id).await?;
     let ticket = open_ticket(spec, state.limits, state.backend.clone(), &state.allow_dirs).await?;
-    tracing::info!(ticket = %id, size = ticket.backend.size(), "ticket added");
+    tracing::info!(ticket = %ticket.fingerprint, size = ticket.backend.size(), "ticket added");
     if let Some(raced) = state.tickets.insert(ticket) {
         // Another PUT of this id won the race; retire its ticket.
         raced.cancellation().cancel();

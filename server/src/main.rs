@@ -205,10 +205,9 @@ async fn open_tickets(
     for file in &args.tickets {
         let body = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
         let spec = parse_ticket(&body).with_context(|| format!("ticket {}", file.display()))?;
-        let id = spec.uuid.clone();
         let ticket =
             control::open_ticket(spec, limits, backend.clone(), allow_dirs).await.with_context(|| format!("ticket {}", file.display()))?;
-        tracing::info!(id = %id, url = %format!("https://localhost:{port}/images/{id}"), "serving ticket");
+        tracing::info!(ticket = %ticket.fingerprint, file = %file.display(), "serving ticket");
         tickets.insert(ticket);
     }
     Ok(())

@@ -182,3 +182,72 @@ async fn absurd_timeouts_are_refused_and_tickets_still_expire() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     wait_until("the ticket expires", async || control.status("short").await.0 == StatusCode::NOT_FOUND).await;
 }
+
+/// What the server logs for a ticket id: `hashlib.blake2s(id)`'s first 8
+/// hex digits.
+fn fingerprint(id: &str) -> String {
+    let script = "import hashlib, sys; print(hashlib.blake2s(sys.argv[1].encode()).hexdigest()[:8])";
+    String::from_utf8(run("python3", &["-c", script, id])).unwrap().trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ticket_ids_never_reach_the_log_but_their_fingerprints_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    std::fs::write(&image, random_bytes(64 * MIB as usize, 44)).unwrap();
+    let ids = ["from-file-6d0b9e1f2a3c4d5e", "added-8c1f3a5b7d9e0f2a", "short-1a2b3c4d5e6f7a8b", "canceled-9f8e7d6c5b4a3f2e"];
+    let file = dir.path().join("ticket.json");
+    std::fs::write(&file, ticket(ids[0], &image, &["read"], 300).to_string()).unwrap();
+    let file_argument = file.display().to_string();
+    let (mut server, control) = start_with_control(dir.path(), &["--ticket", &file_argument, "--max-readers", "1"]).await;
+    // Added, expired, served to a reader while another waits (503), and
+    // canceled under a download.
+    for (id, timeout) in [(ids[1], 300), (ids[2], 1), (ids[3], 300)] {
+        assert_eq!(control.add(&ticket(id, &image, &["read"], timeout)).await, StatusCode::OK);
+    }
+    let client = server.client_builder().http1_only().build().unwrap();
+    let mut download = client.get(server.image_url(ids[3])).send().await.unwrap();
+    assert_eq!(download.status(), StatusCode::OK);
+    assert_eq!(client.get(server.image_url(ids[3])).send().await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(client.get(server.image_url(ids[0])).send().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(control.delete(ids[3]).await, StatusCode::NO_CONTENT);
+    while let Ok(Some(_)) = download.chunk().await {}
+    wait_until("the short ticket expires", async || control.status(ids[2]).await.0 == StatusCode::NOT_FOUND).await;
+    server.stop();
+    let log = std::fs::read_to_string(dir.path().join(format!("server-{}.log", server.port))).unwrap();
+    for id in ids {
+        assert!(!log.contains(id), "{id} is in the log:\n{log}");
+    }
+    let lines = |what: &str, id: &str| log.lines().filter(|line| line.contains(what) && line.contains(&fingerprint(id))).count();
+    assert_eq!(lines("serving ticket", ids[0]), 1, "{log}");
+    assert_eq!(lines("ticket added", ids[1]), 1, "{log}");
+    assert_eq!(lines("ticket expired", ids[2]), 1, "{log}");
+    assert!(lines("already has 1 readers", ids[3]) >= 1, "{log}");
+    // The cut download may log "aborting a response body ... was
+    // canceled" (when the body is polled before its connection is cut):
+    // with the fingerprint, then.
+    assert!(log.lines().filter(|line| line.contains("was canceled")).all(|line| line.contains(&fingerprint(ids[3]))), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_and_urls_with_control_characters_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    std::fs::write(&image, vec![0u8; MIB as usize]).unwrap();
+    let (server, control) = start_with_control(dir.path(), &[]).await;
+    for (id, encoded) in
+        [("a\nb", "a%0Ab"), ("a\rb", "a%0db"), ("a\u{1b}[31mb", "a%1B%5B31mb"), ("a\u{7f}", "a%7F"), ("a\u{85}", "a%C2%85")]
+    {
+        let body = ticket(id, &image, &["read"], 60).to_string();
+        let (code, said) = control.curl(&["-X", "PUT", "-d", &body, &control.url(&format!("/tickets/{encoded}"))]);
+        assert_eq!(code, 400, "PUT /tickets/{encoded}: {said}");
+        assert!(said.contains("control characters"), "{said}");
+        let response = server.client().get(server.image_url(encoded)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "GET /images/{encoded}");
+    }
+    let mut body = ticket("t1", &image, &["read"], 60);
+    body["url"] = serde_json::json!(format!("file://{}\nforged", image.display()));
+    let (code, said) = control.curl(&["-X", "PUT", "-d", &body.to_string(), &control.url("/tickets/t1")]);
+    assert_eq!(code, 400, "{said}");
+    assert!(said.contains("\"url\""), "{said}");
+}
