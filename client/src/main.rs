@@ -236,6 +236,8 @@ enum CheckpointCommand {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Private by default: the local qemu-nbd's socket, and what it creates.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse();
     // Retries are always announced (a transfer that waits must say why);
     // -v adds every other warning.

@@ -72,10 +72,7 @@ impl QemuNbd {
     /// Starts qemu-nbd on a new private socket and waits until it accepts
     /// connections.
     pub async fn start(settings: &ExportSettings<'_>) -> Result<QemuNbd> {
-        let socket_dir = tempfile::Builder::new()
-            .prefix("blockgate-nbd-")
-            .tempdir()
-            .map_err(|error| failed(format!("creating a socket directory: {error}")))?;
+        let socket_dir = private_directory("blockgate-nbd-")?;
         let socket = socket_dir.path().join("nbd.sock");
         let child = spawn(settings, &socket).await?;
         Ok(QemuNbd { child, socket, _socket_dir: socket_dir })
@@ -105,6 +102,33 @@ impl QemuNbd {
     }
 }
 
+/// A new temporary directory for a child's sockets, mode 0700 whatever the
+/// umask: whoever reaches an NBD socket reads and writes the image, and
+/// whoever could write the directory could put a server of their own at
+/// the socket's path after a crash.
+fn private_directory(prefix: &str) -> Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+        .map_err(|error| failed(format!("creating a socket directory: {error}")))
+}
+
+/// Makes every socket in a child's directory mode 0600 (the child created
+/// them with its umask).
+fn private_sockets(directory: &Path) -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let entries = std::fs::read_dir(directory).map_err(|error| failed(format!("listing {}: {error}", directory.display())))?;
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|kind| kind.is_socket()) {
+            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o600))
+                .map_err(|error| failed(format!("chmod {}: {error}", entry.path().display())))?;
+        }
+    }
+    Ok(())
+}
+
 /// Starts qemu-nbd on `socket` and waits until it accepts connections.
 async fn spawn(settings: &ExportSettings<'_>, socket: &Path) -> Result<Child> {
     let mut command = Command::new("qemu-nbd");
@@ -129,7 +153,8 @@ async fn spawn(settings: &ExportSettings<'_>, socket: &Path) -> Result<Child> {
 }
 
 /// Spawns a qemu program (no shell, stderr logged and kept for the error
-/// message) and waits until every one of `sockets` accepts connections.
+/// message), waits until every one of `sockets` accepts connections, and
+/// makes the sockets of their directory mode 0600.
 async fn launch(mut command: Command, program: &'static str, sockets: &[&Path], image: &Path) -> Result<Child> {
     command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
     let mut child = command.spawn().map_err(|error| failed(format!("starting {program} (is qemu-utils installed?): {error}")))?;
@@ -161,6 +186,9 @@ async fn launch(mut command: Command, program: &'static str, sockets: &[&Path], 
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+    for directory in sockets.iter().filter_map(|socket| socket.parent()) {
+        private_sockets(directory)?;
     }
     tracing::info!(program, image = %image.display(), "started");
     Ok(child)
@@ -212,10 +240,7 @@ impl StorageDaemon {
 
     /// Starts the daemon and waits until both sockets accept connections.
     pub async fn start(settings: &DaemonSettings<'_>) -> Result<StorageDaemon> {
-        let socket_dir = tempfile::Builder::new()
-            .prefix("blockgate-qsd-")
-            .tempdir()
-            .map_err(|error| failed(format!("creating a socket directory: {error}")))?;
+        let socket_dir = private_directory("blockgate-qsd-")?;
         let nbd_socket = socket_dir.path().join("nbd.sock");
         let qmp_socket = socket_dir.path().join("qmp.sock");
         let child = spawn_daemon(settings, &nbd_socket, &qmp_socket).await?;

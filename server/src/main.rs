@@ -26,6 +26,9 @@ use tokio::signal::unix::{SignalKind, signal};
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Whatever this process and its qemu children create is private unless
+    // made otherwise (the control and local sockets are 0660 by chmod).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let arguments = match config::with_config_file(std::env::args_os().collect()) {
         Ok(arguments) => arguments,
         Err(message) => {

@@ -251,3 +251,69 @@ async fn ids_and_urls_with_control_characters_are_refused() {
     assert_eq!(code, 400, "{said}");
     assert!(said.contains("\"url\""), "{said}");
 }
+
+/// The directory of the unix socket a child process of `parent` named
+/// `program` listens on (qemu-nbd's `--socket PATH`, qemu-storage-daemon's
+/// `addr.path=PATH`), once such a child runs.
+async fn socket_dir_of_child(parent: u32, program: &str) -> std::path::PathBuf {
+    let mut found = None;
+    wait_until(&format!("{program} runs"), async || {
+        found = children(parent).into_iter().find_map(|pid| {
+            let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).ok()?;
+            let words: Vec<&str> = cmdline.split('\0').collect();
+            if !words[0].ends_with(program) {
+                return None;
+            }
+            let after_flag = words.iter().position(|&word| word == "--socket").map(|at| words[at + 1].to_string());
+            after_flag.or_else(|| words.iter().find_map(|word| Some(word.split("addr.path=").nth(1)?.split(',').next()?.to_string())))
+        });
+        found.is_some()
+    })
+    .await;
+    Path::new(&found.unwrap()).parent().unwrap().to_path_buf()
+}
+
+/// The mode of a socket directory and of the sockets in it, once they are
+/// `expected` (or after 5 s).
+async fn modes(dir: &Path, expected: (u32, Vec<u32>)) -> (u32, Vec<u32>) {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let mode = |path: &Path| std::fs::symlink_metadata(path).unwrap().permissions().mode() & 0o777;
+    let mut seen = (0, Vec::new());
+    for _ in 0..50 {
+        let sockets = std::fs::read_dir(dir).unwrap().flatten().filter(|entry| entry.file_type().unwrap().is_socket());
+        seen = (mode(dir), sockets.map(|entry| mode(&entry.path())).collect());
+        if seen == expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_sockets_stay_private_under_umask_000() {
+    // Inherited by the server, the CLI and their qemu children.
+    nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    create_image(&image, "qcow2", "64M");
+    let slow = Nbdkit::start(dir.path(), "slow", &["--filter=delay", "pattern", "size=1G", "rdelay=20ms"]);
+    let server = Server::start(dir.path(), &[format!("disk={}", image.display()), format!("slow={},ro", slow.uri())]).await;
+    let daemon = socket_dir_of_child(server.pid(), "qemu-storage-daemon").await;
+    let private = (0o700, vec![0o600, 0o600]);
+    assert_eq!(modes(&daemon, private.clone()).await, private, "the daemon's directory, its NBD and QMP sockets");
+    // The CLI writes a qcow2 download through a local qemu-nbd.
+    let target = dir.path().join("copy.qcow2");
+    let mut cli = std::process::Command::new(binary("blockgate"))
+        .arg("--cacert")
+        .arg(server.ca())
+        .args(["download", "--progress", "none", &server.image_url("slow"), target.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let local = socket_dir_of_child(cli.id(), "qemu-nbd").await;
+    let private = (0o700, vec![0o600]);
+    let seen = modes(&local, private.clone()).await;
+    let _ = cli.kill();
+    let _ = cli.wait();
+    assert_eq!(seen, private, "the CLI's qemu-nbd directory and socket");
+}
