@@ -133,8 +133,8 @@ fn file_format(spec: &ImageSpec, path: &std::path::Path) -> ImageFormat {
 
 /// Logs when a file's content announces another format than the one it is
 /// opened with: a raw image a client filled with a qcow2 header, say.
-fn warn_if_content_differs(path: &std::path::Path, format: ImageFormat) {
-    match qemu::sniff_format(path) {
+async fn warn_if_content_differs(path: &std::path::Path, format: ImageFormat) {
+    match qemu::sniff_format(path).await {
         Ok(Some(looks_like)) if looks_like != format.as_str() => tracing::warn!(
             image = %path.display(),
             format = format.as_str(),
@@ -171,7 +171,7 @@ impl Backend {
     async fn open_file(spec: &ImageSpec, path: &std::path::Path, settings: BackendSettings) -> Result<Backend> {
         let format = file_format(spec, path);
         match (path.exists(), spec.create_size) {
-            (true, _) => warn_if_content_differs(path, format),
+            (true, _) => warn_if_content_differs(path, format).await,
             (false, Some(size)) => qemu::create_image(path, format.as_str(), size).await?,
             (false, None) => bail!("{} does not exist", path.display()),
         }

@@ -17,7 +17,7 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, put};
 use axum::{Json, Router};
-use blockgate_nbd::Address;
+use blockgate_nbd::{Address, qemu};
 use blockgate_protocol::ticket::{MAX_TICKET_BODY, TicketSpec, parse_ticket, parse_timeout};
 
 use crate::access_log;
@@ -63,8 +63,10 @@ pub fn router(state: ControlState) -> Router {
 }
 
 /// The file a `file://` url names, resolved (symlinks, `..`), if it lies
-/// inside one of `allow_dirs`. The refusal says nothing of the file: not
-/// whether it exists, nor its size.
+/// inside one of `allow_dirs` and is a regular file or a block device
+/// (checked without blocking: not a FIFO). The refusal of a path outside
+/// says nothing of the file: not whether it exists, nor its size. A
+/// blocking call: run it off the async workers.
 fn allowed_file(path: &str, allow_dirs: &[PathBuf]) -> ApiResult<PathBuf> {
     if allow_dirs.is_empty() {
         return Err(ApiError::BadRequest(
@@ -75,7 +77,11 @@ fn allowed_file(path: &str, allow_dirs: &[PathBuf]) -> ApiResult<PathBuf> {
     let refused = || ApiError::BadRequest("field \"url\": the path is not inside a directory allowed with --allow-dir".into());
     let path = FilePath::new(path);
     match std::fs::canonicalize(path) {
-        Ok(real) if inside(&real) => Ok(real),
+        Ok(real) if inside(&real) => match qemu::open_image_file(&real) {
+            Ok(_) => Ok(real),
+            Err(error) if error.kind() == std::io::ErrorKind::InvalidInput => Err(ApiError::BadRequest(format!("field \"url\": {error}"))),
+            Err(error) => Err(ApiError::BadRequest(format!("field \"url\": cannot open {}: {error}", real.display()))),
+        },
         Ok(_) => Err(refused()),
         Err(_) => {
             // Missing: say so only where listing the directory is allowed.
@@ -96,7 +102,11 @@ pub async fn open_ticket(spec: TicketSpec, limits: Limits, backend: BackendSetti
         return Err(ApiError::BadRequest("field \"url\" holds control characters".into()));
     }
     let source = match spec.url.strip_prefix("file://") {
-        Some(path) if path.starts_with('/') => ImageSource::File(allowed_file(path, allow_dirs)?),
+        Some(path) if path.starts_with('/') => {
+            let (path, allow_dirs) = (path.to_string(), allow_dirs.to_vec());
+            let checked = tokio::task::spawn_blocking(move || allowed_file(&path, &allow_dirs)).await;
+            ImageSource::File(checked.map_err(|error| ApiError::Internal(error.to_string()))??)
+        }
         Some(_) => return Err(ApiError::BadRequest(format!("field \"url\": {:?} must be file:///ABSOLUTE/PATH", spec.url))),
         None => ImageSource::Nbd(Address::parse(&spec.url).map_err(|error| ApiError::BadRequest(format!("field \"url\": {error}")))?),
     };

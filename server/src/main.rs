@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use blockgate_nbd::qemu;
 use blockgate_protocol::ticket::parse_ticket;
 use blockgate_server::backend::{Backend, BackendSettings};
 use blockgate_server::config::{self, Args, ImageSource, LogFormat};
@@ -199,6 +200,9 @@ async fn open_tickets(
         if let ImageSource::File(path) = &spec.source {
             if spec.create_size.is_none() && !path.exists() {
                 anyhow::bail!("image {:?}: {} does not exist (add ,size=SIZE to create it)", spec.id, path.display());
+            }
+            if path.exists() {
+                qemu::open_image_file(path).with_context(|| format!("image {:?}", spec.id))?;
             }
         }
         let backend = Backend::open(spec, backend.clone()).await.with_context(|| format!("opening image {:?}", spec.id))?;

@@ -1,7 +1,9 @@
 //! Load and abuse: 64 clients on 4 tickets doing mixed ranged GET and PUT
 //! for a bounded time with every byte verified (503 is the only refusal
-//! allowed, and is retried), and slow clients (headers trickling, a body
-//! that stalls) cut off by the timeouts while others are served.
+//! allowed, and is retried), slow clients (headers trickling, a body
+//! that stalls, a response read at 1 byte/s) cut off by the timeouts while
+//! others are served, and 512 idle HTTP/1.1 and HTTP/2 connections that
+//! never keep a working client out.
 
 use std::time::{Duration, Instant};
 

@@ -1,8 +1,10 @@
 //! What a ticket holder must never reach: host files through a forged
 //! image header (the format is never probed), `file://` urls outside the
 //! `--allow-dir` directories (refused without a word about the file), and
-//! images readable by others; and numbers in ticket JSON that no clock can
-//! hold, which are a 400 while the reaper goes on expiring tickets.
+//! images or sockets readable by others (whatever the umask); numbers in
+//! ticket JSON that no clock can hold, which are a 400 while the reaper
+//! goes on expiring tickets; and ticket ids, which never reach the log
+//! (their fingerprints do) and with control characters are a 400.
 
 use std::path::Path;
 use std::time::Duration;
