@@ -81,8 +81,9 @@ pub struct Args {
     /// are refused.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections_per_address: u32,
-    /// Seconds a connection may stay idle: to send a request head after
-    /// the handshake or after a response, or to open a stream on HTTP/2.
+    /// Seconds a connection may stay idle: to finish its TLS handshake and
+    /// send a request head, to send the next one after a response, or to
+    /// open a stream on HTTP/2.
     #[arg(long, default_value_t = 30, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub header_timeout: u64,
     /// Seconds a response may wait for the client to take more of it

@@ -1,8 +1,9 @@
 //! The open connections of a listener (or of the listeners that share one
 //! budget), and how long each may stay. A connection counts against its
 //! budget's cap and, when it has a client address, against that address's
-//! cap. It is idle while no request runs on it: before its first request
-//! head is complete, between keep-alive requests, and an HTTP/2
+//! cap. It is idle while no request runs on it: from its accept (TLS
+//! handshake included) until its first request head is complete, between
+//! keep-alive requests, and an HTTP/2
 //! connection with no open stream (PINGs do not count). An idle connection
 //! is closed once it has been idle for the idle timeout. When the budget
 //! is full, a new connection takes the place of the least recently active

@@ -76,9 +76,9 @@ pub struct Endpoint {
 /// Limits that hold on every listener.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
-    /// Time a connection may stay idle (no request running): to send its
-    /// first request head after the handshake, its next one after a
-    /// response, or to open a stream on HTTP/2. A slowloris guard that
+    /// Time a connection may stay idle (no request running): to finish
+    /// its TLS handshake and send its first request head, its next one
+    /// after a response, or to open a stream on HTTP/2. A slowloris guard that
     /// also closes idle keep-alive connections.
     pub header_timeout: Duration,
     /// Time a response may wait for the client to take more of it before

@@ -338,3 +338,33 @@ async fn readers_that_take_nothing_lose_their_slot_and_slow_but_moving_ones_keep
     assert!(said.contains(" complete HTTP/1.1 200"), "a client reading 1 MB/s is never cut: {said}");
     assert!(slowly > 5_000_000, "it read slowly for 10 s first: {said}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_response_nobody_reads_loses_its_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = [format!("disk={}/disk.raw,size=64M", dir.path().display())];
+    let server = Server::try_start(dir.path(), &images, &["--send-timeout", "2", "--max-readers", "2"]).await.unwrap();
+    // Two downloads over HTTP/2 whose bodies are never read: flow control
+    // stops them once the client's windows are full.
+    let stalled = server.client_builder().http2_prior_knowledge().build().unwrap();
+    let held = [stalled.get(server.image_url("disk")).send().await.unwrap(), stalled.get(server.image_url("disk")).send().await.unwrap()];
+    let other = server.client();
+    let third = || other.get(server.image_url("disk")).header("range", "bytes=0-4095").send();
+    assert_eq!(third().await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE, "both slots are taken");
+    let started = Instant::now();
+    while third().await.unwrap().status() != StatusCode::PARTIAL_CONTENT {
+        assert!(started.elapsed() < Duration::from_secs(6), "the unread responses still hold their slots");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for response in held {
+        let mut response = response;
+        let ended = loop {
+            match response.chunk().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => break Ok(()),
+                Err(error) => break Err(error),
+            }
+        };
+        assert!(ended.is_err(), "a cut response fails, it never ends as if complete");
+    }
+}
