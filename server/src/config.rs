@@ -77,9 +77,10 @@ pub struct Args {
     /// least recently active idle one; when none is idle it is refused.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections: u32,
-    /// Open connections on the TLS listener from one client address; more
-    /// are refused.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    /// Open connections on the TLS listener from one client address. A new
+    /// one past it closes the address's least recently active idle
+    /// connection; when none is idle it is refused.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections_per_address: u32,
     /// Seconds a connection may stay idle: to finish its TLS handshake and
     /// send a request head, to send the next one after a response, or to

@@ -3,13 +3,13 @@
 //! budget's cap and, when it has a client address, against that address's
 //! cap. It is idle while no request runs on it: from its accept (TLS
 //! handshake included) until its first request head is complete, between
-//! keep-alive requests, and an HTTP/2
-//! connection with no open stream (PINGs do not count). An idle connection
-//! is closed once it has been idle for the idle timeout. When the budget
-//! is full, a new connection takes the place of the least recently active
-//! idle one; only when every connection has a request running is the new
-//! one refused. So idle clients, however many, never keep a working
-//! client out.
+//! keep-alive requests, and an HTTP/2 connection with no open stream
+//! (PINGs do not count). An idle connection is closed once it has been
+//! idle for the idle timeout. When a cap is reached, a new connection
+//! takes the place of the least recently active idle one (of its address,
+//! for the address's cap); only when every one of them has a request
+//! running is the new one refused. So idle clients, however many, never
+//! keep a working client out.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -36,6 +36,24 @@ struct Open {
 }
 
 impl Open {
+    /// Closes the least recently active idle connection that `candidate`
+    /// accepts by its address; false if none is idle.
+    fn evict_idlest(&mut self, candidate: impl Fn(Option<IpAddr>) -> bool) -> bool {
+        let idlest = self
+            .connections
+            .iter()
+            .filter(|(_, (address, activity))| candidate(*address) && activity.is_idle())
+            .min_by_key(|(_, (_, activity))| *activity.last_active.lock())
+            .map(|(&id, _)| id);
+        match idlest.and_then(|id| self.remove(id)) {
+            Some(evicted) => {
+                evicted.evicted.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
     fn remove(&mut self, id: u64) -> Option<Arc<Activity>> {
         let (address, activity) = self.connections.remove(&id)?;
         if let Some(address) = address {
@@ -53,8 +71,9 @@ impl Open {
 /// Why a new connection was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    /// Its client address holds as many connections as it may.
-    #[error("the client address has too many connections open")]
+    /// Its client address holds as many connections as it may, and every
+    /// one has a request running.
+    #[error("every connection of the client address has a request running")]
     AddressFull,
     /// The budget is full and every connection has a request running.
     #[error("every connection has a request running")]
@@ -70,23 +89,17 @@ impl Budget {
     }
 
     /// Counts a new connection in, making room by closing the least
-    /// recently active idle connection when the budget is full.
+    /// recently active idle connection when a cap is reached.
     pub fn admit(self: &Arc<Self>, address: Option<IpAddr>) -> Result<Slot, Refusal> {
         let mut open = self.open.lock();
         if let (Some(address), Some(cap)) = (address, self.per_address) {
-            if open.per_address.get(&address).is_some_and(|&count| count >= cap) {
+            let full = open.per_address.get(&address).is_some_and(|&count| count >= cap);
+            if full && !open.evict_idlest(|other| other == Some(address)) {
                 return Err(Refusal::AddressFull);
             }
         }
-        if open.connections.len() >= self.max {
-            let idlest = open
-                .connections
-                .iter()
-                .filter(|(_, (_, activity))| activity.is_idle())
-                .min_by_key(|(_, (_, activity))| *activity.last_active.lock())
-                .map(|(&id, _)| id);
-            let evicted = idlest.and_then(|id| open.remove(id)).ok_or(Refusal::AllBusy)?;
-            evicted.evicted.cancel();
+        if open.connections.len() >= self.max && !open.evict_idlest(|_| true) {
+            return Err(Refusal::AllBusy);
         }
         let id = open.next_id;
         open.next_id += 1;
@@ -204,11 +217,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn one_address_gets_its_cap_and_no_more() {
         let budget = Budget::new(10, Some(2));
+        let other = budget.admit(address(2)).unwrap();
         let first = budget.admit(address(1)).unwrap();
-        let _second = budget.admit(address(1)).unwrap();
-        assert_eq!(budget.admit(address(1)).err(), Some(Refusal::AddressFull));
-        assert!(budget.admit(address(2)).is_ok(), "other addresses still get in");
-        drop(first);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let second = budget.admit(address(1)).unwrap();
+        let third = budget.admit(address(1)).unwrap();
+        assert!(first.activity.evicted.is_cancelled(), "the address's idlest connection makes room");
+        assert!(!other.activity.evicted.is_cancelled(), "never another address's");
+        let requests = (second.activity.begin(), third.activity.begin());
+        assert_eq!(budget.admit(address(1)).err(), Some(Refusal::AddressFull), "busy connections are never closed");
+        assert!(budget.admit(address(3)).is_ok(), "other addresses still get in");
+        drop(requests);
+        drop(second);
         assert!(budget.admit(address(1)).is_ok(), "a closed connection frees its address's place");
         let unix = Budget::new(3, Some(1));
         let _held: Vec<Slot> = (0..3).map(|_| unix.admit(None).unwrap()).collect();
