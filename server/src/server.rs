@@ -263,7 +263,7 @@ impl Outgoing {
     /// Cuts the body off once a frame has waited `timeout` for the client.
     async fn watch(state: Arc<Mutex<OutgoingState>>, timeout: Duration, done: CancellationToken, cut: Option<ConnectionCut>) {
         loop {
-            let deadline = state.lock().handed_out.map_or(Instant::now(), |at| at) + timeout;
+            let deadline = state.lock().handed_out.unwrap_or_else(Instant::now) + timeout;
             tokio::select! {
                 () = done.cancelled() => return,
                 () = tokio::time::sleep_until(deadline) => {}
