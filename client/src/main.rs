@@ -107,7 +107,7 @@ impl FormatChoice {
     /// its first bytes announce another one.
     async fn open(&self, file: &Path) -> Result<LocalImage> {
         let format = self.of(file);
-        if let Ok(Some(looks_like)) = blockgate_nbd::qemu::sniff_format(file) {
+        if let Ok(Some(looks_like)) = blockgate_nbd::qemu::sniff_format(file).await {
             if looks_like != format {
                 eprintln!(
                     "blockgate: note: {} looks like {looks_like} but is read as {format} (formats are never guessed; --format says which)",
@@ -284,6 +284,8 @@ enum CheckpointCommand {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Private by default: the local qemu-nbd's socket, and what it creates.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse();
     // Retries are always announced (a transfer that waits must say why);
     // -v adds every other warning.

@@ -42,6 +42,10 @@ fn failed(message: impl Into<String>) -> QemuError {
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long qemu-nbd may take to exit after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a qemu-img run may take before it is killed (a file that
+/// cannot be read, such as a FIFO or a hung mount, must not hang its
+/// caller).
+const QEMU_IMG_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What qemu-nbd should export and how.
 #[derive(Debug, Clone)]
@@ -75,10 +79,7 @@ impl QemuNbd {
     /// connections. It runs in a process group of its own and is killed
     /// when this process dies, even by SIGKILL.
     pub async fn start(settings: &ExportSettings<'_>) -> Result<QemuNbd> {
-        let socket_dir = tempfile::Builder::new()
-            .prefix("blockgate-nbd-")
-            .tempdir()
-            .map_err(|error| failed(format!("creating a socket directory: {error}")))?;
+        let socket_dir = private_directory("blockgate-nbd-")?;
         let socket = socket_dir.path().join("nbd.sock");
         let child = spawn(settings, &socket).await?;
         Ok(QemuNbd { child, socket, _socket_dir: socket_dir })
@@ -106,6 +107,33 @@ impl QemuNbd {
     pub async fn stop(mut self) {
         terminate(&mut self.child, "qemu-nbd").await;
     }
+}
+
+/// A new temporary directory for a child's sockets, mode 0700 whatever the
+/// umask: whoever reaches an NBD socket reads and writes the image, and
+/// whoever could write the directory could put a server of their own at
+/// the socket's path after a crash.
+fn private_directory(prefix: &str) -> Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+        .map_err(|error| failed(format!("creating a socket directory: {error}")))
+}
+
+/// Makes every socket in a child's directory mode 0600 (the child created
+/// them with its umask).
+fn private_sockets(directory: &Path) -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let entries = std::fs::read_dir(directory).map_err(|error| failed(format!("listing {}: {error}", directory.display())))?;
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|kind| kind.is_socket()) {
+            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o600))
+                .map_err(|error| failed(format!("chmod {}: {error}", entry.path().display())))?;
+        }
+    }
+    Ok(())
 }
 
 /// Starts qemu-nbd on `socket` and waits until it accepts connections.
@@ -179,7 +207,8 @@ enum Tie {
 }
 
 /// Spawns a qemu program (no shell, stderr logged and kept for the error
-/// message) and waits until every one of `sockets` accepts connections.
+/// message), waits until every one of `sockets` accepts connections, and
+/// makes the sockets of their directory mode 0600.
 async fn launch(mut command: Command, program: &'static str, sockets: &[&Path], image: &Path, tie: Tie) -> Result<Child> {
     command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
     let spawned = if tie == Tie::ToThisProcess {
@@ -224,6 +253,9 @@ async fn launch(mut command: Command, program: &'static str, sockets: &[&Path], 
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+    for directory in sockets.iter().filter_map(|socket| socket.parent()) {
+        private_sockets(directory)?;
     }
     tracing::info!(program, image = %image.display(), "started");
     Ok(child)
@@ -295,10 +327,7 @@ impl StorageDaemon {
 
     /// Starts the daemon and waits until both sockets accept connections.
     pub async fn start(settings: &DaemonSettings<'_>) -> Result<StorageDaemon> {
-        let socket_dir = tempfile::Builder::new()
-            .prefix("blockgate-qsd-")
-            .tempdir()
-            .map_err(|error| failed(format!("creating a socket directory: {error}")))?;
+        let socket_dir = private_directory("blockgate-qsd-")?;
         let nbd_socket = socket_dir.path().join("nbd.sock");
         let qmp_socket = socket_dir.path().join("qmp.sock");
         let child = spawn_daemon(settings, &nbd_socket, &qmp_socket).await?;
@@ -459,15 +488,26 @@ fn create_private(path: &Path) -> Result<()> {
 
 /// Runs qemu-img; its stdout.
 async fn qemu_img(args: &[&str]) -> Result<Vec<u8>> {
-    let output = Command::new("qemu-img")
-        .args(args)
-        .output()
+    let mut command = Command::new("qemu-img");
+    command.args(args);
+    let output = output_within(command, QEMU_IMG_TIMEOUT)
         .await
         .map_err(|error| failed(format!("running qemu-img (is qemu-utils installed?): {error}")))?;
     if !output.status.success() {
         return Err(failed(format!("qemu-img {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim())));
     }
     Ok(output.stdout)
+}
+
+/// Runs a program to its end and collects its output, unless it runs
+/// longer than `timeout`: then it is killed and this fails.
+async fn output_within(mut command: Command, timeout: Duration) -> std::io::Result<std::process::Output> {
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    let child = command.spawn()?;
+    // On a timeout the child is dropped, which kills it (tokio reaps it).
+    tokio::time::timeout(timeout, child.wait_with_output())
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("it did not finish within {timeout:?} and was killed")))?
 }
 
 /// What `qemu-img info` says of a file.
@@ -514,24 +554,79 @@ const MAGICS: &[(&[u8], &str)] =
 
 /// The format a file's first bytes announce, if any, read here without
 /// asking qemu to open it (a forged header names any host file as its
-/// backing or data file).
-pub fn sniff_format(path: &Path) -> std::io::Result<Option<&'static str>> {
-    use std::io::Read;
-    let mut head = [0u8; 8];
-    let mut file = std::fs::File::open(path)?;
-    let mut filled = 0;
-    while filled < head.len() {
-        match file.read(&mut head[filled..])? {
-            0 => break,
-            read => filled += read,
-        }
+/// backing or data file). Read off the async workers; anything but a
+/// regular file or a block device is an error ([`open_image_file`]).
+pub async fn sniff_format(path: &Path) -> std::io::Result<Option<&'static str>> {
+    let path = path.to_path_buf();
+    let head = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut head = Vec::with_capacity(8);
+        open_image_file(&path)?.take(8).read_to_end(&mut head)?;
+        Ok::<_, std::io::Error>(head)
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    Ok(MAGICS.iter().find(|(magic, _)| head.starts_with(magic)).map(|(_, name)| *name))
+}
+
+/// Opens an image for reading, only if it is a regular file or a block
+/// device, and without blocking: a FIFO would block its opener (and then
+/// qemu) until someone writes into it, and opening a character device can
+/// do anything. The type is checked before the open (stat) and on what was
+/// opened (fstat). A blocking call: use it off the async workers.
+pub fn open_image_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let is_image = |kind: std::fs::FileType| kind.is_file() || kind.is_block_device();
+    let refused =
+        || std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{} is not a regular file or a block device", path.display()));
+    if !is_image(std::fs::metadata(path)?.file_type()) {
+        return Err(refused());
     }
-    Ok(MAGICS.iter().find(|(magic, _)| head[..filled].starts_with(magic)).map(|(_, name)| *name))
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits()).open(path)?;
+    if !is_image(file.metadata()?.file_type()) {
+        return Err(refused());
+    }
+    Ok(file)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_program_that_runs_too_long_is_killed() {
+        let mut command = Command::new("sleep");
+        command.arg("31.4159");
+        let error = output_within(command, Duration::from_millis(300)).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+        let running = || {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .any(|entry| std::fs::read(entry.path().join("cmdline")).is_ok_and(|cmdline| cmdline == b"sleep\x0031.4159\x00"))
+        };
+        for _ in 0..50 {
+            if !running() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the program still runs");
+    }
+
+    #[tokio::test]
+    async fn only_regular_files_and_block_devices_are_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let image = dir.path().join("disk.qcow2");
+        std::fs::write(&image, b"QFI\xfb and the rest").unwrap();
+        for refused in [fifo.as_path(), dir.path(), Path::new("/dev/null")] {
+            let error = sniff_format(refused).await.unwrap_err();
+            assert!(error.to_string().contains("not a regular file or a block device"), "{}: {error}", refused.display());
+        }
+        assert_eq!(sniff_format(&image).await.unwrap(), Some("qcow2"));
+    }
 
     #[test]
     fn relative_paths_walk_up_then_down() {

@@ -154,8 +154,8 @@ fn file_format(spec: &ImageSpec, path: &std::path::Path) -> ImageFormat {
 
 /// Logs when a file's content announces another format than the one it is
 /// opened with: a raw image a client filled with a qcow2 header, say.
-fn warn_if_content_differs(path: &std::path::Path, format: ImageFormat) {
-    match qemu::sniff_format(path) {
+async fn warn_if_content_differs(path: &std::path::Path, format: ImageFormat) {
+    match qemu::sniff_format(path).await {
         Ok(Some(looks_like)) if looks_like != format.as_str() => tracing::warn!(
             image = %path.display(),
             format = format.as_str(),
@@ -203,15 +203,11 @@ impl Backend {
         // else reads it.
         let (layer, pins) = {
             let (path, allowed) = (path.clone(), settings.allowed_links.clone());
-            tokio::task::spawn_blocking(move || {
-                let resolved = image_files::resolve(&path, format.as_str(), &allowed)?;
-                if exists {
-                    warn_if_content_differs(&path, format);
-                }
-                anyhow::Ok(resolved)
-            })
-            .await??
+            tokio::task::spawn_blocking(move || image_files::resolve(&path, format.as_str(), &allowed)).await??
         };
+        if exists {
+            warn_if_content_differs(&path, format).await;
+        }
         let info = qemu::image_info(&path, Some(format.as_str())).await?;
         let image = path.display().to_string();
         let bitmap = match (&spec.bitmap, spec.dirty) {

@@ -73,12 +73,24 @@ pub struct Args {
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_writers: u32,
     /// Open connections on the TLS listener (the local socket has a budget
-    /// of the same size of its own); more wait to be accepted.
+    /// of the same size of its own). A new connection past it closes the
+    /// least recently active idle one; when none is idle it is refused.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections: u32,
-    /// Seconds a client has to send a request head.
+    /// Open connections on the TLS listener from one client address. A new
+    /// one past it closes the address's least recently active idle
+    /// connection; when none is idle it is refused.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections_per_address: u32,
+    /// Seconds a connection may stay idle: to finish its TLS handshake and
+    /// send a request head, to send the next one after a response, or to
+    /// open a stream on HTTP/2.
     #[arg(long, default_value_t = 30, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub header_timeout: u64,
+    /// Seconds a response may wait for the client to take more of it
+    /// before it is cut off (and its reader slot freed).
+    #[arg(long, default_value_t = 60, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub send_timeout: u64,
     /// Seconds a request body may stall before the request fails.
     #[arg(long, default_value_t = 60, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub body_timeout: u64,
@@ -344,12 +356,13 @@ mod tests {
 
     #[test]
     fn durations_a_clock_cannot_hold_are_refused() {
-        for flag in ["--header-timeout", "--body-timeout", "--cancel-timeout", "--nbd-timeout"] {
+        for flag in ["--header-timeout", "--send-timeout", "--body-timeout", "--cancel-timeout", "--nbd-timeout"] {
             for value in ["18446744073709551615", "-1", "86401"] {
                 assert!(Args::try_parse_from(["blockgate-server", flag, value]).is_err(), "{flag} {value}");
             }
         }
         assert!(Args::try_parse_from(["blockgate-server", "--max-connections", "0"]).is_err());
+        assert!(Args::try_parse_from(["blockgate-server", "--max-connections-per-address", "0"]).is_err());
     }
 
     #[test]

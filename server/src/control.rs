@@ -17,14 +17,14 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, put};
 use axum::{Json, Router};
-use blockgate_nbd::Address;
+use blockgate_nbd::{Address, qemu};
 use blockgate_protocol::ticket::{MAX_TICKET_BODY, TicketSpec, parse_ticket, parse_timeout};
 
 use crate::access_log;
 use crate::backend::{Backend, BackendSettings};
 use crate::config::{ImageSource, ImageSpec};
 use crate::error::{ApiError, ApiResult};
-use crate::routes::{not_found, refuse_method};
+use crate::routes::{not_found, refuse_control_characters, refuse_method};
 use crate::tickets::{Limits, Ticket, Tickets};
 
 /// What the control routes need.
@@ -57,13 +57,16 @@ pub fn router(state: ControlState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(|method: Method, uri: Uri| async move { refuse_method(ROUTES, &method, uri.path()) })
+        .layer(axum::middleware::from_fn(refuse_control_characters))
         .layer(axum::middleware::from_fn(|request, next| access_log::log_requests(ROUTES, request, next)))
         .with_state(state)
 }
 
 /// The file a `file://` url names, resolved (symlinks, `..`), if it lies
-/// inside one of `allow_dirs`. The refusal says nothing of the file: not
-/// whether it exists, nor its size.
+/// inside one of `allow_dirs` and is a regular file or a block device
+/// (checked without blocking: not a FIFO). The refusal of a path outside
+/// says nothing of the file: not whether it exists, nor its size. A
+/// blocking call: run it off the async workers.
 fn allowed_file(path: &str, allow_dirs: &[PathBuf]) -> ApiResult<PathBuf> {
     if allow_dirs.is_empty() {
         return Err(ApiError::BadRequest(
@@ -74,7 +77,11 @@ fn allowed_file(path: &str, allow_dirs: &[PathBuf]) -> ApiResult<PathBuf> {
     let refused = || ApiError::BadRequest("field \"url\": the path is not inside a directory allowed with --allow-dir".into());
     let path = FilePath::new(path);
     match std::fs::canonicalize(path) {
-        Ok(real) if inside(&real) => Ok(real),
+        Ok(real) if inside(&real) => match qemu::open_image_file(&real) {
+            Ok(_) => Ok(real),
+            Err(error) if error.kind() == std::io::ErrorKind::InvalidInput => Err(ApiError::BadRequest(format!("field \"url\": {error}"))),
+            Err(error) => Err(ApiError::BadRequest(format!("field \"url\": cannot open {}: {error}", real.display()))),
+        },
         Ok(_) => Err(refused()),
         Err(_) => {
             // Missing: say so only where listing the directory is allowed.
@@ -91,8 +98,15 @@ fn allowed_file(path: &str, allow_dirs: &[PathBuf]) -> ApiResult<PathBuf> {
 
 /// Opens the image a ticket names and makes the ticket.
 pub async fn open_ticket(spec: TicketSpec, limits: Limits, backend: BackendSettings, allow_dirs: &[PathBuf]) -> ApiResult<Ticket> {
+    if spec.url.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest("field \"url\" holds control characters".into()));
+    }
     let source = match spec.url.strip_prefix("file://") {
-        Some(path) if path.starts_with('/') => ImageSource::File(allowed_file(path, allow_dirs)?),
+        Some(path) if path.starts_with('/') => {
+            let (path, allow_dirs) = (path.to_string(), allow_dirs.to_vec());
+            let checked = tokio::task::spawn_blocking(move || allowed_file(&path, &allow_dirs)).await;
+            ImageSource::File(checked.map_err(|error| ApiError::Internal(error.to_string()))??)
+        }
         Some(_) => return Err(ApiError::BadRequest(format!("field \"url\": {:?} must be file:///ABSOLUTE/PATH", spec.url))),
         None => ImageSource::Nbd(Address::parse(&spec.url).map_err(|error| ApiError::BadRequest(format!("field \"url\": {error}")))?),
     };
@@ -133,7 +147,7 @@ async fn add(State(state): State<ControlState>, Path(id): Path<String>, body: Bo
     // qemu-nbd must release the image before a new one can lock it.
     state.tickets.remove(&id).await?;
     let ticket = open_ticket(spec, state.limits, state.backend.clone(), &state.allow_dirs).await?;
-    tracing::info!(ticket = %id, size = ticket.backend.size(), "ticket added");
+    tracing::info!(ticket = %ticket.fingerprint, size = ticket.backend.size(), "ticket added");
     if let Some(raced) = state.tickets.insert(ticket) {
         // Another PUT of this id won the race; retire its ticket.
         raced.cancellation().cancel();

@@ -5,8 +5,8 @@
 //! (`--allow-dir`, and the directories of `--image` files); a `json:` name
 //! never is. Anything else refuses the image, naming the file. The
 //! header is read here (qemu would open what it names), from a file
-//! opened without following symlinks and without blocking, so a FIFO or
-//! a symlink swapped in costs a refusal, never a hang.
+//! opened without blocking, so a FIFO swapped in costs a refusal, never a
+//! hang.
 //!
 //! Every file is then *pinned* by device and inode: before each start of
 //! the daemon the paths must still be those files (no symlink, no other
@@ -15,12 +15,12 @@
 //! caught too.
 
 use std::fs::{File, Metadata};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use blockgate_nbd::qcow2;
-use blockgate_nbd::qemu::ImageLayer;
+use blockgate_nbd::qemu::{self, ImageLayer};
 
 /// Deepest backing chain followed.
 const MAX_CHAIN: usize = 16;
@@ -80,20 +80,11 @@ impl Pins {
     }
 }
 
-/// Opens a file for reading without following a symlink and without
-/// blocking (a FIFO would), and checks it is a regular file or a block
-/// device.
+/// Opens a file for reading without blocking (a FIFO would), and checks
+/// it is a regular file or a block device; the file and what it is.
 fn open_checked(path: &Path) -> Result<(File, Metadata)> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
+    let file = qemu::open_image_file(path).with_context(|| format!("opening {}", path.display()))?;
     let metadata = file.metadata().with_context(|| format!("{}", path.display()))?;
-    let kind = metadata.file_type();
-    if !(kind.is_file() || kind.is_block_device()) {
-        bail!("{} is not a regular file or a block device", path.display());
-    }
     Ok((file, metadata))
 }
 

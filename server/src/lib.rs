@@ -10,6 +10,7 @@ pub mod backend;
 pub mod backup;
 pub mod checkpoints;
 pub mod config;
+pub mod connections;
 pub mod control;
 pub mod durability;
 pub mod error;

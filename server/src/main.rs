@@ -11,9 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use blockgate_nbd::qemu;
 use blockgate_protocol::ticket::parse_ticket;
 use blockgate_server::backend::{Backend, BackendSettings};
 use blockgate_server::config::{self, Args, ImageSource, ImageSpec, LogFormat};
+use blockgate_server::connections::Budget;
 use blockgate_server::control::{self, ControlState};
 use blockgate_server::routes::{self, AppState};
 use blockgate_server::server::{self, ConnectionLimits, Endpoint, Listener};
@@ -22,10 +24,12 @@ use blockgate_server::tls;
 use clap::Parser;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::Semaphore;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Whatever this process and its qemu children create is private unless
+    // made otherwise (the control and local sockets are 0660 by chmod).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let arguments = match config::with_config_file(std::env::args_os().collect()) {
         Ok(arguments) => arguments,
         Err(message) => {
@@ -107,7 +111,7 @@ async fn run(args: Args) -> Result<()> {
     // Each listener has its own connection budget (the TCP addresses of
     // --listen share one): a flood of remote clients never delays the
     // orchestrator on the control socket, nor local software.
-    let remote_budget = Arc::new(Semaphore::new(args.max_connections as usize));
+    let remote_budget = Budget::new(args.max_connections as usize, Some(args.max_connections_per_address as usize));
     let mut endpoints = Vec::new();
     for (listener, address) in tcp_listeners.into_iter().zip(&addresses) {
         endpoints.push(Endpoint {
@@ -118,23 +122,24 @@ async fn run(args: Args) -> Result<()> {
         tracing::info!(address = %format!("https://{address}"), "data API listening (TLS)");
     }
     if let Some(path) = &args.local_socket {
-        let budget = Arc::new(Semaphore::new(args.max_connections as usize));
+        let budget = Budget::new(args.max_connections as usize, None);
         endpoints.push(Endpoint { listener: Listener::Unix(bind_unix(path)?), router: routes::router(state.clone()), budget });
         tracing::info!(socket = %path.display(), "data API listening (local, no TLS)");
     }
     if let Some(path) = &args.control_socket {
         let control = ControlState { tickets: tickets.clone(), limits, backend, allow_dirs: allow_dirs.clone() };
-        let budget = Arc::new(Semaphore::new(CONTROL_CONNECTIONS));
+        let budget = Budget::new(CONTROL_CONNECTIONS, None);
         endpoints.push(Endpoint { listener: Listener::Unix(bind_unix(path)?), router: control::router(control), budget });
         tracing::info!(socket = %path.display(), "control API listening");
     }
     for (listener, address) in metrics_listeners {
-        let budget = Arc::new(Semaphore::new(CONTROL_CONNECTIONS));
+        let budget = Budget::new(CONTROL_CONNECTIONS, None);
         endpoints.push(Endpoint { listener: Listener::PlainTcp(listener), router: control::metrics_router(tickets.clone()), budget });
         tracing::info!(address = %format!("http://{address}/metrics"), "metrics listening");
     }
     let reaper = tokio::spawn(reap_expired(tickets.clone()));
-    let connection_limits = ConnectionLimits { header_timeout: Duration::from_secs(args.header_timeout) };
+    let connection_limits =
+        ConnectionLimits { header_timeout: Duration::from_secs(args.header_timeout), send_timeout: Duration::from_secs(args.send_timeout) };
     server::serve(endpoints, connection_limits, shutdown_signal()).await;
     reaper.abort();
     stop_all(&tickets).await;
@@ -207,6 +212,9 @@ async fn open_tickets(
             if spec.create_size.is_none() && !path.exists() {
                 anyhow::bail!("image {:?}: {} does not exist (add ,size=SIZE to create it)", spec.id, path.display());
             }
+            if path.exists() {
+                qemu::open_image_file(path).with_context(|| format!("image {:?}", spec.id))?;
+            }
         }
         let backend = Backend::open(spec, backend.clone()).await.with_context(|| format!("opening image {:?}", spec.id))?;
         tracing::info!(id = %spec.id, size = backend.size(), url = %format!("https://localhost:{port}/images/{}", spec.id), "serving image");
@@ -215,10 +223,9 @@ async fn open_tickets(
     for file in &args.tickets {
         let body = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
         let spec = parse_ticket(&body).with_context(|| format!("ticket {}", file.display()))?;
-        let id = spec.uuid.clone();
         let ticket =
             control::open_ticket(spec, limits, backend.clone(), allow_dirs).await.with_context(|| format!("ticket {}", file.display()))?;
-        tracing::info!(id = %id, url = %format!("https://localhost:{port}/images/{id}"), "serving ticket");
+        tracing::info!(ticket = %ticket.fingerprint, file = %file.display(), "serving ticket");
         tickets.insert(ticket);
     }
     Ok(())

@@ -1,13 +1,17 @@
 //! The listeners and their connections: the TLS listener (HTTP/1.1 or
 //! HTTP/2 by ALPN) and the plain unix sockets (local data listener, control
-//! API), each with its router and its own connection budget, so a flood on
-//! one never starves another. Headers must arrive within a timeout and
-//! within a size limit, so slow or greedy clients cannot pin connections
-//! or memory. A connection can be cut off ([`ConnectionCut`]): its socket
-//! is reset without a TLS close_notify, so no reader can take a body cut
-//! short for a complete one; an HTTP/1 response body that fails is cut off
-//! this way. Shutdown stops accepting, lets running requests finish for a
-//! grace period, then drops what is left.
+//! API), each with its router and its own connection budget
+//! ([`crate::connections`]), so a flood on one never starves another.
+//! Connections idle for the header timeout are closed, and a full budget
+//! makes room by closing its idlest connection, so slow or idle clients
+//! cannot pin connections; request heads must fit a size limit, so greedy
+//! ones cannot pin memory. A response the client takes nothing of for the
+//! send timeout is cut off and its ticket slot freed. A connection can be
+//! cut off ([`ConnectionCut`]): its socket is reset without a TLS
+//! close_notify, so no reader can take a body cut short for a complete
+//! one; an HTTP/1 response body that fails is cut off this way. Shutdown
+//! stops accepting, lets running requests finish for a grace period, then
+//! drops what is left.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,6 +21,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, Version};
@@ -24,12 +30,15 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
+
+use crate::connections::{Budget, Busy, Closing, Slot};
 
 /// Time a client has to finish its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -61,15 +70,20 @@ pub struct Endpoint {
     pub router: Router,
     /// Open connections allowed; listeners may share one budget (all the
     /// TCP addresses of `--listen`) or have their own (each unix socket).
-    pub budget: Arc<Semaphore>,
+    pub budget: Arc<Budget>,
 }
 
 /// Limits that hold on every listener.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
-    /// Time a client has to send a request head (slowloris guard; also
-    /// closes idle keep-alive connections).
+    /// Time a connection may stay idle (no request running): to finish
+    /// its TLS handshake and send its first request head, its next one
+    /// after a response, or to open a stream on HTTP/2. A slowloris guard that
+    /// also closes idle keep-alive connections.
     pub header_timeout: Duration,
+    /// Time a response may wait for the client to take more of it before
+    /// it is cut off.
+    pub send_timeout: Duration,
 }
 
 /// Cuts off the connection a request came on: put in every request's
@@ -100,60 +114,50 @@ enum Accepted {
     Unix(UnixStream),
 }
 
+/// What every connection task needs, whatever its listener.
+#[derive(Clone)]
+struct Serving {
+    acceptor: Option<TlsAcceptor>,
+    router: Router,
+    builder: auto::Builder<TokioExecutor>,
+    limits: ConnectionLimits,
+}
+
 /// Serves every endpoint until `shutdown` completes.
 pub async fn serve(endpoints: Vec<Endpoint>, limits: ConnectionLimits, shutdown: impl Future<Output = ()>) {
-    let (accepted_tx, mut accepted) = mpsc::channel::<(Accepted, usize, OwnedSemaphorePermit)>(64);
+    let (accepted_tx, mut accepted) = mpsc::channel::<(Accepted, usize, Slot)>(64);
     let stop = CancellationToken::new();
+    let builder = http_builder(limits);
     let mut services = Vec::new();
     for (index, endpoint) in endpoints.into_iter().enumerate() {
         let (listener, acceptor) = match endpoint.listener {
             Listener::Tls(tcp, tls) => (Listener::Tls(tcp, tls.clone()), Some(TlsAcceptor::from(tls))),
             plain => (plain, None),
         };
-        services.push((acceptor, endpoint.router));
+        services.push(Serving { acceptor, router: endpoint.router, builder: builder.clone(), limits });
         tokio::spawn(accept_loop(listener, index, accepted_tx.clone(), endpoint.budget, stop.clone()));
     }
     drop(accepted_tx);
-    let builder = http_builder(limits);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
-        let (connection, index, permit) = tokio::select! {
+        let (connection, index, slot) = tokio::select! {
             next = accepted.recv() => match next {
                 Some(next) => next,
                 None => break,
             },
             () = &mut shutdown => break,
         };
-        let (acceptor, router) = services[index].clone();
-        let builder = builder.clone();
+        let serving = services[index].clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let _permit = permit;
-            let cut = ConnectionCut::default();
-            let service = hyper::service::service_fn({
-                let cut = cut.clone();
-                move |request| respond(router.clone(), cut.clone(), request)
-            });
-            let serving: Pin<Box<dyn Future<Output = _> + Send>> = match (connection, acceptor) {
-                (Accepted::Tcp(tcp, peer), Some(acceptor)) => {
-                    let tcp = CuttableTcp { inner: tcp, cut: cut.clone() };
-                    let mut tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(error)) => return tracing::debug!(%peer, %error, "TLS handshake failed"),
-                        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
-                    };
-                    tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
-                    Box::pin(watcher.watch(builder.serve_connection(TokioIo::new(tls), service).into_owned()))
-                }
-                (Accepted::Unix(unix), _) => Box::pin(watcher.watch(builder.serve_connection(TokioIo::new(unix), service).into_owned())),
-                (Accepted::Tcp(tcp, _), None) => Box::pin(watcher.watch(builder.serve_connection(TokioIo::new(tcp), service).into_owned())),
-            };
+            let activity = slot.activity.clone();
             tokio::select! {
-                result = serving => if let Err(error) = result {
-                    tracing::debug!(%error, "connection ended with an error");
+                () = serving.connection(connection, watcher, slot) => {}
+                closing = activity.closing(limits.header_timeout) => match closing {
+                    Closing::Idle => tracing::debug!("idle connection closed after the header timeout"),
+                    Closing::Evicted => tracing::debug!("idle connection closed to make room for a new one"),
                 },
-                () = cut.cut_off() => tracing::info!("connection cut off"),
             }
         });
     }
@@ -164,40 +168,162 @@ pub async fn serve(endpoints: Vec<Endpoint>, limits: ConnectionLimits, shutdown:
     }
 }
 
-/// Routes one request, with its connection's [`ConnectionCut`] at hand;
-/// an HTTP/1 response body that fails cuts the connection off (HTTP/2
-/// resets just the stream, which is explicit already).
-async fn respond(router: Router, cut: ConnectionCut, mut request: Request<Incoming>) -> Result<axum::response::Response, Infallible> {
-    request.extensions_mut().insert(cut.clone());
+impl Serving {
+    /// Serves one connection (after its TLS handshake) until it ends or
+    /// is cut off.
+    async fn connection(self, connection: Accepted, watcher: hyper_util::server::graceful::Watcher, slot: Slot) {
+        let cut = ConnectionCut::default();
+        let service = hyper::service::service_fn({
+            let (cut, router, slot) = (cut.clone(), self.router, Arc::new(slot));
+            let send_timeout = self.limits.send_timeout;
+            move |request| {
+                let sending = Sending { busy: slot.activity.begin(), cut: cut.clone(), timeout: send_timeout };
+                respond(router.clone(), sending, request)
+            }
+        });
+        let builder = self.builder;
+        let serving: Pin<Box<dyn Future<Output = _> + Send>> = match (connection, self.acceptor) {
+            (Accepted::Tcp(tcp, peer), Some(acceptor)) => {
+                let tcp = CuttableTcp { inner: tcp, cut: cut.clone() };
+                let mut tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(error)) => return tracing::debug!(%peer, %error, "TLS handshake failed"),
+                    Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                };
+                tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
+                Box::pin(watcher.watch(builder.serve_connection(TokioIo::new(tls), service).into_owned()))
+            }
+            (Accepted::Unix(unix), _) => Box::pin(watcher.watch(builder.serve_connection(TokioIo::new(unix), service).into_owned())),
+            (Accepted::Tcp(tcp, _), None) => Box::pin(watcher.watch(builder.serve_connection(TokioIo::new(tcp), service).into_owned())),
+        };
+        tokio::select! {
+            result = serving => if let Err(error) = result {
+                tracing::debug!(%error, "connection ended with an error");
+            },
+            () = cut.cut_off() => tracing::info!("connection cut off"),
+        }
+    }
+}
+
+/// What a response needs on its way out: its connection kept busy, the
+/// connection's [`ConnectionCut`], and the send timeout.
+struct Sending {
+    busy: Busy,
+    cut: ConnectionCut,
+    timeout: Duration,
+}
+
+/// Routes one request, with its connection's [`ConnectionCut`] at hand,
+/// and sends the response as an [`Outgoing`] body.
+async fn respond(router: Router, sending: Sending, mut request: Request<Incoming>) -> Result<axum::response::Response, Infallible> {
+    request.extensions_mut().insert(sending.cut.clone());
     let http1 = request.version() < Version::HTTP_2;
     let response = router.oneshot(request).await?;
-    Ok(if http1 { response.map(|body| Body::new(CutOnError { body, cut })) } else { response })
+    Ok(response.map(|body| Body::new(Outgoing::new(body, sending, http1))))
 }
 
-/// A response body that cuts its connection off if it fails.
-struct CutOnError {
-    body: Body,
-    cut: ConnectionCut,
+/// A response body on its way to the client. It keeps its connection busy
+/// until it is done. It is cut off when the client takes nothing of it
+/// for the send timeout (hyper asks for no next frame): the body is
+/// dropped, which frees its ticket slot, and so is its hold on the
+/// connection; an HTTP/1 connection is cut off (HTTP/2 resets the stream
+/// when it next moves, or the idle connection goes). An HTTP/1 body that
+/// fails cuts its connection off too (HTTP/2 resets just the stream,
+/// which is explicit already).
+struct Outgoing {
+    state: Arc<Mutex<OutgoingState>>,
+    /// Set for HTTP/1, whose connection goes with a failed or stalled body.
+    cut: Option<ConnectionCut>,
+    /// Cancelled when the body is dropped, which ends its watchdog.
+    done: CancellationToken,
+    timeout: Duration,
+    watched: bool,
 }
 
-impl http_body::Body for CutOnError {
+struct OutgoingState {
+    /// The body and its hold on the connection; gone once cut off.
+    body: Option<(Body, Busy)>,
+    /// When the last frame went to hyper, while it has not asked for the
+    /// next one.
+    handed_out: Option<Instant>,
+}
+
+impl Outgoing {
+    fn new(body: Body, sending: Sending, http1: bool) -> Outgoing {
+        let state = OutgoingState { body: Some((body, sending.busy)), handed_out: None };
+        Outgoing {
+            state: Arc::new(Mutex::new(state)),
+            cut: http1.then_some(sending.cut),
+            done: CancellationToken::new(),
+            timeout: sending.timeout,
+            watched: false,
+        }
+    }
+
+    /// Cuts the body off once a frame has waited `timeout` for the client.
+    async fn watch(state: Arc<Mutex<OutgoingState>>, timeout: Duration, done: CancellationToken, cut: Option<ConnectionCut>) {
+        loop {
+            let deadline = state.lock().handed_out.unwrap_or_else(Instant::now) + timeout;
+            tokio::select! {
+                () = done.cancelled() => return,
+                () = tokio::time::sleep_until(deadline) => {}
+            }
+            let mut locked = state.lock();
+            if locked.handed_out.is_some_and(|at| at.elapsed() >= timeout) {
+                let stalled = locked.body.take();
+                drop(locked);
+                drop(stalled);
+                tracing::info!("the client took nothing of a response for {timeout:?}; cut off");
+                if let Some(cut) = cut {
+                    cut.cut();
+                }
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Outgoing {
+    fn drop(&mut self) {
+        self.done.cancel();
+    }
+}
+
+impl http_body::Body for Outgoing {
     type Data = bytes::Bytes;
     type Error = axum::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(Some(Err(_))) = &polled {
-            self.cut.cut();
+        let mut state = self.state.lock();
+        state.handed_out = None;
+        let Some((body, _)) = &mut state.body else {
+            return Poll::Ready(Some(Err(axum::Error::new(io::Error::new(io::ErrorKind::TimedOut, "send timeout")))));
+        };
+        let polled = Pin::new(&mut *body).poll_frame(cx);
+        let more = !body.is_end_stream();
+        match &polled {
+            Poll::Ready(Some(Ok(_))) if more => state.handed_out = Some(Instant::now()),
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(cut) = &self.cut {
+                    cut.cut();
+                }
+            }
+            _ => {}
+        }
+        drop(state);
+        if matches!(polled, Poll::Ready(Some(Ok(_)))) && more && !self.watched {
+            self.watched = true;
+            tokio::spawn(Outgoing::watch(self.state.clone(), self.timeout, self.done.clone(), self.cut.clone()));
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.state.lock().body.as_ref().is_some_and(|(body, _)| body.is_end_stream())
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
+        self.state.lock().body.as_ref().map_or_else(http_body::SizeHint::default, |(body, _)| body.size_hint())
     }
 }
 
@@ -286,46 +412,51 @@ fn http_builder(limits: ConnectionLimits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Accepts connections while the endpoint's budget has a free slot.
+/// Accepts connections and counts them into the endpoint's budget
+/// (closing at once those it refuses).
 async fn accept_loop(
     listener: Listener,
     index: usize,
-    accepted: mpsc::Sender<(Accepted, usize, OwnedSemaphorePermit)>,
-    slots: Arc<Semaphore>,
+    accepted: mpsc::Sender<(Accepted, usize, Slot)>,
+    budget: Arc<Budget>,
     stop: CancellationToken,
 ) {
     loop {
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            () = stop.cancelled() => return,
-        };
         let connection = tokio::select! {
             connection = accept(&listener) => connection,
             () = stop.cancelled() => return,
         };
-        match connection {
-            Ok(connection) => {
-                if accepted.send((connection, index, permit)).await.is_err() {
-                    return;
-                }
-            }
+        let connection = match connection {
+            Ok(connection) => connection,
             Err(error) => {
                 // Out of file descriptors and the like: back off, keep serving.
                 tracing::warn!(%error, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
             }
+        };
+        let address = match &connection {
+            Accepted::Tcp(_, peer) => Some(peer.ip()),
+            Accepted::Unix(_) => None,
+        };
+        match budget.admit(address) {
+            Ok(slot) => {
+                if accepted.send((connection, index, slot)).await.is_err() {
+                    return;
+                }
+            }
+            Err(refusal) => tracing::debug!(?address, %refusal, "connection refused"),
         }
     }
 }
 
 async fn accept(listener: &Listener) -> std::io::Result<Accepted> {
     match listener {
-        Listener::Tls(tcp, _) => {
+        Listener::Tls(tcp, _) | Listener::PlainTcp(tcp) => {
             let (stream, peer) = tcp.accept().await?;
             let _ = stream.set_nodelay(true);
             Ok(Accepted::Tcp(stream, peer))
         }
         Listener::Unix(unix) => Ok(Accepted::Unix(unix.accept().await?.0)),
-        Listener::PlainTcp(tcp) => Ok(Accepted::Tcp(tcp.accept().await?.0, tcp.local_addr()?)),
     }
 }

@@ -75,10 +75,21 @@ struct State {
     canceled: bool,
 }
 
+/// What logs and messages call a ticket: the first 8 hex digits of a
+/// BLAKE2s-256 hash of its id, the same in every line, so that an operator
+/// can follow a ticket through the log without the log holding the
+/// credential (`python3 -c 'import hashlib; print(hashlib.blake2s(b"ID").hexdigest()[:8])'`).
+pub fn fingerprint(id: &str) -> String {
+    use blake2::Digest;
+    hex::encode(&blake2::Blake2s256::digest(id.as_bytes())[..4])
+}
+
 /// Access to one image.
 pub struct Ticket {
-    /// The id in URLs.
+    /// The id in URLs: a credential, never logged.
     pub id: String,
+    /// What logs and messages call it ([`fingerprint`]).
+    pub fingerprint: String,
     /// Where the image lives.
     pub backend: Arc<Backend>,
     /// PUT and PATCH allowed.
@@ -112,6 +123,7 @@ impl Ticket {
         let now = Instant::now();
         let expires = now + lifetime.map_or(Duration::ZERO, |lifetime| lifetime.timeout);
         Ticket {
+            fingerprint: fingerprint(&id),
             id,
             backend,
             writable,
@@ -166,24 +178,24 @@ impl Ticket {
     /// ticket's limit (503).
     pub fn begin(self: &Arc<Self>, access: Access) -> Result<Operation, ApiError> {
         if let Some(why) = self.unusable(Instant::now()) {
-            return Err(ApiError::Forbidden(format!("ticket {:?} {why}", self.id)));
+            return Err(ApiError::Forbidden(format!("ticket {} {why}", self.fingerprint)));
         }
         let (slots, limit, what) = match access {
             Access::Read => (&self.readers, self.limits.max_readers, "readers"),
             Access::Checkpoint if !self.may_checkpoint => {
                 return Err(ApiError::Forbidden(format!(
-                    "ticket {:?} may not change checkpoints: that needs the \"write\" or \"checkpoint\" op",
-                    self.id
+                    "ticket {} may not change checkpoints: that needs the \"write\" or \"checkpoint\" op",
+                    self.fingerprint
                 )));
             }
             Access::Checkpoint => (&self.readers, self.limits.max_readers, "readers"),
             Access::Write if !self.writable => {
-                return Err(ApiError::Forbidden(format!("ticket {:?} is read-only: writing needs the \"write\" op", self.id)));
+                return Err(ApiError::Forbidden(format!("ticket {} is read-only: writing needs the \"write\" op", self.fingerprint)));
             }
             Access::Write => (&self.writers, self.limits.max_writers, "writers"),
         };
         let permit = slots.clone().try_acquire_owned().map_err(|_| {
-            ApiError::Unavailable(format!("ticket {:?} already has {limit} {what} (max_{what}); retry when one finishes", self.id))
+            ApiError::Unavailable(format!("ticket {} already has {limit} {what} (max_{what}); retry when one finishes", self.fingerprint))
         })?;
         self.active.fetch_add(1, Ordering::SeqCst);
         metrics().transfers.inc();
@@ -194,7 +206,7 @@ impl Ticket {
     /// that take no slot, such as OPTIONS).
     pub fn check(&self) -> Result<(), ApiError> {
         match self.unusable(Instant::now()) {
-            Some(why) => Err(ApiError::Forbidden(format!("ticket {:?} {why}", self.id))),
+            Some(why) => Err(ApiError::Forbidden(format!("ticket {} {why}", self.fingerprint))),
             None => Ok(()),
         }
     }
@@ -359,7 +371,7 @@ impl Tickets {
             .map(|(id, ticket)| (id.clone(), ticket.clone()))
             .collect();
         for (id, ticket) in expired {
-            tracing::info!(ticket = %id, "ticket expired");
+            tracing::info!(ticket = %ticket.fingerprint, "ticket expired");
             ticket.cancel.cancel();
             self.retire(&id, &ticket).await;
         }

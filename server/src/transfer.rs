@@ -142,7 +142,7 @@ pub async fn cancelable<T>(work: impl Future<Output = Result<T, ApiError>>, tick
     let token = ticket.cancellation();
     tokio::select! {
         biased;
-        () = token.cancelled() => Err(ApiError::Forbidden(format!("ticket {:?} was canceled", ticket.id))),
+        () = token.cancelled() => Err(ApiError::Forbidden(format!("ticket {} was canceled", ticket.fingerprint))),
         result = work => result,
     }
 }
@@ -174,7 +174,7 @@ pub fn guard_body(body: Body, operation: Operation, start: Option<u64>, connecti
             }
             let next = tokio::select! {
                 biased;
-                () = token.cancelled() => Err(abort_body(ApiError::Forbidden(format!("ticket {:?} was canceled", operation.ticket().id)))),
+                () = token.cancelled() => Err(abort_body(ApiError::Forbidden(format!("ticket {} was canceled", operation.ticket().fingerprint)))),
                 next = frames.next() => match next {
                     None => return None,
                     Some(Ok(bytes)) => Ok(bytes),

@@ -60,8 +60,8 @@ pub async fn open(ticket: &Ticket, request: &MapRequest) -> ApiResult<Arc<Backen
         let (checkpoints, _) = backend.checkpoints()?;
         if !ticket.may_checkpoint && !checkpoints.contains(checkpoint).await {
             return Err(ApiError::Forbidden(format!(
-                "ticket {:?} may not make checkpoint {checkpoint:?}: that needs the \"write\" or \"checkpoint\" op",
-                ticket.id
+                "ticket {} may not make checkpoint {checkpoint:?}: that needs the \"write\" or \"checkpoint\" op",
+                ticket.fingerprint
             )));
         }
     }

@@ -60,6 +60,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(cors::cors))
         .layer(axum::middleware::from_fn(drop_connection_header_on_h2))
+        .layer(axum::middleware::from_fn(refuse_control_characters))
         .layer(axum::middleware::from_fn(|request, next| access_log::log_requests(ROUTES, request, next)))
         .with_state(state)
 }
@@ -73,6 +74,17 @@ async fn drop_connection_header_on_h2(request: axum::extract::Request, next: axu
         response.headers_mut().remove(header::CONNECTION);
     }
     response
+}
+
+/// 400 for a path with control characters once percent-decoded (a ticket
+/// id with a newline would forge log lines wherever it is written).
+pub async fn refuse_control_characters(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let decoded: Vec<u8> = percent_encoding::percent_decode_str(request.uri().path()).collect();
+    if String::from_utf8_lossy(&decoded).chars().any(char::is_control) {
+        return ApiError::BadRequest("the path holds control characters".into()).into_response();
+    }
+    next.run(request).await
 }
 
 /// 404 for any route a router does not know.

@@ -3,8 +3,9 @@
 //! route answering 502 with a status line while the backend is gone, a
 //! body cut off with neither a last chunk nor a TLS close_notify, a frozen
 //! qemu-storage-daemon (502 after `--nbd-timeout`), a flood of idle TCP connections
-//! that must not delay the control socket, and bytes after a sparse
-//! stream's stop frame.
+//! that must not delay the control socket, bytes after a sparse
+//! stream's stop frame, and tickets naming FIFOs (refused at once while
+//! the server goes on serving).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -226,4 +227,49 @@ async fn a_frozen_storage_daemon_costs_checkpoint_requests_a_502_after_the_nbd_t
     let listed: Vec<serde_json::Value> = client.get(&checkpoints).send().await.unwrap().json().await.unwrap();
     let ids: Vec<&str> = listed.iter().map(|c| c["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["cp1"], "the refused checkpoint was not recorded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifos_are_refused_at_once_and_the_server_goes_on_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, control) = start_with_control(dir.path(), &[]).await;
+    let mode = nix::sys::stat::Mode::from_bits_truncate(0o600);
+    for name in ["a.fifo", "b.fifo"] {
+        nix::unistd::mkfifo(&dir.path().join(name), mode).unwrap();
+    }
+    std::os::unix::fs::symlink(dir.path().join("a.fifo"), dir.path().join("link.raw")).unwrap();
+    // Three tickets naming FIFOs at once (more than the server has async
+    // workers), answered while the data API and /metrics go on answering.
+    let adds: Vec<_> = ["a.fifo", "b.fifo", "link.raw"]
+        .into_iter()
+        .map(|name| {
+            let body = serde_json::json!({"uuid": name, "size": 1, "url": format!("file://{}", dir.path().join(name).display()), "ops": ["read"], "timeout": 60});
+            let (socket, url) = (control.socket.clone(), control.url(&format!("/tickets/{name}")));
+            std::thread::spawn(move || {
+                let mut curl = Command::new("curl");
+                curl.args(["-m", "10", "--unix-socket"]).arg(socket).args(["-X", "PUT", "-d", &body.to_string(), &url]);
+                curl_status(&mut curl)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let info = tokio::time::timeout(Duration::from_secs(2), server.client().get(server.url("/info/")).send()).await;
+        assert_eq!(info.expect("/info/ answers").unwrap().status(), StatusCode::OK);
+        let (code, metrics) = control.curl(&["-m", "2", &control.url("/metrics")]);
+        assert_eq!(code, 200, "{metrics}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    }
+    for add in adds {
+        let (code, said) = add.join().unwrap();
+        assert_eq!(code, 400, "{said}");
+        assert!(said.contains("not a regular file or a block device"), "{said}");
+    }
+    // An --image naming a FIFO stops the start with the reason, at once.
+    let other = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let refused = Server::try_start(other.path(), &[format!("fifo={}", dir.path().join("b.fifo").display())], &[]).await.err().unwrap();
+    assert!(refused.contains("not a regular file or a block device"), "{refused}");
+    assert!(started.elapsed() < Duration::from_secs(10));
 }

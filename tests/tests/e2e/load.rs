@@ -1,7 +1,9 @@
 //! Load and abuse: 64 clients on 4 tickets doing mixed ranged GET and PUT
 //! for a bounded time with every byte verified (503 is the only refusal
-//! allowed, and is retried), and slow clients (headers trickling, a body
-//! that stalls) cut off by the timeouts while others are served.
+//! allowed, and is retried), slow clients (headers trickling, a body
+//! that stalls, a response read at 1 byte/s) cut off by the timeouts while
+//! others are served, and 512 idle HTTP/1.1 and HTTP/2 connections that
+//! never keep a working client out.
 
 use std::time::{Duration, Instant};
 
@@ -194,4 +196,180 @@ async fn a_full_get_of_a_huge_empty_image_starts_at_once_in_bounded_memory() {
     let grown = peak_rss_kib(server.pid()).saturating_sub(before);
     assert!(first_64_mib < Duration::from_secs(5), "the first 64 MiB took {first_64_mib:?}");
     assert!(grown < 32 << 10, "the server grew by {grown} KiB for one download of a 1 TiB hole");
+}
+
+/// TLS connections that stay idle, held by `idle_clients.py`: groups of
+/// `count` connections from a `source` address, of a `kind`: "h1" (just
+/// the handshake), "h1-after-request" (one answered request, then
+/// keep-alive) or "h2" (the preface, then a PING every 250 ms, answered
+/// by the server). What became of them: per group, how many were refused,
+/// how many seconds after it went idle each closed one was closed, and
+/// how many stayed open.
+struct IdleClients {
+    child: std::process::Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl IdleClients {
+    /// Opens the connections; returns once all are open (or refused).
+    fn hold(server: &Server, groups: serde_json::Value, seconds: f64) -> IdleClients {
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", include_str!("idle_clients.py")])
+            .arg(server.port.to_string())
+            .arg(server.ca())
+            .arg(groups.to_string())
+            .arg(seconds.to_string())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        IdleClients { child, stdout }
+    }
+
+    fn results(mut self) -> Vec<serde_json::Value> {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut self.stdout, &mut line).unwrap();
+        assert!(self.child.wait().unwrap().success());
+        serde_json::from_str(&line).unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_never_keep_a_working_client_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[format!("disk={}/disk.raw,size=1M", dir.path().display())]).await;
+    // 512 (--max-connections) idle connections, 64 from each of eight
+    // addresses, half HTTP/1.1 and half HTTP/2.
+    let groups: Vec<serde_json::Value> = (2..10)
+        .flat_map(|last| {
+            let source = format!("127.0.0.{last}");
+            [
+                serde_json::json!({"source": source, "count": 32, "kind": "h1-after-request"}),
+                serde_json::json!({"source": source, "count": 32, "kind": "h2"}),
+            ]
+        })
+        .collect();
+    let idle = IdleClients::hold(&server, serde_json::Value::Array(groups), 3.0);
+    for client in [server.client_builder().http1_only().build().unwrap(), server.client()] {
+        let started = Instant::now();
+        let response = tokio::time::timeout(Duration::from_secs(2), client.get(server.image_url("disk")).send())
+            .await
+            .expect("a normal client is served within 2 s")
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.bytes().await.unwrap().len() as u64, MIB);
+        println!("served in {:?}", started.elapsed());
+    }
+    let results = idle.results();
+    let refused: u64 = results.iter().map(|group| group["refused"].as_u64().unwrap()).sum();
+    let open: u64 = results.iter().map(|group| group["open"].as_u64().unwrap()).sum();
+    assert_eq!(refused, 0, "every idle connection got in: {results:?}");
+    assert!((500..512).contains(&open), "the idlest made room for the normal clients, the others stayed: {results:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_after_the_header_timeout_and_one_address_gets_its_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = ["--header-timeout", "2", "--max-connections-per-address", "4"];
+    let server = Server::try_start(dir.path(), &[], &extra).await.unwrap();
+    let group = |source: &str, count: u64, kind: &str| serde_json::json!({"source": source, "count": count, "kind": kind});
+    let groups = serde_json::json!([
+        group("127.0.0.2", 3, "h1"),
+        group("127.0.0.3", 3, "h1-after-request"),
+        group("127.0.0.4", 3, "h2"),
+        group("127.0.0.5", 6, "h1"),
+    ]);
+    let results = IdleClients::hold(&server, groups, 6.0).results();
+    let closed_after = |group: usize| -> Vec<f64> {
+        results[group]["closed_after"].as_array().unwrap().iter().map(|seconds| seconds.as_f64().unwrap()).collect()
+    };
+    for group in 0..3 {
+        let closed = closed_after(group);
+        assert_eq!(closed.len(), 3, "group {group}: every connection is closed: {results:?}");
+        assert!(closed.iter().all(|&seconds| (1.5..4.0).contains(&seconds)), "group {group}: closed after 2 s idle: {results:?}");
+    }
+    // Six from one address with a cap of four: the fifth and sixth make
+    // room by closing that address's two idlest connections at once.
+    let (early, late): (Vec<f64>, Vec<f64>) = closed_after(3).into_iter().partition(|&seconds| seconds < 1.0);
+    assert_eq!((early.len(), late.len(), results[3]["refused"].as_u64()), (2, 4, Some(0)), "{results:?}");
+}
+
+/// A GET of `path` over HTTP/1.1 whose body is read at `rate` bytes per
+/// second for `seconds`, then as fast as it comes (`slow_reader.py`), on a
+/// thread: what it says is "BYTES_READ_SLOWLY complete|cut STATUS_LINE".
+fn slow_reader(server: &Server, path: &str, rate: u64, seconds: f64) -> std::thread::JoinHandle<String> {
+    let args = [server.port.to_string(), server.ca().display().to_string(), path.to_string(), rate.to_string(), seconds.to_string()];
+    std::thread::spawn(move || {
+        let output = std::process::Command::new("python3").args(["-c", include_str!("slow_reader.py")]).args(&args).output().unwrap();
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_that_take_nothing_lose_their_slot_and_slow_but_moving_ones_keep_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = [format!("disk={}/disk.raw,size=64M", dir.path().display())];
+    let server = Server::try_start(dir.path(), &images, &["--send-timeout", "3"]).await.unwrap();
+    // The 8 reader slots (--max-readers): one client reading 1 MB/s, seven
+    // reading 1 byte/s.
+    let moving = slow_reader(&server, "/images/disk", 1_000_000, 10.0);
+    let stalled: Vec<_> = (0..7).map(|_| slow_reader(&server, "/images/disk", 1, 6.0)).collect();
+    let client = server.client();
+    let ninth = || client.get(server.image_url("disk")).header("range", "bytes=0-4095").send();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(ninth().await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE, "the eight slots are taken");
+    // Within the send timeout (and the time their buffers take to fill),
+    // the seven slots held by readers taking nothing are free.
+    let started = Instant::now();
+    loop {
+        let seven = futures::future::join_all((0..7).map(|_| ninth())).await;
+        let statuses: Vec<StatusCode> = seven.into_iter().map(|response| response.unwrap().status()).collect();
+        if statuses.iter().all(|&status| status == StatusCode::PARTIAL_CONTENT) {
+            break;
+        }
+        assert!(statuses.iter().all(|&status| status == StatusCode::PARTIAL_CONTENT || status == StatusCode::SERVICE_UNAVAILABLE));
+        assert!(started.elapsed() < Duration::from_secs(6), "the stalled readers still hold their slots: {statuses:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for reader in stalled {
+        let said = reader.join().unwrap();
+        assert!(said.contains(" cut "), "a reader taking nothing was cut off: {said}");
+    }
+    let said = moving.join().unwrap();
+    let slowly: u64 = said.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(said.contains(" complete HTTP/1.1 200"), "a client reading 1 MB/s is never cut: {said}");
+    assert!(slowly > 5_000_000, "it read slowly for 10 s first: {said}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_response_nobody_reads_loses_its_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = [format!("disk={}/disk.raw,size=64M", dir.path().display())];
+    let server = Server::try_start(dir.path(), &images, &["--send-timeout", "2", "--max-readers", "2"]).await.unwrap();
+    // Two downloads over HTTP/2 whose bodies are never read: flow control
+    // stops them once the client's windows are full.
+    let stalled = server.client_builder().http2_prior_knowledge().build().unwrap();
+    let held = [stalled.get(server.image_url("disk")).send().await.unwrap(), stalled.get(server.image_url("disk")).send().await.unwrap()];
+    let other = server.client();
+    let third = || other.get(server.image_url("disk")).header("range", "bytes=0-4095").send();
+    assert_eq!(third().await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE, "both slots are taken");
+    let started = Instant::now();
+    while third().await.unwrap().status() != StatusCode::PARTIAL_CONTENT {
+        assert!(started.elapsed() < Duration::from_secs(6), "the unread responses still hold their slots");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for response in held {
+        let mut response = response;
+        let ended = loop {
+            match response.chunk().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => break Ok(()),
+                Err(error) => break Err(error),
+            }
+        };
+        assert!(ended.is_err(), "a cut response fails, it never ends as if complete");
+    }
 }

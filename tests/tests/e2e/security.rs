@@ -1,8 +1,10 @@
 //! What a ticket holder must never reach: host files through a forged
 //! image header (the format is never probed), `file://` urls outside the
 //! `--allow-dir` directories (refused without a word about the file), and
-//! images readable by others; and numbers in ticket JSON that no clock can
-//! hold, which are a 400 while the reaper goes on expiring tickets.
+//! images or sockets readable by others (whatever the umask); numbers in
+//! ticket JSON that no clock can hold, which are a 400 while the reaper
+//! goes on expiring tickets; and ticket ids, which never reach the log
+//! (their fingerprints do) and with control characters are a 400.
 
 use std::path::Path;
 use std::time::Duration;
@@ -181,4 +183,139 @@ async fn absurd_timeouts_are_refused_and_tickets_still_expire() {
     // The reaper is alive: the one-second ticket goes.
     tokio::time::sleep(Duration::from_secs(1)).await;
     wait_until("the ticket expires", async || control.status("short").await.0 == StatusCode::NOT_FOUND).await;
+}
+
+/// What the server logs for a ticket id: `hashlib.blake2s(id)`'s first 8
+/// hex digits.
+fn fingerprint(id: &str) -> String {
+    let script = "import hashlib, sys; print(hashlib.blake2s(sys.argv[1].encode()).hexdigest()[:8])";
+    String::from_utf8(run("python3", &["-c", script, id])).unwrap().trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ticket_ids_never_reach_the_log_but_their_fingerprints_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    std::fs::write(&image, random_bytes(64 * MIB as usize, 44)).unwrap();
+    let ids = ["from-file-6d0b9e1f2a3c4d5e", "added-8c1f3a5b7d9e0f2a", "short-1a2b3c4d5e6f7a8b", "canceled-9f8e7d6c5b4a3f2e"];
+    let file = dir.path().join("ticket.json");
+    std::fs::write(&file, ticket(ids[0], &image, &["read"], 300).to_string()).unwrap();
+    let file_argument = file.display().to_string();
+    let (mut server, control) = start_with_control(dir.path(), &["--ticket", &file_argument, "--max-readers", "1"]).await;
+    // Added, expired, served to a reader while another waits (503), and
+    // canceled under a download.
+    for (id, timeout) in [(ids[1], 300), (ids[2], 1), (ids[3], 300)] {
+        assert_eq!(control.add(&ticket(id, &image, &["read"], timeout)).await, StatusCode::OK);
+    }
+    let client = server.client_builder().http1_only().build().unwrap();
+    let mut download = client.get(server.image_url(ids[3])).send().await.unwrap();
+    assert_eq!(download.status(), StatusCode::OK);
+    assert_eq!(client.get(server.image_url(ids[3])).send().await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(client.get(server.image_url(ids[0])).send().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(control.delete(ids[3]).await, StatusCode::NO_CONTENT);
+    while let Ok(Some(_)) = download.chunk().await {}
+    wait_until("the short ticket expires", async || control.status(ids[2]).await.0 == StatusCode::NOT_FOUND).await;
+    server.stop();
+    let log = std::fs::read_to_string(dir.path().join(format!("server-{}.log", server.port))).unwrap();
+    for id in ids {
+        assert!(!log.contains(id), "{id} is in the log:\n{log}");
+    }
+    let lines = |what: &str, id: &str| log.lines().filter(|line| line.contains(what) && line.contains(&fingerprint(id))).count();
+    assert_eq!(lines("serving ticket", ids[0]), 1, "{log}");
+    assert_eq!(lines("ticket added", ids[1]), 1, "{log}");
+    assert_eq!(lines("ticket expired", ids[2]), 1, "{log}");
+    assert!(lines("already has 1 readers", ids[3]) >= 1, "{log}");
+    // The cut download may log "aborting a response body ... was
+    // canceled" (when the body is polled before its connection is cut):
+    // with the fingerprint, then.
+    assert!(log.lines().filter(|line| line.contains("was canceled")).all(|line| line.contains(&fingerprint(ids[3]))), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_and_urls_with_control_characters_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    std::fs::write(&image, vec![0u8; MIB as usize]).unwrap();
+    let (server, control) = start_with_control(dir.path(), &[]).await;
+    for (id, encoded) in
+        [("a\nb", "a%0Ab"), ("a\rb", "a%0db"), ("a\u{1b}[31mb", "a%1B%5B31mb"), ("a\u{7f}", "a%7F"), ("a\u{85}", "a%C2%85")]
+    {
+        let body = ticket(id, &image, &["read"], 60).to_string();
+        let (code, said) = control.curl(&["-X", "PUT", "-d", &body, &control.url(&format!("/tickets/{encoded}"))]);
+        assert_eq!(code, 400, "PUT /tickets/{encoded}: {said}");
+        assert!(said.contains("control characters"), "{said}");
+        let response = server.client().get(server.image_url(encoded)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "GET /images/{encoded}");
+    }
+    let mut body = ticket("t1", &image, &["read"], 60);
+    body["url"] = serde_json::json!(format!("file://{}\nforged", image.display()));
+    let (code, said) = control.curl(&["-X", "PUT", "-d", &body.to_string(), &control.url("/tickets/t1")]);
+    assert_eq!(code, 400, "{said}");
+    assert!(said.contains("\"url\""), "{said}");
+}
+
+/// The directory of the unix socket a child process of `parent` named
+/// `program` listens on (qemu-nbd's `--socket PATH`, qemu-storage-daemon's
+/// `addr.path=PATH`), once such a child runs.
+async fn socket_dir_of_child(parent: u32, program: &str) -> std::path::PathBuf {
+    let mut found = None;
+    wait_until(&format!("{program} runs"), async || {
+        found = children(parent).into_iter().find_map(|pid| {
+            let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).ok()?;
+            let words: Vec<&str> = cmdline.split('\0').collect();
+            if !words[0].ends_with(program) {
+                return None;
+            }
+            let after_flag = words.iter().position(|&word| word == "--socket").map(|at| words[at + 1].to_string());
+            after_flag.or_else(|| words.iter().find_map(|word| Some(word.split("addr.path=").nth(1)?.split(',').next()?.to_string())))
+        });
+        found.is_some()
+    })
+    .await;
+    Path::new(&found.unwrap()).parent().unwrap().to_path_buf()
+}
+
+/// The mode of a socket directory and of the sockets in it, once they are
+/// `expected` (or after 5 s).
+async fn modes(dir: &Path, expected: (u32, Vec<u32>)) -> (u32, Vec<u32>) {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let mode = |path: &Path| std::fs::symlink_metadata(path).unwrap().permissions().mode() & 0o777;
+    let mut seen = (0, Vec::new());
+    for _ in 0..50 {
+        let sockets = std::fs::read_dir(dir).unwrap().flatten().filter(|entry| entry.file_type().unwrap().is_socket());
+        seen = (mode(dir), sockets.map(|entry| mode(&entry.path())).collect());
+        if seen == expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_sockets_stay_private_under_umask_000() {
+    // Inherited by the server, the CLI and their qemu children.
+    nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    create_image(&image, "qcow2", "64M");
+    let slow = Nbdkit::start(dir.path(), "slow", &["--filter=delay", "pattern", "size=1G", "rdelay=20ms"]);
+    let server = Server::start(dir.path(), &[format!("disk={}", image.display()), format!("slow={},ro", slow.uri())]).await;
+    let daemon = socket_dir_of_child(server.pid(), "qemu-storage-daemon").await;
+    let private = (0o700, vec![0o600, 0o600]);
+    assert_eq!(modes(&daemon, private.clone()).await, private, "the daemon's directory, its NBD and QMP sockets");
+    // The CLI writes a qcow2 download through a local qemu-nbd.
+    let target = dir.path().join("copy.qcow2");
+    let mut cli = std::process::Command::new(binary("blockgate"))
+        .arg("--cacert")
+        .arg(server.ca())
+        .args(["download", "--progress", "none", &server.image_url("slow"), target.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let local = socket_dir_of_child(cli.id(), "qemu-nbd").await;
+    let private = (0o700, vec![0o600]);
+    let seen = modes(&local, private.clone()).await;
+    let _ = cli.kill();
+    let _ = cli.wait();
+    assert_eq!(seen, private, "the CLI's qemu-nbd directory and socket");
 }
