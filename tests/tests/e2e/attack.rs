@@ -442,3 +442,123 @@ async fn attack_cli_upload_with_daemon_kills_exits_0_only_when_exact_qcow2() {
 async fn attack_cli_upload_with_daemon_kills_exits_0_only_when_exact_raw_one_connection() {
     cli_upload_with_daemon_kills("raw", "1", 6).await;
 }
+
+/// Attack (bad luck: storage that hangs for longer than --nbd-timeout): a
+/// write that timed out (502 to its client, connection replaced) is still
+/// in the frozen daemon's socket and lands when the daemon wakes, possibly
+/// after a later write of other bytes to the same range that was answered
+/// 200 and flushed 200. The ledger tracks only acknowledged writes, so
+/// nothing reports it. Frozen with SIGSTOP; 3 NBD connections so that a
+/// connection is left for the later write; rounds vary which slot the
+/// round robin gives each request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_a_timed_out_write_lands_after_a_later_write_that_was_flushed_200() {
+    let mut log = Vec::new();
+    for round in 0..6usize {
+        let dir = tempfile::tempdir().unwrap();
+        let (_image, server) = serve(dir.path(), "disk", "raw", "16M", &["--nbd-connections", "3", "--nbd-timeout", "1"]).await;
+        // Connect every slot, and vary the round robin's position.
+        for _ in 0..(3 + round) {
+            assert_eq!(put_retrying(&server, 8 * MIB, &[7u8; 512], "").await.0, StatusCode::OK);
+        }
+        let stale = random_bytes(MIB as usize, 31);
+        let fresh = vec![0xabu8; 4096];
+        let [pid] = daemon_pids(&server)[..] else { panic!("one daemon") };
+        kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).unwrap();
+        let range = format!("bytes 0-{}/*", stale.len() - 1);
+        let response = server.client().put(server.image_url("disk") + "?flush=n").header("content-range", range).body(stale.clone()).send().await.unwrap();
+        let stale_status = response.status();
+        let flush_frozen = server.client().patch(server.image_url("disk")).json(&json!({"op": "flush"})).send().await.unwrap().status();
+        let later = {
+            let client = server.client();
+            let url = server.image_url("disk");
+            let fresh = fresh.clone();
+            tokio::spawn(async move {
+                let response = client.put(url + "?flush=n").header("content-range", "bytes 0-4095/*").body(fresh).send().await.unwrap();
+                response.status()
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        kill(Pid::from_raw(pid as i32), Signal::SIGCONT).unwrap();
+        let later_status = later.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let flush = server.client().patch(server.image_url("disk")).json(&json!({"op": "flush"})).send().await.unwrap();
+        let flush_status = flush.status();
+        let flush_text = flush.text().await.unwrap();
+        let image = read_back(&server).await;
+        let holds = if image[..4096] == fresh[..] { "fresh" } else if image[..4096] == stale[..4096] { "STALE" } else { "other" };
+        log.push(format!("round {round}: stale PUT {stale_status}, flush while frozen {flush_frozen}, later PUT {later_status}, flush {flush_status} {flush_text:?}, image holds {holds}"));
+        if later_status == StatusCode::OK && flush_status == StatusCode::OK {
+            assert_eq!(holds, "fresh", "{}", log.join("\n"));
+        }
+    }
+    eprintln!("{}", log.join("\n"));
+}
+
+/// Storage that takes longer than --nbd-timeout for a large write (an
+/// nbdkit eval plugin over a file: writes over 64 KiB sleep 3 s, in
+/// parallel threads). A client's 1 MiB PUT times out (502, connection
+/// replaced); it then writes 4 KiB of other bytes at the same offset: 200,
+/// and a flush: 200. Then the timed-out write lands over it. Nothing ever
+/// reports it: the ledger only knows acknowledged writes, and the late
+/// write belongs to no connection still open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_a_timed_out_write_on_slow_storage_lands_after_a_200_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("store.raw");
+    std::fs::write(&file, vec![0u8; 16 * MIB as usize]).unwrap();
+    let f = file.display().to_string();
+    let pread = format!("dd if={f} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none");
+    let pwrite = format!("if [ $3 -gt 65536 ]; then sleep 3; fi; dd of={f} seek=$4 conv=notrunc oflag=seek_bytes status=none");
+    let slow = Nbdkit::start(
+        dir.path(),
+        "slow",
+        &[
+            "eval",
+            &format!("get_size=echo {}", 16 * MIB),
+            &format!("pread={pread}"),
+            &format!("pwrite={pwrite}"),
+            "flush=sync",
+            "can_write=exit 0",
+            "can_flush=exit 0",
+            "thread_model=echo parallel",
+        ],
+    );
+    let server = Server::try_start(dir.path(), &[format!("disk={}", slow.uri())], &["--nbd-timeout", "1"]).await.unwrap_or_else(|e| panic!("{e}"));
+    let stale = random_bytes(MIB as usize, 41);
+    let response = server
+        .client()
+        .put(server.image_url("disk"))
+        .header("content-range", format!("bytes 0-{}/*", stale.len() - 1))
+        .body(stale.clone())
+        .send()
+        .await
+        .unwrap();
+    let stale_status = response.status();
+    let stale_text = response.text().await.unwrap();
+    let fresh = vec![0xabu8; 4096];
+    let mut fresh_status = StatusCode::BAD_GATEWAY;
+    for _ in 0..20 {
+        fresh_status = server.client().put(server.image_url("disk")).header("content-range", "bytes 0-4095/*").body(fresh.clone()).send().await.unwrap().status();
+        if fresh_status == StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let flush = server.client().patch(server.image_url("disk")).json(&json!({"op": "flush"})).send().await.unwrap();
+    let flush_status = flush.status();
+    let flush_text = flush.text().await.unwrap();
+    let right_after = std::fs::read(&file).unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let later = std::fs::read(&file).unwrap();
+    let holds = |bytes: &[u8]| if bytes[..4096] == fresh[..] { "fresh" } else if bytes[..4096] == stale[..4096] { "STALE" } else { "zeros/other" };
+    let summary = format!(
+        "1 MiB PUT: {stale_status} {stale_text:?}; 4 KiB PUT of other bytes: {fresh_status}; flush: {flush_status} {flush_text:?}; the store right after: {}, 5 s later: {}",
+        holds(&right_after),
+        holds(&later)
+    );
+    eprintln!("{summary}");
+    if fresh_status == StatusCode::OK && flush_status == StatusCode::OK {
+        assert_eq!(holds(&later), "fresh", "{summary}");
+    }
+}
