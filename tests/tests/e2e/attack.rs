@@ -562,3 +562,65 @@ async fn attack_a_timed_out_write_on_slow_storage_lands_after_a_200_flush() {
         assert_eq!(holds(&later), "fresh", "{summary}");
     }
 }
+
+/// nbdkit over a file where writes over 64 KiB take `delay` seconds
+/// (zeroing is quick), requests in parallel.
+fn slow_store(dir: &Path, delay: u32) -> (Nbdkit, PathBuf) {
+    let file = dir.join("store.raw");
+    std::fs::write(&file, vec![0u8; 16 * MIB as usize]).unwrap();
+    let f = file.display().to_string();
+    let pread = format!("dd if={f} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none");
+    let pwrite = format!("if [ $3 -gt 65536 ]; then sleep {delay}; fi; dd of={f} seek=$4 conv=notrunc oflag=seek_bytes status=none");
+    let zero = format!("head -c $3 /dev/zero | dd of={f} seek=$4 conv=notrunc oflag=seek_bytes status=none");
+    let nbdkit = Nbdkit::start(
+        dir,
+        "slow",
+        &[
+            "eval",
+            &format!("get_size=echo {}", 16 * MIB),
+            &format!("pread={pread}"),
+            &format!("pwrite={pwrite}"),
+            &format!("zero={zero}"),
+            "flush=sync",
+            "can_write=exit 0",
+            "can_flush=exit 0",
+            "can_zero=exit 0",
+            "thread_model=echo parallel",
+        ],
+    );
+    (nbdkit, file)
+}
+
+/// A client that goes away while its write is in flight releases the
+/// image's claim at once, though the write goes on: a restore is admitted
+/// ("a restore does not start while writes run"), answers 200, and then
+/// the abandoned write lands over what the restore wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_a_cancelled_write_releases_its_claim_while_its_nbd_write_still_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_slow, file) = slow_store(dir.path(), 5);
+    let server = Server::try_start(dir.path(), &[format!("disk={}", _slow.uri())], &["--nbd-timeout", "30"]).await.unwrap_or_else(|e| panic!("{e}"));
+    let stale = random_bytes(MIB as usize, 51);
+    let request = server.client().put(server.image_url("disk")).header("content-range", format!("bytes 0-{}/*", stale.len() - 1)).body(stale.clone()).send();
+    let abandoned = tokio::spawn(request);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    abandoned.abort();
+    let _ = abandoned.await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let fresh = vec![0xcdu8; 4096];
+    let body = stream(json!({"virtual-size": 16 * MIB, "data-size": 4096}), &fresh, 16 * MIB);
+    let response = server.client().put(server.image_url("disk") + "?format=sparse").body(body).send().await.unwrap();
+    let restore_status = response.status();
+    let restore_text = response.text().await.unwrap();
+    let right_after = std::fs::read(&file).unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let later = std::fs::read(&file).unwrap();
+    let holds = |bytes: &[u8]| if bytes[..4096] == fresh[..] { "the restore's" } else if bytes[..4096] == stale[..4096] { "THE ABANDONED WRITE'S" } else { "other" };
+    let summary = format!(
+        "restore while the abandoned write runs: {restore_status} {restore_text:?}; first 4 KiB right after: {}, 6 s later: {}",
+        holds(&right_after),
+        holds(&later)
+    );
+    eprintln!("{summary}");
+    assert!(restore_status != StatusCode::OK || holds(&later) == "the restore's", "{summary}");
+}
