@@ -624,3 +624,112 @@ async fn attack_a_cancelled_write_releases_its_claim_while_its_nbd_write_still_r
     eprintln!("{summary}");
     assert!(restore_status != StatusCode::OK || holds(&later) == "the restore's", "{summary}");
 }
+
+/// Two tickets on one image file: the second is refused, or the two share
+/// the restore claim ("through any ticket"), and one's lost writes are not
+/// hidden by the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_two_tickets_on_one_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let image = root.join("disk.raw");
+    std::fs::write(&image, vec![0u8; 16 * MIB as usize]).unwrap();
+    let (server, control) = start_with_control(&root, &[]).await;
+    let a = control.add(&ticket("a", &image, &["read", "write"], 300)).await;
+    let b = control.add(&ticket("b", &image, &["read", "write"], 300)).await;
+    let r = control.add(&ticket("r", &image, &["read"], 300)).await;
+    eprintln!("ticket a: {a}, ticket b: {b}, read-only ticket r: {r}; daemons: {}", daemon_pids(&server).len());
+    if a == StatusCode::OK && b == StatusCode::OK {
+        // Both writable: a restore through a must make b's writes 409.
+        let (sender, mut receiver) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
+        let body_stream = futures::stream::poll_fn(move |context| receiver.poll_recv(context));
+        let data = vec![1u8; 4096];
+        let body = stream(json!({"virtual-size": 16 * MIB, "data-size": 4096}), &data, 16 * MIB);
+        let request = server.client().put(server.image_url("a") + "?format=sparse").body(reqwest::Body::wrap_stream(body_stream)).send();
+        let response = tokio::spawn(request);
+        sender.send(Ok(body[..100].to_vec())).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let status = server.client().put(server.image_url("b")).header("content-range", "bytes 0-0/*").body(vec![9u8]).send().await.unwrap().status();
+        sender.send(Ok(body[100..].to_vec())).await.unwrap();
+        drop(sender);
+        let restored = response.await.unwrap().unwrap().status();
+        assert_eq!(status, StatusCode::CONFLICT, "a write through ticket b while a restore runs through ticket a (restore: {restored})");
+    }
+}
+
+/// Two writable tickets on one qcow2 file: two qemu-storage-daemons with
+/// the file open read-write, each with its own metadata cache. Writes
+/// through both corrupt the qcow2 (qemu-img check) or lose one's data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_two_writable_tickets_on_one_qcow2_corrupt_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let image = root.join("disk.qcow2");
+    create_image(&image, "qcow2", "16M");
+    let (server, control) = start_with_control(&root, &[]).await;
+    let mut a = ticket("a", &image, &["read", "write"], 300);
+    a["size"] = json!(16 * MIB);
+    a["format"] = json!("qcow2");
+    let mut b = a.clone();
+    b["uuid"] = json!("b");
+    let added_a = control.add(&a).await;
+    let added_b = control.add(&b).await;
+    eprintln!("qcow2 ticket a: {added_a}, ticket b: {added_b}; daemons: {}", daemon_pids(&server).len());
+    if added_a != StatusCode::OK || added_b != StatusCode::OK {
+        return;
+    }
+    let one = random_bytes(4 * MIB as usize, 61);
+    let two = random_bytes(4 * MIB as usize, 62);
+    let put = |ticket: &str, offset: u64, data: &[u8]| {
+        server.client().put(server.image_url(ticket)).header("content-range", format!("bytes {offset}-{}/*", offset + data.len() as u64 - 1)).body(data.to_vec()).send()
+    };
+    let s1 = put("a", 0, &one).await.unwrap().status();
+    let s2 = put("b", 8 * MIB, &two).await.unwrap().status();
+    assert_eq!(control.delete("a").await, StatusCode::NO_CONTENT);
+    assert_eq!(control.delete("b").await, StatusCode::NO_CONTENT);
+    let check = Command::new("qemu-img").args(["check", "-f", "qcow2", image.to_str().unwrap()]).output().unwrap();
+    let check_text = String::from_utf8_lossy(&check.stdout).to_string() + &String::from_utf8_lossy(&check.stderr);
+    let view = Command::new("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw", image.to_str().unwrap(), root.join("view.raw").to_str().unwrap()]).output().unwrap();
+    let bytes = std::fs::read(root.join("view.raw")).unwrap_or_default();
+    let has_one = bytes.len() >= 4 * MIB as usize && bytes[..4 * MIB as usize] == one[..];
+    let has_two = bytes.len() >= 12 * MIB as usize && bytes[8 * MIB as usize..12 * MIB as usize] == two[..];
+    let summary = format!("PUT a {s1}, PUT b {s2}; qemu-img check: {} {check_text}; convert ok: {}; image has a's data: {has_one}, b's: {has_two}", check.status, view.status.success());
+    eprintln!("{summary}");
+    assert!(check.status.success() && has_one && has_two, "{summary}");
+}
+
+/// A ticket deleted while a restore through it waits for its body: the
+/// claim must go with it, or a new ticket on the same file is 409 for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_a_ticket_deleted_mid_restore_leaves_no_claim() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let image = root.join("disk.raw");
+    std::fs::write(&image, vec![0u8; 16 * MIB as usize]).unwrap();
+    let (server, control) = start_with_control(&root, &["--cancel-timeout", "2"]).await;
+    assert_eq!(control.add(&ticket("a", &image, &["read", "write"], 300)).await, StatusCode::OK);
+    let (sender, mut receiver) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
+    let body_stream = futures::stream::poll_fn(move |context| receiver.poll_recv(context));
+    let data = vec![1u8; 4096];
+    let body = stream(json!({"virtual-size": 16 * MIB, "data-size": 4096}), &data, 16 * MIB);
+    let request = server.client().put(server.image_url("a") + "?format=sparse").body(reqwest::Body::wrap_stream(body_stream)).send();
+    let response = tokio::spawn(request);
+    sender.send(Ok(body[..100].to_vec())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deleted = control.delete("a").await;
+    eprintln!("DELETE during the restore: {deleted}");
+    let mut statuses = Vec::new();
+    // The client keeps its connection open and silent.
+    assert_eq!(control.add(&ticket("b", &image, &["read", "write"], 300)).await, StatusCode::OK);
+    for _ in 0..30 {
+        let status = server.client().put(server.image_url("b")).header("content-range", "bytes 0-0/*").body(vec![9u8]).send().await.unwrap().status();
+        statuses.push(status);
+        if status == StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(sender);
+    let _ = response.await;
+    assert_eq!(statuses.last(), Some(&StatusCode::OK), "DELETE {deleted}; writes through a new ticket: {statuses:?}");
+}
