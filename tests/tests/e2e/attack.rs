@@ -733,3 +733,37 @@ async fn attack_a_ticket_deleted_mid_restore_leaves_no_claim() {
     let _ = response.await;
     assert_eq!(statuses.last(), Some(&StatusCode::OK), "DELETE {deleted}; writes through a new ticket: {statuses:?}");
 }
+
+/// The restore claim is keyed by the resolved path: two tickets on one raw
+/// file through two hard links (two daemons, both writable) are two
+/// targets, so a write runs through one while a restore runs through the
+/// other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_a_hard_link_escapes_the_restore_claim() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let image = root.join("disk.raw");
+    std::fs::write(&image, vec![0u8; 16 * MIB as usize]).unwrap();
+    let link = root.join("link.raw");
+    std::fs::hard_link(&image, &link).unwrap();
+    let (server, control) = start_with_control(&root, &[]).await;
+    assert_eq!(control.add(&ticket("a", &image, &["read", "write"], 300)).await, StatusCode::OK);
+    let b = control.add(&ticket("b", &link, &["read", "write"], 300)).await;
+    if b != StatusCode::OK {
+        eprintln!("second ticket through a hard link: {b}");
+        return;
+    }
+    let (sender, mut receiver) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
+    let body_stream = futures::stream::poll_fn(move |context| receiver.poll_recv(context));
+    let data = vec![1u8; 4096];
+    let body = stream(json!({"virtual-size": 16 * MIB, "data-size": 4096}), &data, 16 * MIB);
+    let request = server.client().put(server.image_url("a") + "?format=sparse").body(reqwest::Body::wrap_stream(body_stream)).send();
+    let response = tokio::spawn(request);
+    sender.send(Ok(body[..100].to_vec())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = server.client().put(server.image_url("b")).header("content-range", "bytes 0-0/*").body(vec![9u8]).send().await.unwrap().status();
+    sender.send(Ok(body[100..].to_vec())).await.unwrap();
+    drop(sender);
+    let _ = response.await;
+    assert_eq!(status, StatusCode::CONFLICT, "a write through a hard link of a file a restore runs into");
+}
