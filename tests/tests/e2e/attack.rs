@@ -767,3 +767,35 @@ async fn attack_a_hard_link_escapes_the_restore_claim() {
     let _ = response.await;
     assert_eq!(status, StatusCode::CONFLICT, "a write through a hard link of a file a restore runs into");
 }
+
+/// The CLI uploads a local qcow2 as qcow2 (by its name), and qemu-nbd
+/// follows whatever its header names: a downloaded (hostile) disk.qcow2
+/// whose backing file is the user's private key uploads the key. The
+/// server refuses such links for its own images; the CLI has no such rule
+/// and says nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_cli_upload_of_a_hostile_qcow2_sends_the_file_its_header_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let (_image, server) = serve(&root, "disk", "raw", "1M", &[]).await;
+    let home = root.join("home");
+    std::fs::create_dir_all(home.join(".ssh")).unwrap();
+    let key = home.join(".ssh/id_ed25519");
+    let mut secret = b"-----BEGIN OPENSSH PRIVATE KEY----- the user's key".to_vec();
+    secret.resize(MIB as usize, b'k');
+    std::fs::write(&key, &secret).unwrap();
+    let downloads = root.join("downloads");
+    std::fs::create_dir(&downloads).unwrap();
+    let hostile = downloads.join("appliance.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", "-u", "-b", key.to_str().unwrap(), "-F", "raw", hostile.to_str().unwrap(), "1M"]);
+    let output = Command::new(binary("blockgate"))
+        .arg("--cacert")
+        .arg(server.ca())
+        .args(["upload", hostile.to_str().unwrap(), &server.image_url("disk")])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    let image = read_back(&server).await;
+    let leaked = image.starts_with(b"-----BEGIN OPENSSH PRIVATE KEY");
+    assert!(!leaked, "upload exit {:?}: the server now holds the user's key; the CLI said: {stderr}", output.status.code());
+}
