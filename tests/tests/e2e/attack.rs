@@ -799,3 +799,33 @@ async fn attack_cli_upload_of_a_hostile_qcow2_sends_the_file_its_header_names() 
     let leaked = image.starts_with(b"-----BEGIN OPENSSH PRIVATE KEY");
     assert!(!leaked, "upload exit {:?}: the server now holds the user's key; the CLI said: {stderr}", output.status.code());
 }
+
+/// The image replaced by a FIFO, then the daemon killed: the restart must
+/// refuse without hanging (requests 502 or 503, the server answers), and
+/// serve again once the file is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_a_fifo_swapped_in_before_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let (image, server) = serve(&root, "disk", "raw", "4M", &[]).await;
+    let data = random_bytes(4 * MIB as usize, 81);
+    assert_eq!(put_retrying(&server, 0, &data, "").await.0, StatusCode::OK);
+    let aside = root.join("aside.raw");
+    std::fs::rename(&image, &aside).unwrap();
+    assert!(Command::new("mkfifo").arg(&image).status().unwrap().success());
+    let [old] = daemon_pids(&server)[..] else { panic!() };
+    kill(Pid::from_raw(old as i32), Signal::SIGKILL).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = std::time::Instant::now();
+    let response = server.client().get(server.image_url("disk")).header("range", "bytes=0-4095").timeout(Duration::from_secs(20)).send().await;
+    let status = response.as_ref().map(|r| r.status()).map_err(|e| e.to_string());
+    eprintln!("GET with a FIFO in place: {status:?} after {:?}; daemons {:?}", started.elapsed(), daemon_pids(&server));
+    assert!(matches!(status, Ok(s) if s.is_server_error()), "{status:?}");
+    // A FIFO has no writer: anything that opened it for reading would hang; the server answers.
+    let info = server.client().get(server.url("/info/")).timeout(Duration::from_secs(5)).send().await.unwrap().status();
+    assert!(info.is_success());
+    std::fs::remove_file(&image).unwrap();
+    std::fs::rename(&aside, &image).unwrap();
+    let back = read_back(&server).await;
+    assert!(back == data, "served again, same bytes");
+}
