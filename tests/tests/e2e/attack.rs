@@ -380,6 +380,10 @@ async fn stream_whole(server: &Server) -> StatusCode {
 /// server each round, so that the restart backoff of a crash loop stays
 /// short. The directory is kept (its path printed) for the logs.
 async fn cli_upload_with_daemon_kills(format: &str, nbd_connections: &str, rounds: u64) {
+    cli_upload_with_daemon_kills_n(format, nbd_connections, rounds, 1).await;
+}
+
+async fn cli_upload_with_daemon_kills_n(format: &str, nbd_connections: &str, rounds: u64, kills: usize) {
     use rand::{Rng, SeedableRng};
     let seed = rand::random::<u64>();
     eprintln!("seed {seed}");
@@ -414,8 +418,17 @@ async fn cli_upload_with_daemon_kills(format: &str, nbd_connections: &str, round
             .unwrap();
         let delay = rng.random_range(20..800);
         tokio::time::sleep(Duration::from_millis(delay)).await;
-        let [pid] = daemon_pids(&server)[..] else { panic!("one daemon") };
+        let [mut pid] = daemon_pids(&server)[..] else { panic!("one daemon") };
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        for _ in 1..kills {
+            let gone = pid;
+            wait_until("a new daemon runs", async || daemon_pids(&server).iter().any(|&other| other != gone)).await;
+            tokio::time::sleep(Duration::from_millis(rng.random_range(50..300))).await;
+            if let [next] = daemon_pids(&server)[..] {
+                pid = next;
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+        }
         let output = tokio::task::spawn_blocking(move || cli.wait_with_output().unwrap()).await.unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr).to_string();
         outcomes.push((round, delay, output.status.code(), stderr.lines().last().unwrap_or("").to_string()));
@@ -436,6 +449,11 @@ async fn cli_upload_with_daemon_kills(format: &str, nbd_connections: &str, round
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attack_cli_upload_with_daemon_kills_exits_0_only_when_exact_qcow2() {
     cli_upload_with_daemon_kills("qcow2", "2", 8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_cli_upload_with_three_daemon_kills_exits_0_only_when_exact_qcow2() {
+    cli_upload_with_daemon_kills_n("qcow2", "2", 6, 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
