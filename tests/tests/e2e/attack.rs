@@ -847,3 +847,44 @@ async fn attack_a_fifo_swapped_in_before_a_restart() {
     let back = read_back(&server).await;
     assert!(back == data, "served again, same bytes");
 }
+
+/// An incremental restore that ends 502 "writes may be lost" (the daemon
+/// died under it): the answer says to start the transfer over, the CLI says
+/// "run the restore again from the start"; run again, the same incremental
+/// is refused 409 (the record was cleared when it was admitted), so the
+/// whole chain must be restored again, or force=y used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_an_incremental_that_lost_writes_cannot_be_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_image, server) = serve(dir.path(), "disk", "qcow2", "16M", &[]).await;
+    let size = 16 * MIB;
+    let base = random_bytes(MIB as usize, 91);
+    let mut meta = json!({"virtual-size": size, "data-size": MIB, "checkpoint": "c1"});
+    let full = stream(meta.clone(), &base, size);
+    let (status, text) = sparse_put(&server, "", full).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let one = random_bytes(MIB as usize, 92);
+    let two = random_bytes(MIB as usize, 93);
+    meta = json!({"virtual-size": size, "data-size": 2 * MIB, "incremental": true, "since": "c1", "checkpoint": "c2"});
+    let mut first = meta_frame(&meta);
+    first.extend(frame("data", 4 * MIB, MIB, &one));
+    let mut second = frame("data", 8 * MIB, MIB, &two);
+    second.extend(frame("stop", 0, 0, &[]));
+    let whole: Vec<u8> = first.iter().chain(second.iter()).copied().collect();
+    let (sender, mut receiver) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
+    let body_stream = futures::stream::poll_fn(move |context| receiver.poll_recv(context));
+    let request = server.client().put(server.image_url("disk") + "?format=sparse").body(reqwest::Body::wrap_stream(body_stream)).send();
+    let response = tokio::spawn(request);
+    sender.send(Ok(first)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    kill_daemon(&server).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sender.send(Ok(second)).await.unwrap();
+    drop(sender);
+    let response = response.await.unwrap().unwrap();
+    let failed = (response.status(), response.text().await.unwrap());
+    let again = sparse_put(&server, "", whole.clone()).await;
+    eprintln!("incremental across a crash: {failed:?}\nthe same incremental again: {again:?}");
+    assert_ne!(failed.0, StatusCode::OK);
+    assert_eq!(again.0, StatusCode::OK, "after {failed:?}, running the incremental again: {again:?}");
+}
