@@ -888,3 +888,34 @@ async fn attack_an_incremental_that_lost_writes_cannot_be_run_again() {
     assert_ne!(failed.0, StatusCode::OK);
     assert_eq!(again.0, StatusCode::OK, "after {failed:?}, running the incremental again: {again:?}");
 }
+
+/// A read-only ticket next to a writable one on the same qcow2: a second
+/// daemon with its own metadata cache reads what the first writes (and
+/// flushes): does it see it?
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_a_read_only_ticket_beside_a_writable_one_on_a_qcow2() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let image = root.join("disk.qcow2");
+    create_image(&image, "qcow2", "16M");
+    let (server, control) = start_with_control(&root, &[]).await;
+    let mut a = ticket("a", &image, &["read", "write"], 300);
+    a["size"] = json!(16 * MIB);
+    a["format"] = json!("qcow2");
+    let mut r = ticket("r", &image, &["read"], 300);
+    r["size"] = json!(16 * MIB);
+    r["format"] = json!("qcow2");
+    let added_a = control.add(&a).await;
+    let added_r = control.add(&r).await;
+    eprintln!("qcow2 writable ticket: {added_a}, read-only ticket: {added_r}");
+    if added_r != StatusCode::OK {
+        return;
+    }
+    let data = random_bytes(4 * MIB as usize, 95);
+    let status = server.client().put(server.image_url("a")).header("content-range", format!("bytes 0-{}/*", data.len() - 1)).body(data.clone()).send().await.unwrap().status();
+    assert_eq!(status, StatusCode::OK);
+    let read = server.client().get(server.image_url("r")).header("range", format!("bytes=0-{}", data.len() - 1)).send().await.unwrap();
+    let read_status = read.status();
+    let bytes = read.bytes().await.unwrap();
+    assert!(bytes[..] == data[..], "the read-only ticket reads {} bytes ({read_status}) that are not what the writable ticket wrote and flushed", bytes.len());
+}
