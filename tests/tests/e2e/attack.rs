@@ -919,3 +919,35 @@ async fn attack_a_read_only_ticket_beside_a_writable_one_on_a_qcow2() {
     let bytes = read.bytes().await.unwrap();
     assert!(bytes[..] == data[..], "the read-only ticket reads {} bytes ({read_status}) that are not what the writable ticket wrote and flushed", bytes.len());
 }
+
+/// The CLI's size rules: larger is exit 2 even with --zero-tail; smaller
+/// without it is exit 2 and writes nothing; smaller with it is exact (an
+/// odd size too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_cli_upload_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let (_image, server) = serve(&root, "disk", "qcow2", "4M", &[]).await;
+    let old = random_bytes(4 * MIB as usize, 96);
+    assert_eq!(put_retrying(&server, 0, &old, "").await.0, StatusCode::OK);
+    let upload = |file: &Path, extra: &[&str]| {
+        let mut command = Command::new(binary("blockgate"));
+        command.arg("--cacert").arg(server.ca()).arg("upload").args(extra).arg(file).arg(server.image_url("disk"));
+        command.output().unwrap()
+    };
+    let larger = root.join("larger.raw");
+    std::fs::write(&larger, random_bytes(4 * MIB as usize + 512, 97)).unwrap();
+    let output = upload(&larger, &["--zero-tail"]);
+    assert_eq!(output.status.code(), Some(2), "larger with --zero-tail: {}", String::from_utf8_lossy(&output.stderr));
+    let smaller = root.join("smaller.raw");
+    let small = random_bytes(3 * MIB as usize + 777, 98);
+    std::fs::write(&smaller, &small).unwrap();
+    let output = upload(&smaller, &[]);
+    assert_eq!(output.status.code(), Some(2), "smaller: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(read_back(&server).await == old, "nothing written");
+    let output = upload(&smaller, &["--zero-tail"]);
+    assert_eq!(output.status.code(), Some(0), "smaller with --zero-tail: {}", String::from_utf8_lossy(&output.stderr));
+    let mut expected = small.clone();
+    expected.resize(4 * MIB as usize, 0);
+    assert!(read_back(&server).await == expected, "the odd-sized file then zeros");
+}
