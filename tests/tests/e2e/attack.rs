@@ -378,7 +378,7 @@ async fn stream_whole(server: &Server) -> StatusCode {
 /// random moments: whenever it exits 0 the target holds the source's bytes,
 /// also after one more kill (the upload's flush made them stable). A new
 /// server each round, so that the restart backoff of a crash loop stays
-/// short. The directory is kept (its path printed) for the logs.
+/// short.
 async fn cli_upload_with_daemon_kills(format: &str, nbd_connections: &str, rounds: u64) {
     cli_upload_with_daemon_kills_n(format, nbd_connections, rounds, 1).await;
 }
@@ -388,8 +388,8 @@ async fn cli_upload_with_daemon_kills_n(format: &str, nbd_connections: &str, rou
     let seed = rand::random::<u64>();
     eprintln!("seed {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let top = tempfile::tempdir().unwrap().keep();
-    eprintln!("dir {}", top.display());
+    let guard = tempfile::tempdir().unwrap();
+    let top = guard.path().to_path_buf();
     let mut outcomes = Vec::new();
     for round in 0..rounds {
         let dir = top.join(format!("round-{round}"));
