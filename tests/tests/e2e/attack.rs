@@ -675,11 +675,11 @@ async fn attack_two_tickets_on_one_image() {
     }
 }
 
-/// Two writable tickets on one qcow2 file: two qemu-storage-daemons with
+/// Two writable tickets on one qcow2 file (held: the second is refused, 400). Were both opened: two qemu-storage-daemons with
 /// the file open read-write, each with its own metadata cache. Writes
 /// through both corrupt the qcow2 (qemu-img check) or lose one's data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn attack_two_writable_tickets_on_one_qcow2_corrupt_it() {
+async fn attack_two_writable_tickets_on_one_qcow2_must_not_both_open() {
     let dir = tempfile::tempdir().unwrap();
     let root = std::fs::canonicalize(dir.path()).unwrap();
     let image = root.join("disk.qcow2");
