@@ -1,6 +1,8 @@
 //! End-to-end tests: the built `blockgate-server` binary, a real qemu-nbd and qemu-storage-daemon,
 //! and clients (reqwest, curl) doing what users do.
 
+mod attack;
+mod attack_qcow2;
 mod backup;
 mod checkpoints;
 mod cli;
