@@ -8,6 +8,7 @@
 use std::path::Path;
 
 use blockgate_nbd::allocation;
+use blockgate_nbd::qcow2::{self, LinkPolicy};
 use blockgate_nbd::qemu::{self, ExportSettings, QemuNbd};
 use blockgate_nbd::{Address, BASE_ALLOCATION, Client, ConnectOptions, ZeroFlags};
 use bytes::Bytes;
@@ -38,28 +39,44 @@ impl LocalImage {
     /// Creates `path` (`raw` or `qcow2`) of `size` bytes and opens it.
     pub async fn create(path: &Path, format: &str, size: u64) -> Result<LocalImage> {
         qemu::create_image(path, format, size).await?;
-        Self::open(path, format, false).await
+        Self::open(path, format, false, &[]).await
     }
 
-    /// Creates `path` as a qcow2 overlay of `backing` and opens it.
+    /// Creates `path` as a qcow2 overlay of `backing` and opens it; the
+    /// backing's own links may lie in its directory.
     pub async fn create_overlay(path: &Path, backing: &Path) -> Result<LocalImage> {
         qemu::create_overlay(path, backing).await?;
-        Self::open(path, "qcow2", false).await
+        Self::open(path, "qcow2", false, &[backing]).await
     }
 
     /// Opens an existing file read-only as `format`, never as what its
     /// content looks like: a raw image holds whatever its guest wrote, a
-    /// qcow2 header naming a host file as backing, say.
+    /// qcow2 header naming a host file as backing, say. A qcow2's backing
+    /// and data files are followed only directly in its own directory
+    /// (as `blockgate download` makes a chain), never hidden ones.
     pub async fn open_read_only(path: &Path, format: &str) -> Result<LocalImage> {
-        Self::open(path, format, true).await
+        Self::open(path, format, true, &[]).await
     }
 
-    async fn open(path: &Path, format: &str, read_only: bool) -> Result<LocalImage> {
+    /// Opens `path`, whose links may lie directly in its directory or in
+    /// those of `also`.
+    async fn open(path: &Path, format: &str, read_only: bool, also: &[&Path]) -> Result<LocalImage> {
+        let real = |path: &Path| std::fs::canonicalize(path).map_err(|error| qemu::QemuError::new(format!("{}: {error}", path.display())));
+        let path = real(path)?;
+        let mut directories = Vec::new();
+        for file in std::iter::once(path.as_path()).chain(also.iter().copied()) {
+            directories.extend(real(file)?.parent().map(Path::to_path_buf));
+        }
+        let policy = LinkPolicy { trees: Vec::new(), directories };
+        let format = format.to_string();
+        let chain = tokio::task::spawn_blocking(move || qcow2::resolve(&path, &format, &policy))
+            .await
+            .map_err(|error| qemu::QemuError::new(error.to_string()))??;
         // A file being written bypasses the page cache: on the machines
         // measured, filling the cache with a new file cost more CPU than
         // the whole network transfer. Filesystems without O_DIRECT (tmpfs)
         // get the page cache after all.
-        let mut settings = ExportSettings { path, format, read_only, bitmap: None, shared: CONNECTIONS, direct: !read_only };
+        let mut settings = ExportSettings { image: &chain.image, read_only, bitmap: None, shared: CONNECTIONS, direct: !read_only };
         let qemu = match QemuNbd::start(&settings).await {
             Ok(qemu) => qemu,
             Err(error) if settings.direct => {

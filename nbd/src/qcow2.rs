@@ -5,13 +5,21 @@
 //! without qemu, decides which of these files may be opened, and builds
 //! every block node itself with explicit formats ([`crate::qemu`]).
 //!
+//! [`resolve`] follows an image's links where a [`LinkPolicy`] allows
+//! and gives the [`ImageLayer`] to open, every file of it opened first
+//! without blocking (a FIFO is refused, not waited on).
+//!
 //! The header layout is qemu's `docs/interop/qcow2.txt`: big-endian fields,
 //! the backing file name at `backing_file_offset`, and header extensions
 //! (type, length, data padded to 8 bytes) after the header, among them the
 //! backing format (`0xe2792aca`) and the external data file name
 //! (`0x44415441`), which incompatible feature bit 2 makes mandatory.
 
+use std::fs::{File, Metadata};
 use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::qemu::{self, ImageLayer, QemuError};
 
 /// The magic number at offset 0.
 pub const MAGIC: &[u8; 4] = b"QFI\xfb";
@@ -120,6 +128,113 @@ pub fn read_links(file: &mut impl Read) -> Result<Links, std::io::Error> {
     parse(&header).map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidData, error))
 }
 
+/// Deepest backing chain followed.
+const MAX_CHAIN: usize = 16;
+
+/// Where the files a qcow2 header names may lie.
+#[derive(Debug, Clone, Default)]
+pub struct LinkPolicy {
+    /// Directories whose whole tree may be named, resolved.
+    pub trees: Vec<PathBuf>,
+    /// Directories whose own files may be named, not those below them,
+    /// resolved.
+    pub directories: Vec<PathBuf>,
+}
+
+impl LinkPolicy {
+    /// True if `real` (resolved) may be opened: inside a tree, or directly
+    /// in a directory, and never hidden (`.ssh/authorized_keys` below a
+    /// home directory that holds an image).
+    fn allows(&self, real: &Path) -> bool {
+        let visible = |below: &Path| !below.components().any(|part| part.as_os_str().as_encoded_bytes().starts_with(b"."));
+        self.trees.iter().any(|dir| real.strip_prefix(dir).is_ok_and(visible))
+            || self.directories.iter().any(|dir| real.parent() == Some(dir) && real.strip_prefix(dir).is_ok_and(visible))
+    }
+}
+
+/// An image and what it links to, as resolved, with every file's metadata
+/// as opened.
+#[derive(Debug)]
+pub struct Chain {
+    /// What to open.
+    pub image: ImageLayer,
+    /// Every file of it (the image first), as opened.
+    pub files: Vec<(PathBuf, Metadata)>,
+}
+
+fn refused(message: String) -> QemuError {
+    QemuError::new(message)
+}
+
+/// Opens a file without blocking; what it is.
+fn open_checked(path: &Path) -> Result<(File, Metadata), QemuError> {
+    let opened = qemu::open_image_file(path).and_then(|file| Ok((file.metadata()?, file)));
+    let (metadata, file) = opened.map_err(|error| refused(format!("opening {}: {error}", path.display())))?;
+    Ok((file, metadata))
+}
+
+/// Resolves a file a header names: relative to the image's directory,
+/// symlinks followed, where the policy allows.
+fn linked_file(name: &str, image: &Path, what: &str, allowed: &LinkPolicy) -> Result<PathBuf, QemuError> {
+    let refusal = |why: &str| refused(format!("{}: its {what} {name:?} {why}; it is not opened", image.display()));
+    if name.starts_with("json:") {
+        return Err(refusal("is a json: file name"));
+    }
+    let directory = image.parent().unwrap_or(Path::new("/"));
+    let real = std::fs::canonicalize(directory.join(name)).map_err(|error| refusal(&format!("cannot be resolved ({error})")))?;
+    if !allowed.allows(&real) {
+        return Err(refusal("lies outside the allowed directories (never a hidden file)"));
+    }
+    Ok(real)
+}
+
+/// The image at `path` (resolved) opened as `format` (`raw` or `qcow2`),
+/// with the backing chain and data files its qcow2 headers name, each
+/// resolved and allowed by `allowed`, each opened first without blocking.
+pub fn resolve(path: &Path, format: &str, allowed: &LinkPolicy) -> Result<Chain, QemuError> {
+    let mut files = Vec::new();
+    let image = resolve_layer(path, format, allowed, &mut files, 0)?;
+    Ok(Chain { image, files })
+}
+
+fn resolve_layer(
+    path: &Path,
+    format: &str,
+    allowed: &LinkPolicy,
+    files: &mut Vec<(PathBuf, Metadata)>,
+    depth: usize,
+) -> Result<ImageLayer, QemuError> {
+    if depth > MAX_CHAIN {
+        return Err(refused(format!("{}: backing chain deeper than {MAX_CHAIN}", path.display())));
+    }
+    let (mut file, metadata) = open_checked(path)?;
+    files.push((path.to_path_buf(), metadata));
+    let mut layer = ImageLayer::single(path, format);
+    match format {
+        "raw" => return Ok(layer),
+        "qcow2" => {}
+        other => return Err(refused(format!("{}: format {other} is not served (raw or qcow2)", path.display()))),
+    }
+    let links = read_links(&mut file).map_err(|error| refused(format!("reading the qcow2 header of {}: {error}", path.display())))?;
+    if let Some(name) = &links.data_file {
+        let data_file = linked_file(name, path, "external data file", allowed)?;
+        let (_, metadata) = open_checked(&data_file)?;
+        files.push((data_file.clone(), metadata));
+        layer.data_file = Some(data_file);
+    }
+    if let Some(name) = &links.backing {
+        let backing = linked_file(name, path, "backing file", allowed)?;
+        let Some(backing_format) = links.backing_format.as_deref() else {
+            return Err(refused(format!(
+                "{}: its backing file {name:?} has no recorded format, and formats are never probed (qemu-img rebase -u -F)",
+                path.display()
+            )));
+        };
+        layer.backing = Some(Box::new(resolve_layer(&backing, backing_format, allowed, files, depth + 1)?));
+    }
+    Ok(layer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +292,25 @@ mod tests {
         let links = read_links(&mut std::fs::File::open(&image).unwrap()).unwrap();
         assert_eq!(links.data_file.as_deref(), data.to_str());
         assert_eq!(links.backing, None);
+    }
+
+    #[test]
+    fn trees_reach_below_image_directories_do_not_and_hidden_files_never() {
+        let policy = LinkPolicy { trees: vec!["/srv/images".into()], directories: vec!["/home/u".into()] };
+        for (path, allowed) in [
+            ("/srv/images/base.raw", true),
+            ("/srv/images/vm1/base.qcow2", true),
+            ("/srv/images/.hidden/base.raw", false),
+            ("/srv/images/vm1/.base.raw", false),
+            ("/srv/other/base.raw", false),
+            ("/home/u/base.raw", true),
+            ("/home/u/.ssh/authorized_keys", false),
+            ("/home/u/.bashrc", false),
+            ("/home/u/sub/base.raw", false),
+            ("/home/base.raw", false),
+        ] {
+            assert_eq!(policy.allows(Path::new(path)), allowed, "{path}");
+        }
     }
 
     proptest! {

@@ -50,10 +50,9 @@ const QEMU_IMG_TIMEOUT: Duration = Duration::from_secs(60);
 /// What qemu-nbd should export and how.
 #[derive(Debug, Clone)]
 pub struct ExportSettings<'a> {
-    /// Image file.
-    pub path: &'a Path,
-    /// Format of the file.
-    pub format: &'a str,
+    /// The image and the files it links to, as resolved
+    /// ([`crate::qcow2::resolve`]): qemu-nbd opens nothing else.
+    pub image: &'a ImageLayer,
     /// Export read-only.
     pub read_only: bool,
     /// Persistent bitmap to export.
@@ -156,7 +155,7 @@ async fn spawn(settings: &ExportSettings<'_>, socket: &Path) -> Result<Child> {
         .arg(format!("--shared={}", settings.shared))
         .arg("--discard=unmap")
         .arg("--allocation-depth")
-        .args(["--format", settings.format, "--socket"])
+        .arg("--socket")
         .arg(socket);
     if settings.read_only {
         command.arg("--read-only");
@@ -167,8 +166,10 @@ async fn spawn(settings: &ExportSettings<'_>, socket: &Path) -> Result<Child> {
     if settings.direct {
         command.args(["--cache=none", "--aio=native"]);
     }
-    command.arg(settings.path);
-    launch(command, "qemu-nbd", &[socket], settings.path, Tie::ToThisProcess).await
+    // The whole node tree as a json: filename (ours, never a header's):
+    // every format explicit, and a qcow2 without a backing says so.
+    command.arg(format!("json:{}", settings.image.to_json()));
+    launch(command, "qemu-nbd", &[socket], &settings.image.path, Tie::ToThisProcess).await
 }
 
 /// A command and where to send the child it starts.
@@ -297,6 +298,20 @@ impl ImageLayer {
     /// A file with no backing and no data file.
     pub fn single(path: &Path, format: &str) -> ImageLayer {
         ImageLayer { path: path.to_path_buf(), format: format.to_string(), backing: None, data_file: None }
+    }
+
+    /// The layer as qemu's nested block options (the `json:` form): a
+    /// qcow2 names its backing (`null`: none) and data file itself.
+    pub fn to_json(&self) -> serde_json::Value {
+        let file = |path: &Path| serde_json::json!({"driver": "file", "filename": path.to_string_lossy()});
+        let mut options = serde_json::json!({"driver": self.format, "file": file(&self.path)});
+        if self.format == "qcow2" {
+            options["backing"] = self.backing.as_ref().map_or(serde_json::Value::Null, |backing| backing.to_json());
+            if let Some(data_file) = &self.data_file {
+                options["data-file"] = file(data_file);
+            }
+        }
+        options
     }
 }
 

@@ -50,9 +50,8 @@ pub struct BackendSettings {
     pub request_timeout: Duration,
     /// Where checkpoint and restore records are kept.
     pub state_dir: Arc<std::path::Path>,
-    /// Where the backing and data files a qcow2 names may lie: the
-    /// `--allow-dir` directories and those of `--image` files (resolved).
-    pub allowed_links: Arc<[std::path::PathBuf]>,
+    /// Where the backing and data files a qcow2 names may lie.
+    pub allowed_links: Arc<blockgate_nbd::qcow2::LinkPolicy>,
 }
 
 /// Which dirty map a request reads.
@@ -111,6 +110,9 @@ pub struct Backend {
     checkpoints: Result<Checkpoints, String>,
     /// What a restore record is kept for: the image's path or the URI.
     target: String,
+    /// What writes and restores claim: the image file's device and inode,
+    /// or the URI.
+    identity: String,
     /// Kept for its `Drop`, which removes the view from the daemon.
     _view: Option<View>,
     settings: BackendSettings,
@@ -182,6 +184,7 @@ impl Backend {
                 let mut backend = Self::connect(address.clone(), bitmap.clone(), spec.read_only, settings).await?;
                 backend.bitmap = bitmap;
                 backend.target = address.to_string();
+                backend.identity = address.to_string();
                 Ok(backend)
             }
             ImageSource::File(path) => Self::open_file(spec, path, settings).await,
@@ -226,13 +229,14 @@ impl Backend {
             ImageFormat::Raw => Err("the image is raw, which cannot hold persistent bitmaps; checkpoints need qcow2".to_string()),
             ImageFormat::Qcow2 => Ok(Checkpoints::open(&path, &settings.state_dir)?),
         };
+        let identity = pins.identity().unwrap_or_else(|| image.clone());
         let owned_settings =
             OwnedSettings { image: layer, pins, read_only: spec.read_only, node_read_only, command_timeout: settings.request_timeout };
         let owned = OwnedImage::start(owned_settings).await?;
         let owned = Arc::new(owned);
         let address = Address::unix(owned.nbd_socket(), MAIN_EXPORT);
         match Self::connect(address, None, spec.read_only, settings).await {
-            Ok(backend) => Ok(Backend { bitmap, owned: Some(owned), checkpoints, target: image, ..backend }),
+            Ok(backend) => Ok(Backend { bitmap, owned: Some(owned), checkpoints, target: image, identity, ..backend }),
             Err(error) => {
                 owned.stop().await;
                 Err(error)
@@ -272,6 +276,7 @@ impl Backend {
         slots.insert(0, tokio::sync::Mutex::new(Some(Slot { client: first, daemon_exits: 0 })));
         Ok(Backend {
             target: address.to_string(),
+            identity: address.to_string(),
             address,
             options,
             slots,
@@ -331,6 +336,12 @@ impl Backend {
     /// The image's path, or the URI: what restore records are kept for.
     pub fn target(&self) -> &str {
         &self.target
+    }
+
+    /// The image file's device and inode, or the URI: what writes and
+    /// restores claim, the same through every path to one file.
+    pub fn identity(&self) -> &str {
+        &self.identity
     }
 
     /// Where checkpoint and restore records live.
@@ -494,6 +505,13 @@ impl Backend {
         self.call_write(offset..offset.saturating_add(length), async |client| client.write_zeroes(offset, length, flags).await).await?;
         metrics().zeroed_bytes.inc_by(length);
         Ok(())
+    }
+
+    /// True when writes acknowledged before a connection broke were never
+    /// flushed and not written again since.
+    pub async fn lost_writes(&self) -> bool {
+        self.notice_breaks().await;
+        self.ledger.has_lost()
     }
 
     /// Makes every acknowledged write stable, or fails with 502: when the

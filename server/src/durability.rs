@@ -155,6 +155,11 @@ impl Ledger {
         state.lost.extend(unflushed);
     }
 
+    /// True while some writes are lost.
+    pub fn has_lost(&self) -> bool {
+        !self.0.lock().lost.is_empty()
+    }
+
     /// Starts a flush, or refuses it while writes are lost.
     pub fn begin_flush(&self) -> Result<Flushing, LostWrites> {
         let mut state = self.0.lock();

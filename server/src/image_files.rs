@@ -1,12 +1,8 @@
-//! The host files an owned image reaches, decided before qemu opens any:
-//! the image, and for a qcow2 the backing chain and external data files
-//! its headers name. A linked file is opened only if it resolves to a
-//! regular file (or block device) inside an allowed directory
-//! (`--allow-dir`, and the directories of `--image` files); a `json:` name
-//! never is. Anything else refuses the image, naming the file. The
-//! header is read here (qemu would open what it names), from a file
-//! opened without blocking, so a FIFO swapped in costs a refusal, never a
-//! hang.
+//! The host files an owned image reaches, decided before qemu opens any
+//! ([`qcow2::resolve`]: the backing chain and data files a qcow2 header
+//! names are opened only where the [`LinkPolicy`] allows: inside an
+//! `--allow-dir` tree, or directly in the directory of an `--image` file,
+//! never a hidden file, never a `json:` name), and pinned.
 //!
 //! Every file is then *pinned* by device and inode: before each start of
 //! the daemon the paths must still be those files (no symlink, no other
@@ -14,16 +10,13 @@
 //! each of them open, so a swap between the check and qemu's open is
 //! caught too.
 
-use std::fs::{File, Metadata};
+use std::fs::Metadata;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use blockgate_nbd::qcow2;
-use blockgate_nbd::qemu::{self, ImageLayer};
-
-/// Deepest backing chain followed.
-const MAX_CHAIN: usize = 16;
+use blockgate_nbd::qcow2::{self, LinkPolicy};
+use blockgate_nbd::qemu::ImageLayer;
 
 /// A file by device and inode, and the path it was found at.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +41,12 @@ impl Pin {
 pub struct Pins(Vec<Pin>);
 
 impl Pins {
+    /// The image's own file as `device:inode`: the same for every path
+    /// that reaches it (hard links included).
+    pub fn identity(&self) -> Option<String> {
+        self.0.first().map(|pin| format!("{}:{}", pin.device, pin.inode))
+    }
+
     /// Checks, without following symlinks, that every path is still the
     /// file that was checked.
     pub fn verify_paths(&self) -> Result<()> {
@@ -80,67 +79,12 @@ impl Pins {
     }
 }
 
-/// Opens a file for reading without blocking (a FIFO would), and checks
-/// it is a regular file or a block device; the file and what it is.
-fn open_checked(path: &Path) -> Result<(File, Metadata)> {
-    let file = qemu::open_image_file(path).with_context(|| format!("opening {}", path.display()))?;
-    let metadata = file.metadata().with_context(|| format!("{}", path.display()))?;
-    Ok((file, metadata))
-}
-
-/// Resolves a file a header names: relative to the image's directory,
-/// symlinks followed, inside an allowed directory.
-fn linked_file(name: &str, image: &Path, what: &str, allowed: &[PathBuf]) -> Result<PathBuf> {
-    let refused = |why: &str| anyhow::anyhow!("{}: its {what} {name:?} {why}; it is not opened", image.display());
-    if name.starts_with("json:") {
-        return Err(refused("is a json: file name"));
-    }
-    let directory = image.parent().unwrap_or(Path::new("/"));
-    let real = std::fs::canonicalize(directory.join(name)).map_err(|error| refused(&format!("cannot be resolved ({error})")))?;
-    if !allowed.iter().any(|dir| real.starts_with(dir)) {
-        return Err(refused("lies outside the allowed directories (--allow-dir and the directories of --image files)"));
-    }
-    Ok(real)
-}
-
 /// The image at `path` (resolved) opened as `format`, with the chain and
 /// data files its qcow2 headers name, each checked; and their pins.
-pub fn resolve(path: &Path, format: &str, allowed: &[PathBuf]) -> Result<(ImageLayer, Pins)> {
-    let mut pins = Pins::default();
-    let layer = resolve_layer(path, format, allowed, &mut pins, 0)?;
-    Ok((layer, pins))
-}
-
-fn resolve_layer(path: &Path, format: &str, allowed: &[PathBuf], pins: &mut Pins, depth: usize) -> Result<ImageLayer> {
-    if depth > MAX_CHAIN {
-        bail!("{}: backing chain deeper than {MAX_CHAIN}", path.display());
-    }
-    let (mut file, metadata) = open_checked(path)?;
-    pins.0.push(Pin::of(path, &metadata));
-    let mut layer = ImageLayer::single(path, format);
-    match format {
-        "raw" => return Ok(layer),
-        "qcow2" => {}
-        other => bail!("{}: format {other} is not served (raw or qcow2)", path.display()),
-    }
-    let links = qcow2::read_links(&mut file).with_context(|| format!("reading the qcow2 header of {}", path.display()))?;
-    if let Some(name) = &links.data_file {
-        let data_file = linked_file(name, path, "external data file", allowed)?;
-        let (_, metadata) = open_checked(&data_file)?;
-        pins.0.push(Pin::of(&data_file, &metadata));
-        layer.data_file = Some(data_file);
-    }
-    if let Some(name) = &links.backing {
-        let backing = linked_file(name, path, "backing file", allowed)?;
-        let Some(backing_format) = links.backing_format.as_deref() else {
-            bail!(
-                "{}: its backing file {name:?} has no recorded format, and formats are never probed (qemu-img rebase -u -F)",
-                path.display()
-            );
-        };
-        layer.backing = Some(Box::new(resolve_layer(&backing, backing_format, allowed, pins, depth + 1)?));
-    }
-    Ok(layer)
+pub fn resolve(path: &Path, format: &str, allowed: &LinkPolicy) -> Result<(ImageLayer, Pins)> {
+    let chain = qcow2::resolve(path, format, allowed)?;
+    let pins = chain.files.iter().map(|(path, metadata)| Pin::of(path, metadata)).collect();
+    Ok((chain.image, Pins(pins)))
 }
 
 #[cfg(test)]
@@ -160,7 +104,7 @@ mod tests {
         std::fs::create_dir(&images).unwrap();
         let secret = root.join("secret.raw");
         std::fs::write(&secret, b"secret").unwrap();
-        let allowed = vec![images.clone()];
+        let allowed = LinkPolicy { trees: vec![images.clone()], directories: vec![] };
         let text = |path: &Path| path.to_str().unwrap().to_string();
 
         let base = images.join("base.raw");
@@ -206,7 +150,7 @@ mod tests {
     fn a_fifo_or_a_swapped_file_is_refused_without_blocking() {
         let root = tempfile::tempdir().unwrap();
         let root = std::fs::canonicalize(root.path()).unwrap();
-        let allowed = vec![root.clone()];
+        let allowed = LinkPolicy { trees: vec![root.clone()], directories: vec![] };
         let fifo = root.join("fifo");
         assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
         let error = format!("{:#}", resolve(&fifo, "raw", &allowed).unwrap_err());

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use blockgate_nbd::qcow2::LinkPolicy;
 use blockgate_nbd::qemu;
 use blockgate_protocol::ticket::parse_ticket;
 use blockgate_server::backend::{Backend, BackendSettings};
@@ -189,14 +190,17 @@ fn allowed_directories(dirs: &[PathBuf]) -> Result<Vec<PathBuf>> {
         .collect()
 }
 
-/// Where the backing and data files of qcow2 images may lie: the allowed
-/// directories and the directories of `--image` files.
-fn allowed_links(allow_dirs: &[PathBuf], images: &[ImageSpec]) -> Arc<[PathBuf]> {
-    let image_dirs = images.iter().filter_map(|spec| match &spec.source {
-        ImageSource::File(path) => std::fs::canonicalize(std::path::absolute(path).ok()?.parent()?).ok(),
-        ImageSource::Nbd(_) => None,
-    });
-    allow_dirs.iter().cloned().chain(image_dirs).collect()
+/// Where the backing and data files of qcow2 images may lie: the trees of
+/// the allowed directories, and the directories of `--image` files.
+fn allowed_links(allow_dirs: &[PathBuf], images: &[ImageSpec]) -> Arc<LinkPolicy> {
+    let directories = images
+        .iter()
+        .filter_map(|spec| match &spec.source {
+            ImageSource::File(path) => std::fs::canonicalize(std::path::absolute(path).ok()?.parent()?).ok(),
+            ImageSource::Nbd(_) => None,
+        })
+        .collect();
+    Arc::new(LinkPolicy { trees: allow_dirs.to_vec(), directories })
 }
 
 async fn open_tickets(

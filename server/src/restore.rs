@@ -25,7 +25,7 @@ use crate::backend::{Backend, REQUEST_SIZE};
 use crate::error::ApiError;
 use crate::extents::extents;
 use crate::restore_record;
-use crate::transfer::{Applied, Pipeline, WriteFailure, discard_rest, next_frame};
+use crate::transfer::{Applied, Hold, Pipeline, WriteFailure, discard_rest, next_frame};
 
 /// How a restore writes.
 #[derive(Debug, Clone, Copy)]
@@ -42,13 +42,14 @@ pub struct RestoreSettings {
     pub body_timeout: Duration,
 }
 
-/// Applies a sparse stream; its summary on success.
-pub async fn restore(backend: Arc<Backend>, body: Body, settings: RestoreSettings) -> Result<Restored, ApiError> {
+/// Applies a sparse stream; its summary on success. Each write holds
+/// `hold` (the target's claim) until it ends.
+pub async fn restore(backend: Arc<Backend>, body: Body, settings: RestoreSettings, hold: Hold) -> Result<Restored, ApiError> {
     let RestoreSettings { may_deallocate, flush, force, zero_tail, body_timeout } = settings;
     let mut frames = body.into_data_stream();
     let mut decoder = Decoder::new(backend.size());
     let mut buffer = BytesMut::new();
-    let mut pipeline = Pipeline::default();
+    let mut pipeline = Pipeline::new(hold);
     let mut skip_zero_frames = false;
     let mut input_done = false;
     let mut received = 0u64;
@@ -89,7 +90,10 @@ pub async fn restore(backend: Arc<Backend>, body: Body, settings: RestoreSetting
                     tail = Some(meta.virtual_size..backend.size());
                 }
                 checkpoint = meta.checkpoint;
-                skip_zero_frames = !meta.incremental && reads_as_zeros(&backend).await?;
+                // Zeros are skipped on a target that reads as zeros, unless
+                // it lost writes: lost data reads as zeros too, and only
+                // writing those ranges again makes a flush succeed.
+                skip_zero_frames = !meta.incremental && !backend.lost_writes().await && reads_as_zeros(&backend).await?;
                 Ok(())
             }
             Event::Data { offset, data } => {
@@ -155,7 +159,7 @@ fn check_meta(meta: &Meta, target_size: u64, zero_tail: bool, force: bool) -> Re
         return refuse("a full stream (incremental false) names since; only incrementals continue from a checkpoint".into());
     }
     let size = meta.virtual_size;
-    if size == target_size || (size < target_size && zero_tail && !meta.incremental) {
+    if size == target_size || (0 < size && size < target_size && zero_tail && !meta.incremental) {
         return Ok(());
     }
     let advice = if size < target_size && !meta.incremental {

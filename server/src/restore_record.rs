@@ -15,7 +15,8 @@
 //! links of its chain.
 //!
 //! A restore has its target to itself: while one runs, other writes and
-//! restores into the same target (through any ticket) are refused with
+//! restores into the same target (through any ticket or path: claims are
+//! keyed by the file's device and inode) are refused with
 //! 409, and a restore does not start while writes are running, so the
 //! checkpoint it records describes what it wrote and nothing else.
 
@@ -93,7 +94,7 @@ impl Drop for Claim {
 /// Claims the target for a write or a restore. A restore runs alone; a
 /// write runs beside other writes.
 fn claim(backend: &Backend, restore: bool) -> ApiResult<Claim> {
-    let target = backend.target().to_string();
+    let target = backend.identity().to_string();
     let mut activity = ACTIVITY.lock();
     let entry = activity.entry(target.clone()).or_default();
     if entry.restoring {

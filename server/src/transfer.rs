@@ -307,10 +307,18 @@ pub async fn next_frame(frames: &mut BodyDataStream, timeout: Duration, received
     }
 }
 
+/// What every write of a request holds until the storage answered it,
+/// even after the request itself is gone (a client that disconnects, a
+/// canceled ticket): the target's claim, so that nothing else starts on
+/// the target while those writes may still land.
+pub type Hold = Arc<dyn std::any::Any + Send + Sync>;
+
 /// Where a PUT body goes.
 pub struct WriteTarget {
     /// The image.
     pub backend: Arc<Backend>,
+    /// Held by each write until it ends.
+    pub hold: Hold,
     /// Offset of the first byte.
     pub start: u64,
     /// Most bytes accepted.
@@ -322,9 +330,9 @@ pub struct WriteTarget {
 /// Writes `body` at `target.start`, refusing (before writing them) bytes
 /// beyond `target.limit`. Returns the number of bytes written.
 pub async fn write_body(target: WriteTarget, body: Body, over_limit: impl Fn(u64) -> ApiError) -> Result<u64, WriteFailure> {
-    let WriteTarget { backend, start, limit, body_timeout } = target;
+    let WriteTarget { backend, hold, start, limit, body_timeout } = target;
     let mut frames = body.into_data_stream();
-    let mut pipeline = Pipeline::default();
+    let mut pipeline = Pipeline::new(hold);
     let mut buffer = Vec::new();
     let mut offset = start;
     let mut received = 0u64;
@@ -370,14 +378,20 @@ pub async fn write_body(target: WriteTarget, body: Body, over_limit: impl Fn(u64
 }
 
 /// Writes in flight, oldest first, at most [`PIPELINE_DEPTH`]; each is a
-/// task, so it makes progress while the caller waits for more input.
-#[derive(Default)]
+/// task, so it makes progress while the caller waits for more input, and
+/// holds the pipeline's [`Hold`] until it ends.
 pub struct Pipeline {
     in_flight: VecDeque<(Applied, JoinHandle<Result<(), ApiError>>)>,
     applied: Applied,
+    hold: Hold,
 }
 
 impl Pipeline {
+    /// A pipeline whose writes hold `hold`.
+    pub fn new(hold: Hold) -> Pipeline {
+        Pipeline { in_flight: VecDeque::new(), applied: Applied::default(), hold }
+    }
+
     /// Starts writing `data` at `offset`.
     pub async fn write(&mut self, backend: &Arc<Backend>, offset: u64, data: Bytes) -> Result<(), ApiError> {
         let work = Applied { data: data.len() as u64, zeros: 0 };
@@ -402,7 +416,14 @@ impl Pipeline {
         if self.in_flight.len() >= PIPELINE_DEPTH {
             self.wait_oldest().await?;
         }
-        self.in_flight.push_back((work, tokio::spawn(operation)));
+        let hold = self.hold.clone();
+        self.in_flight.push_back((
+            work,
+            tokio::spawn(async move {
+                let _hold = hold;
+                operation.await
+            }),
+        ));
         Ok(())
     }
 

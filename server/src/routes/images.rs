@@ -4,6 +4,8 @@
 //! body is read, so `Expect: 100-continue` clients get the refusal instead
 //! of a 100.
 
+use std::sync::Arc;
+
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -21,7 +23,7 @@ use crate::restore::{RestoreSettings, restore};
 use crate::restore_record;
 use crate::server::ConnectionCut;
 use crate::tickets::{Access, Operation, Ticket};
-use crate::transfer::{WriteTarget, cancelable, discard_body, guard_body, read_body, with_known_length, write_body};
+use crate::transfer::{Hold, WriteTarget, cancelable, discard_body, guard_body, read_body, with_known_length, write_body};
 
 const ALLOW_WRITABLE: &str = "OPTIONS,HEAD,GET,PUT,PATCH";
 const ALLOW_READ_ONLY: &str = "OPTIONS,HEAD,GET";
@@ -180,11 +182,12 @@ pub async fn put(
             return Err(error);
         }
     };
-    let PutPlan { operation, start, expected, flush, force, zero_tail, format, claim: _claim } = plan;
+    let PutPlan { operation, start, expected, flush, force, zero_tail, format, claim } = plan;
     let ticket = operation.ticket().clone();
+    let hold: Hold = Arc::new(claim);
     if format == Format::Sparse {
         let settings = RestoreSettings { may_deallocate: ticket.sparse, flush, force, zero_tail, body_timeout: state.body_timeout };
-        let restored = cancelable(restore(ticket.backend.clone(), body, settings), &ticket).await?;
+        let restored = cancelable(restore(ticket.backend.clone(), body, settings, hold), &ticket).await?;
         return Ok(Json(restored).into_response());
     }
     let size = ticket.backend.size();
@@ -194,7 +197,7 @@ pub async fn put(
         None => ApiError::range(format!("request body passes the end of the image ({size} bytes) at offset {}", start + received), size),
     };
     let writing = async {
-        let target = WriteTarget { backend: ticket.backend.clone(), start, limit, body_timeout: state.body_timeout };
+        let target = WriteTarget { backend: ticket.backend.clone(), hold, start, limit, body_timeout: state.body_timeout };
         write_body(target, body, over_limit).await.map_err(|failure| {
             tracing::warn!(written = failure.applied.data, error = %failure.error, "PUT failed");
             with_written(failure.error, failure.applied.data)
@@ -313,8 +316,21 @@ async fn zero(ticket: &Ticket, offset: u64, length: u64, flush: bool) -> ApiResu
             size,
         ));
     }
-    let _claim = restore_record::begin_write(&ticket.backend)?;
-    ticket.backend.zero(offset, length, ticket.sparse).await?;
+    if length == 0 {
+        // Nothing to write: no claim, and the chain record stays.
+        return if flush { ticket.backend.flush().await } else { Ok(()) };
+    }
+    let claim = restore_record::begin_write(&ticket.backend)?;
+    // A task of its own, holding the claim until the storage answers,
+    // even if this request is dropped meanwhile.
+    let backend = ticket.backend.clone();
+    let may_deallocate = ticket.sparse;
+    tokio::spawn(async move {
+        let _claim = claim;
+        backend.zero(offset, length, may_deallocate).await
+    })
+    .await
+    .map_err(|error| ApiError::Internal(format!("zero task failed: {error}")))??;
     if flush {
         ticket.backend.flush().await?;
     }

@@ -55,7 +55,8 @@ async fn kill_daemon(server: &Server) {
 async fn put_retrying(server: &Server, offset: u64, data: &[u8], query: &str) -> (StatusCode, String) {
     let range = format!("bytes {offset}-{}/*", offset + data.len() as u64 - 1);
     for _ in 0..200 {
-        let response = server.client().put(server.image_url("disk") + query).header("content-range", &range).body(data.to_vec()).send().await;
+        let response =
+            server.client().put(server.image_url("disk") + query).header("content-range", &range).body(data.to_vec()).send().await;
         let Ok(response) = response else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
@@ -263,11 +264,18 @@ async fn attack_u64_max_numbers_are_refused_cleanly() {
         format!("bytes 0-0/{max}"),
         "bytes 18446744073709551616-18446744073709551617/*".to_string(),
     ] {
-        let response = server.client().put(server.image_url("disk")).header("content-range", &range).body(vec![1u8; 2]).send().await.unwrap();
+        let response =
+            server.client().put(server.image_url("disk")).header("content-range", &range).body(vec![1u8; 2]).send().await.unwrap();
         let status = response.status();
         let text = response.text().await.unwrap();
         assert!(status.is_client_error(), "Content-Range {range}: {status} {text}");
-        let response = server.client().get(server.image_url("disk")).header("range", range.replace("bytes ", "bytes=").split('/').next().unwrap()).send().await.unwrap();
+        let response = server
+            .client()
+            .get(server.image_url("disk"))
+            .header("range", range.replace("bytes ", "bytes=").split('/').next().unwrap())
+            .send()
+            .await
+            .unwrap();
         let status = response.status();
         assert!(status.is_client_error() || status == StatusCode::OK || status == StatusCode::PARTIAL_CONTENT, "Range {range}: {status}");
     }
@@ -323,14 +331,16 @@ async fn attack_a_restore_cut_off_mid_body_releases_its_claim() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         // While it runs, other writes are 409.
         let range = "bytes 0-0/*";
-        let status = server.client().put(server.image_url("disk")).header("content-range", range).body(vec![1u8]).send().await.unwrap().status();
+        let status =
+            server.client().put(server.image_url("disk")).header("content-range", range).body(vec![1u8]).send().await.unwrap().status();
         assert_eq!(status, StatusCode::CONFLICT, "a write during a restore");
         sender.send(Err(std::io::Error::other("client goes away"))).await.unwrap();
         drop(sender);
         let _ = response.await.unwrap();
         let mut last = StatusCode::CONFLICT;
         for _ in 0..50 {
-            last = server.client().put(server.image_url("disk")).header("content-range", range).body(vec![1u8]).send().await.unwrap().status();
+            last =
+                server.client().put(server.image_url("disk")).header("content-range", range).body(vec![1u8]).send().await.unwrap().status();
             if last != StatusCode::CONFLICT {
                 break;
             }
@@ -484,7 +494,14 @@ async fn attack_a_timed_out_write_lands_after_a_later_write_that_was_flushed_200
         let [pid] = daemon_pids(&server)[..] else { panic!("one daemon") };
         kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).unwrap();
         let range = format!("bytes 0-{}/*", stale.len() - 1);
-        let response = server.client().put(server.image_url("disk") + "?flush=n").header("content-range", range).body(stale.clone()).send().await.unwrap();
+        let response = server
+            .client()
+            .put(server.image_url("disk") + "?flush=n")
+            .header("content-range", range)
+            .body(stale.clone())
+            .send()
+            .await
+            .unwrap();
         let stale_status = response.status();
         let flush_frozen = server.client().patch(server.image_url("disk")).json(&json!({"op": "flush"})).send().await.unwrap().status();
         let later = {
@@ -504,7 +521,13 @@ async fn attack_a_timed_out_write_lands_after_a_later_write_that_was_flushed_200
         let flush_status = flush.status();
         let flush_text = flush.text().await.unwrap();
         let image = read_back(&server).await;
-        let holds = if image[..4096] == fresh[..] { "fresh" } else if image[..4096] == stale[..4096] { "STALE" } else { "other" };
+        let holds = if image[..4096] == fresh[..] {
+            "fresh"
+        } else if image[..4096] == stale[..4096] {
+            "STALE"
+        } else {
+            "other"
+        };
         log.push(format!("round {round}: stale PUT {stale_status}, flush while frozen {flush_frozen}, later PUT {later_status}, flush {flush_status} {flush_text:?}, image holds {holds}"));
         if later_status == StatusCode::OK && flush_status == StatusCode::OK {
             assert_eq!(holds, "fresh", "{}", log.join("\n"));
@@ -542,7 +565,8 @@ async fn attack_a_timed_out_write_on_slow_storage_lands_after_a_200_flush() {
             "thread_model=echo parallel",
         ],
     );
-    let server = Server::try_start(dir.path(), &[format!("disk={}", slow.uri())], &["--nbd-timeout", "1"]).await.unwrap_or_else(|e| panic!("{e}"));
+    let server =
+        Server::try_start(dir.path(), &[format!("disk={}", slow.uri())], &["--nbd-timeout", "1"]).await.unwrap_or_else(|e| panic!("{e}"));
     let stale = random_bytes(MIB as usize, 41);
     let response = server
         .client()
@@ -557,7 +581,15 @@ async fn attack_a_timed_out_write_on_slow_storage_lands_after_a_200_flush() {
     let fresh = vec![0xabu8; 4096];
     let mut fresh_status = StatusCode::BAD_GATEWAY;
     for _ in 0..20 {
-        fresh_status = server.client().put(server.image_url("disk")).header("content-range", "bytes 0-4095/*").body(fresh.clone()).send().await.unwrap().status();
+        fresh_status = server
+            .client()
+            .put(server.image_url("disk"))
+            .header("content-range", "bytes 0-4095/*")
+            .body(fresh.clone())
+            .send()
+            .await
+            .unwrap()
+            .status();
         if fresh_status == StatusCode::OK {
             break;
         }
@@ -569,7 +601,15 @@ async fn attack_a_timed_out_write_on_slow_storage_lands_after_a_200_flush() {
     let right_after = std::fs::read(&file).unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let later = std::fs::read(&file).unwrap();
-    let holds = |bytes: &[u8]| if bytes[..4096] == fresh[..] { "fresh" } else if bytes[..4096] == stale[..4096] { "STALE" } else { "zeros/other" };
+    let holds = |bytes: &[u8]| {
+        if bytes[..4096] == fresh[..] {
+            "fresh"
+        } else if bytes[..4096] == stale[..4096] {
+            "STALE"
+        } else {
+            "zeros/other"
+        }
+    };
     let summary = format!(
         "1 MiB PUT: {stale_status} {stale_text:?}; 4 KiB PUT of other bytes: {fresh_status}; flush: {flush_status} {flush_text:?}; the store right after: {}, 5 s later: {}",
         holds(&right_after),
@@ -617,9 +657,15 @@ fn slow_store(dir: &Path, delay: u32) -> (Nbdkit, PathBuf) {
 async fn attack_a_cancelled_write_releases_its_claim_while_its_nbd_write_still_runs() {
     let dir = tempfile::tempdir().unwrap();
     let (_slow, file) = slow_store(dir.path(), 5);
-    let server = Server::try_start(dir.path(), &[format!("disk={}", _slow.uri())], &["--nbd-timeout", "30"]).await.unwrap_or_else(|e| panic!("{e}"));
+    let server =
+        Server::try_start(dir.path(), &[format!("disk={}", _slow.uri())], &["--nbd-timeout", "30"]).await.unwrap_or_else(|e| panic!("{e}"));
     let stale = random_bytes(MIB as usize, 51);
-    let request = server.client().put(server.image_url("disk")).header("content-range", format!("bytes 0-{}/*", stale.len() - 1)).body(stale.clone()).send();
+    let request = server
+        .client()
+        .put(server.image_url("disk"))
+        .header("content-range", format!("bytes 0-{}/*", stale.len() - 1))
+        .body(stale.clone())
+        .send();
     let abandoned = tokio::spawn(request);
     tokio::time::sleep(Duration::from_millis(700)).await;
     abandoned.abort();
@@ -633,7 +679,15 @@ async fn attack_a_cancelled_write_releases_its_claim_while_its_nbd_write_still_r
     let right_after = std::fs::read(&file).unwrap();
     tokio::time::sleep(Duration::from_secs(6)).await;
     let later = std::fs::read(&file).unwrap();
-    let holds = |bytes: &[u8]| if bytes[..4096] == fresh[..] { "the restore's" } else if bytes[..4096] == stale[..4096] { "THE ABANDONED WRITE'S" } else { "other" };
+    let holds = |bytes: &[u8]| {
+        if bytes[..4096] == fresh[..] {
+            "the restore's"
+        } else if bytes[..4096] == stale[..4096] {
+            "THE ABANDONED WRITE'S"
+        } else {
+            "other"
+        }
+    };
     let summary = format!(
         "restore while the abandoned write runs: {restore_status} {restore_text:?}; first 4 KiB right after: {}, 6 s later: {}",
         holds(&right_after),
@@ -667,7 +721,15 @@ async fn attack_two_tickets_on_one_image() {
         let response = tokio::spawn(request);
         sender.send(Ok(body[..100].to_vec())).await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let status = server.client().put(server.image_url("b")).header("content-range", "bytes 0-0/*").body(vec![9u8]).send().await.unwrap().status();
+        let status = server
+            .client()
+            .put(server.image_url("b"))
+            .header("content-range", "bytes 0-0/*")
+            .body(vec![9u8])
+            .send()
+            .await
+            .unwrap()
+            .status();
         sender.send(Ok(body[100..].to_vec())).await.unwrap();
         drop(sender);
         let restored = response.await.unwrap().unwrap().status();
@@ -699,7 +761,12 @@ async fn attack_two_writable_tickets_on_one_qcow2_must_not_both_open() {
     let one = random_bytes(4 * MIB as usize, 61);
     let two = random_bytes(4 * MIB as usize, 62);
     let put = |ticket: &str, offset: u64, data: &[u8]| {
-        server.client().put(server.image_url(ticket)).header("content-range", format!("bytes {offset}-{}/*", offset + data.len() as u64 - 1)).body(data.to_vec()).send()
+        server
+            .client()
+            .put(server.image_url(ticket))
+            .header("content-range", format!("bytes {offset}-{}/*", offset + data.len() as u64 - 1))
+            .body(data.to_vec())
+            .send()
     };
     let s1 = put("a", 0, &one).await.unwrap().status();
     let s2 = put("b", 8 * MIB, &two).await.unwrap().status();
@@ -707,11 +774,18 @@ async fn attack_two_writable_tickets_on_one_qcow2_must_not_both_open() {
     assert_eq!(control.delete("b").await, StatusCode::NO_CONTENT);
     let check = Command::new("qemu-img").args(["check", "-f", "qcow2", image.to_str().unwrap()]).output().unwrap();
     let check_text = String::from_utf8_lossy(&check.stdout).to_string() + &String::from_utf8_lossy(&check.stderr);
-    let view = Command::new("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw", image.to_str().unwrap(), root.join("view.raw").to_str().unwrap()]).output().unwrap();
+    let view = Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw", image.to_str().unwrap(), root.join("view.raw").to_str().unwrap()])
+        .output()
+        .unwrap();
     let bytes = std::fs::read(root.join("view.raw")).unwrap_or_default();
     let has_one = bytes.len() >= 4 * MIB as usize && bytes[..4 * MIB as usize] == one[..];
     let has_two = bytes.len() >= 12 * MIB as usize && bytes[8 * MIB as usize..12 * MIB as usize] == two[..];
-    let summary = format!("PUT a {s1}, PUT b {s2}; qemu-img check: {} {check_text}; convert ok: {}; image has a's data: {has_one}, b's: {has_two}", check.status, view.status.success());
+    let summary = format!(
+        "PUT a {s1}, PUT b {s2}; qemu-img check: {} {check_text}; convert ok: {}; image has a's data: {has_one}, b's: {has_two}",
+        check.status,
+        view.status.success()
+    );
     eprintln!("{summary}");
     assert!(check.status.success() && has_one && has_two, "{summary}");
 }
@@ -740,7 +814,15 @@ async fn attack_a_ticket_deleted_mid_restore_leaves_no_claim() {
     // The client keeps its connection open and silent.
     assert_eq!(control.add(&ticket("b", &image, &["read", "write"], 300)).await, StatusCode::OK);
     for _ in 0..30 {
-        let status = server.client().put(server.image_url("b")).header("content-range", "bytes 0-0/*").body(vec![9u8]).send().await.unwrap().status();
+        let status = server
+            .client()
+            .put(server.image_url("b"))
+            .header("content-range", "bytes 0-0/*")
+            .body(vec![9u8])
+            .send()
+            .await
+            .unwrap()
+            .status();
         statuses.push(status);
         if status == StatusCode::OK {
             break;
@@ -779,7 +861,8 @@ async fn attack_a_hard_link_escapes_the_restore_claim() {
     let response = tokio::spawn(request);
     sender.send(Ok(body[..100].to_vec())).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let status = server.client().put(server.image_url("b")).header("content-range", "bytes 0-0/*").body(vec![9u8]).send().await.unwrap().status();
+    let status =
+        server.client().put(server.image_url("b")).header("content-range", "bytes 0-0/*").body(vec![9u8]).send().await.unwrap().status();
     sender.send(Ok(body[100..].to_vec())).await.unwrap();
     drop(sender);
     let _ = response.await;
@@ -835,7 +918,8 @@ async fn attack_a_fifo_swapped_in_before_a_restart() {
     kill(Pid::from_raw(old as i32), Signal::SIGKILL).unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let started = std::time::Instant::now();
-    let response = server.client().get(server.image_url("disk")).header("range", "bytes=0-4095").timeout(Duration::from_secs(20)).send().await;
+    let response =
+        server.client().get(server.image_url("disk")).header("range", "bytes=0-4095").timeout(Duration::from_secs(20)).send().await;
     let status = response.as_ref().map(|r| r.status()).map_err(|e| e.to_string());
     eprintln!("GET with a FIFO in place: {status:?} after {:?}; daemons {:?}", started.elapsed(), daemon_pids(&server));
     assert!(matches!(status, Ok(s) if s.is_server_error()), "{status:?}");
@@ -912,12 +996,24 @@ async fn attack_a_read_only_ticket_beside_a_writable_one_on_a_qcow2() {
         return;
     }
     let data = random_bytes(4 * MIB as usize, 95);
-    let status = server.client().put(server.image_url("a")).header("content-range", format!("bytes 0-{}/*", data.len() - 1)).body(data.clone()).send().await.unwrap().status();
+    let status = server
+        .client()
+        .put(server.image_url("a"))
+        .header("content-range", format!("bytes 0-{}/*", data.len() - 1))
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap()
+        .status();
     assert_eq!(status, StatusCode::OK);
     let read = server.client().get(server.image_url("r")).header("range", format!("bytes=0-{}", data.len() - 1)).send().await.unwrap();
     let read_status = read.status();
     let bytes = read.bytes().await.unwrap();
-    assert!(bytes[..] == data[..], "the read-only ticket reads {} bytes ({read_status}) that are not what the writable ticket wrote and flushed", bytes.len());
+    assert!(
+        bytes[..] == data[..],
+        "the read-only ticket reads {} bytes ({read_status}) that are not what the writable ticket wrote and flushed",
+        bytes.len()
+    );
 }
 
 /// The CLI's size rules: larger is exit 2 even with --zero-tail; smaller

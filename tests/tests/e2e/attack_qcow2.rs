@@ -86,53 +86,87 @@ async fn attack_crafted_qcow2_headers_are_refused_quickly() {
     let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
         ("backing name with NUL", Box::new(move |b| with_backing(b, &nul_name, 4096, &[raw_fmt.clone()]))),
         ("backing name of 6 KB", Box::new(move |b| with_backing(b, long_name.as_bytes(), 4096, &[(0xe279_2aca, b"raw".to_vec())]))),
-        ("extension length past the header", Box::new(|b| {
-            put_u32(b, 112, 0xe279_2aca);
-            put_u32(b, 116, u32::MAX);
-        })),
-        ("extension length past the cluster, in the file", Box::new(|b| {
-            put_u32(b, 112, 0x4441_5441);
-            put_u32(b, 116, 70_000);
-            put_u64(b, 72, 4);
-        })),
+        (
+            "extension length past the header",
+            Box::new(|b| {
+                put_u32(b, 112, 0xe279_2aca);
+                put_u32(b, 116, u32::MAX);
+            }),
+        ),
+        (
+            "extension length past the cluster, in the file",
+            Box::new(|b| {
+                put_u32(b, 112, 0x4441_5441);
+                put_u32(b, 116, 70_000);
+                put_u64(b, 72, 4);
+            }),
+        ),
         ("header length u32::MAX", Box::new(|b| put_u32(b, 100, u32::MAX))),
         ("header length 0", Box::new(|b| put_u32(b, 100, 0))),
         ("data-file bit without a name", Box::new(|b| put_u64(b, 72, 4))),
-        ("data-file bit, name outside", Box::new({
-            let name = secret_name.clone();
-            move |b| {
-                put_u64(b, 72, 4);
-                with_backing(b, &[], 0, &[(0x4441_5441, name.clone())]);
-            }
-        })),
-        ("version 2 with an absolute backing outside", Box::new({
-            let name = secret_name.clone();
-            move |b| {
+        (
+            "data-file bit, name outside",
+            Box::new({
+                let name = secret_name.clone();
+                move |b| {
+                    put_u64(b, 72, 4);
+                    with_backing(b, &[], 0, &[(0x4441_5441, name.clone())]);
+                }
+            }),
+        ),
+        (
+            "version 2 with an absolute backing outside",
+            Box::new({
+                let name = secret_name.clone();
+                move |b| {
+                    put_u32(b, 4, 2);
+                    put_u64(b, 8, 4096);
+                    put_u32(b, 16, name.len() as u32);
+                    b[4096..4096 + name.len()].copy_from_slice(&name);
+                }
+            }),
+        ),
+        (
+            "version 2 relative backing ..",
+            Box::new(|b| {
+                let name = b"../outside/secret.raw";
                 put_u32(b, 4, 2);
                 put_u64(b, 8, 4096);
                 put_u32(b, 16, name.len() as u32);
-                b[4096..4096 + name.len()].copy_from_slice(&name);
-            }
-        })),
-        ("version 2 relative backing ..", Box::new(|b| {
-            let name = b"../outside/secret.raw";
-            put_u32(b, 4, 2);
-            put_u64(b, 8, 4096);
-            put_u32(b, 16, name.len() as u32);
-            b[4096..4096 + name.len()].copy_from_slice(name);
-        })),
-        ("backing offset u64::MAX", Box::new(|b| {
-            put_u64(b, 8, u64::MAX);
-            put_u32(b, 16, 10);
-        })),
-        ("backing offset past the 2 MiB read, size u32::MAX", Box::new(|b| {
-            put_u64(b, 8, 3 << 20);
-            put_u32(b, 16, u32::MAX);
-        })),
+                b[4096..4096 + name.len()].copy_from_slice(name);
+            }),
+        ),
+        (
+            "backing offset u64::MAX",
+            Box::new(|b| {
+                put_u64(b, 8, u64::MAX);
+                put_u32(b, 16, 10);
+            }),
+        ),
+        (
+            "backing offset past the 2 MiB read, size u32::MAX",
+            Box::new(|b| {
+                put_u64(b, 8, 3 << 20);
+                put_u32(b, 16, u32::MAX);
+            }),
+        ),
         ("backing format json", Box::new(|b| with_backing(b, b"base.raw", 4096, &[(0xe279_2aca, b"json".to_vec())]))),
         ("backing format vmdk", Box::new(|b| with_backing(b, b"base.raw", 4096, &[(0xe279_2aca, b"vmdk".to_vec())]))),
-        ("backing format qcow2 on a raw file naming a host file", Box::new(|b| with_backing(b, b"base.raw", 4096, &[(0xe279_2aca, b"qcow2".to_vec())]))),
-        ("json: backing", Box::new(|b| with_backing(b, br#"json:{"driver":"raw","file":{"driver":"file","filename":"/etc/passwd"}}"#, 4096, &[(0xe279_2aca, b"raw".to_vec())]))),
+        (
+            "backing format qcow2 on a raw file naming a host file",
+            Box::new(|b| with_backing(b, b"base.raw", 4096, &[(0xe279_2aca, b"qcow2".to_vec())])),
+        ),
+        (
+            "json: backing",
+            Box::new(|b| {
+                with_backing(
+                    b,
+                    br#"json:{"driver":"raw","file":{"driver":"file","filename":"/etc/passwd"}}"#,
+                    4096,
+                    &[(0xe279_2aca, b"raw".to_vec())],
+                )
+            }),
+        ),
         ("backing file is the image directory", Box::new(|b| with_backing(b, b".", 4096, &[(0xe279_2aca, b"raw".to_vec())]))),
         ("backing is /proc/self/fd/0 style", Box::new(|b| with_backing(b, b"/dev/stdin", 4096, &[(0xe279_2aca, b"raw".to_vec())]))),
     ];
@@ -163,7 +197,13 @@ async fn attack_crafted_qcow2_headers_are_refused_quickly() {
     eprintln!("{}", report.join("\n"));
     // Those that must be refused.
     for line in &report {
-        if line.starts_with("json") || line.contains("outside") || line.contains("NUL") || line.contains("data-file bit") || line.contains("/dev/stdin") || line.contains("version 2") {
+        if line.starts_with("json")
+            || line.contains("outside")
+            || line.contains("NUL")
+            || line.contains("data-file bit")
+            || line.contains("/dev/stdin")
+            || line.contains("version 2")
+        {
             assert!(line.contains("refused"), "{line}");
         }
     }
