@@ -43,8 +43,27 @@ pub struct RestoreSettings {
 }
 
 /// Applies a sparse stream; its summary on success. Each write holds
-/// `hold` (the target's claim) until it ends.
+/// `hold` (the target's claim) until it ends. An incremental that fails
+/// after it was admitted leaves a record that lets the same incremental
+/// be applied again.
 pub async fn restore(backend: Arc<Backend>, body: Body, settings: RestoreSettings, hold: Hold) -> Result<Restored, ApiError> {
+    let mut admitted = None;
+    let result = apply(backend.clone(), body, settings, hold, &mut admitted).await;
+    if let (Err(_), Some((since, checkpoint))) = (&result, admitted) {
+        restore_record::interrupted(&backend, &since, &checkpoint)?;
+    }
+    result
+}
+
+/// Applies the stream; `admitted` says which incremental (since,
+/// checkpoint) passed the chain check once it has.
+async fn apply(
+    backend: Arc<Backend>,
+    body: Body,
+    settings: RestoreSettings,
+    hold: Hold,
+    admitted: &mut Option<(String, String)>,
+) -> Result<Restored, ApiError> {
     let RestoreSettings { may_deallocate, flush, force, zero_tail, body_timeout } = settings;
     let mut frames = body.into_data_stream();
     let mut decoder = Decoder::new(backend.size());
@@ -80,11 +99,14 @@ pub async fn restore(backend: Arc<Backend>, body: Body, settings: RestoreSetting
         };
         let applied = match event {
             Event::Meta(meta) => {
-                let admitted = check_meta(&meta, backend.size(), zero_tail, force)
+                let verdict = check_meta(&meta, backend.size(), zero_tail, force)
                     .and_then(|()| restore_record::admit(&backend, meta.since.as_deref(), meta.checkpoint.as_deref(), force));
-                if let Err(refused) = admitted {
+                if let Err(refused) = verdict {
                     discard_rest(frames);
                     return Err(refused);
+                }
+                if let (true, Some(since), Some(checkpoint)) = (meta.incremental, &meta.since, &meta.checkpoint) {
+                    *admitted = Some((since.clone(), checkpoint.clone()));
                 }
                 if meta.virtual_size < backend.size() {
                     tail = Some(meta.virtual_size..backend.size());

@@ -38,6 +38,11 @@ struct Reached {
     target: String,
     checkpoint: String,
     restored: String,
+    /// An incremental from `checkpoint` to this one failed part-way: the
+    /// target holds `checkpoint` and part of that incremental, so only
+    /// the same incremental may be applied again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    interrupted: Option<String>,
 }
 
 fn record_path(backend: &Backend) -> std::path::PathBuf {
@@ -48,15 +53,30 @@ fn failed(error: impl std::fmt::Display) -> ApiError {
     ApiError::Internal(format!("restore record: {error:#}"))
 }
 
-/// The checkpoint the target reached, if a restore recorded one.
-pub fn reached(backend: &Backend) -> ApiResult<Option<String>> {
-    Ok(state_file::load::<Reached>(&record_path(backend)).map_err(failed)?.map(|reached| reached.checkpoint))
+fn load(backend: &Backend) -> ApiResult<Option<Reached>> {
+    state_file::load::<Reached>(&record_path(backend)).map_err(failed)
+}
+
+fn save(backend: &Backend, checkpoint: &str, interrupted: Option<&str>) -> ApiResult<()> {
+    let reached = Reached {
+        target: backend.target().to_string(),
+        checkpoint: checkpoint.to_string(),
+        restored: now_rfc3339(),
+        interrupted: interrupted.map(str::to_string),
+    };
+    state_file::save(&record_path(backend), &reached).map_err(failed)
 }
 
 /// Records that the target now holds the image at `checkpoint`.
 pub fn set(backend: &Backend, checkpoint: &str) -> ApiResult<()> {
-    let reached = Reached { target: backend.target().to_string(), checkpoint: checkpoint.to_string(), restored: now_rfc3339() };
-    state_file::save(&record_path(backend), &reached).map_err(failed)
+    save(backend, checkpoint, None)
+}
+
+/// Records that the incremental `since` → `checkpoint` failed part-way
+/// (the NBD server lost its writes, the body was cut): applying the same
+/// incremental again completes it; nothing else continues from here.
+pub fn interrupted(backend: &Backend, since: &str, checkpoint: &str) -> ApiResult<()> {
+    save(backend, since, Some(checkpoint))
 }
 
 /// What runs into each target, process-wide.
@@ -145,10 +165,17 @@ pub fn admit(backend: &Backend, since: Option<&str>, checkpoint: Option<&str>, f
         }
     }
     if let Some(since) = since {
-        let reached = reached(backend)?;
-        if reached.as_deref() != Some(since) && !force {
+        let reached = load(backend)?;
+        let continues = reached
+            .as_ref()
+            .is_some_and(|reached| reached.checkpoint == since && reached.interrupted.as_deref().is_none_or(|to| Some(to) == checkpoint));
+        if !continues && !force {
             let at = match &reached {
-                Some(reached) => format!("the target is at checkpoint {reached:?}"),
+                Some(Reached { checkpoint, interrupted: Some(to), .. }) => format!(
+                    "the target holds checkpoint {checkpoint:?} and part of the incremental to {to:?}, which failed part-way \
+                     (apply that incremental again)"
+                ),
+                Some(reached) => format!("the target is at checkpoint {:?}", reached.checkpoint),
                 None => "the target has no checkpoint recorded (restore the full backup of the chain first)".to_string(),
             };
             return Err(ApiError::Conflict(format!(

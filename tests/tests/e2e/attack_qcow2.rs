@@ -37,6 +37,9 @@ fn real_header(dir: &Path, name: &str) -> (PathBuf, Vec<u8>) {
     (path, bytes)
 }
 
+/// A change made to a qcow2 header.
+type HeaderEdit = Box<dyn Fn(&mut Vec<u8>)>;
+
 fn put_u32(bytes: &mut [u8], at: usize, value: u32) {
     bytes[at..at + 4].copy_from_slice(&value.to_be_bytes());
 }
@@ -83,8 +86,8 @@ async fn attack_crafted_qcow2_headers_are_refused_quickly() {
     let mut nul_name = b"base.raw\0".to_vec();
     nul_name.extend(b"../outside/secret.raw");
     let long_name = format!("{}base.raw", "./".repeat(3000));
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
-        ("backing name with NUL", Box::new(move |b| with_backing(b, &nul_name, 4096, &[raw_fmt.clone()]))),
+    let cases: Vec<(&str, HeaderEdit)> = vec![
+        ("backing name with NUL", Box::new(move |b| with_backing(b, &nul_name, 4096, std::slice::from_ref(&raw_fmt)))),
         ("backing name of 6 KB", Box::new(move |b| with_backing(b, long_name.as_bytes(), 4096, &[(0xe279_2aca, b"raw".to_vec())]))),
         (
             "extension length past the header",
