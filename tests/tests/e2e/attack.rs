@@ -12,31 +12,6 @@ use serde_json::{Value, json};
 
 use crate::common::*;
 
-fn frame(kind: &str, start: u64, length: u64, payload: &[u8]) -> Vec<u8> {
-    let mut frame = format!("{kind} {start:016x} {length:016x}\r\n").into_bytes();
-    if !payload.is_empty() {
-        frame.extend_from_slice(payload);
-        frame.extend_from_slice(b"\r\n");
-    }
-    frame
-}
-
-fn meta_frame(meta: &Value) -> Vec<u8> {
-    let json = serde_json::to_vec(meta).unwrap();
-    frame("meta", 0, json.len() as u64, &json)
-}
-
-/// meta, data at 0, zeros to `size`, stop.
-fn stream(meta: Value, data: &[u8], size: u64) -> Vec<u8> {
-    let mut stream = meta_frame(&meta);
-    stream.extend(frame("data", 0, data.len() as u64, data));
-    if size > data.len() as u64 {
-        stream.extend(frame("zero", data.len() as u64, size - data.len() as u64, &[]));
-    }
-    stream.extend(frame("stop", 0, 0, &[]));
-    stream
-}
-
 async fn serve(dir: &Path, name: &str, format: &str, size: &str, extra: &[&str]) -> (PathBuf, Server) {
     let image = dir.join(format!("{name}.{format}"));
     let server = Server::try_start(dir, &[format!("disk={},size={size},format={format}", image.display())], extra)
@@ -45,33 +20,7 @@ async fn serve(dir: &Path, name: &str, format: &str, size: &str, extra: &[&str])
     (image, server)
 }
 
-async fn kill_daemon(server: &Server) {
-    let [old] = daemon_pids(server)[..] else { panic!("one qemu-storage-daemon child") };
-    kill(Pid::from_raw(old as i32), Signal::SIGKILL).unwrap();
-    wait_until("a new qemu-storage-daemon runs", async || daemon_pids(server).iter().any(|&pid| pid != old)).await;
-}
-
-/// PUT at `offset`; a 502 that is not the ledger's (daemon coming back) is retried.
-async fn put_retrying(server: &Server, offset: u64, data: &[u8], query: &str) -> (StatusCode, String) {
-    let range = format!("bytes {offset}-{}/*", offset + data.len() as u64 - 1);
-    for _ in 0..200 {
-        let response =
-            server.client().put(server.image_url("disk") + query).header("content-range", &range).body(data.to_vec()).send().await;
-        let Ok(response) = response else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        if status != StatusCode::BAD_GATEWAY || text.contains("writes may be lost") {
-            return (status, text);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the restarted daemon never took a write");
-}
-
-async fn patch(server: &Server, body: Value) -> (StatusCode, String) {
+async fn patch_retrying(server: &Server, body: Value) -> (StatusCode, String) {
     for _ in 0..200 {
         let response = server.client().patch(server.image_url("disk")).json(&body).send().await.unwrap();
         let status = response.status();
@@ -194,7 +143,7 @@ async fn concurrent_writers_and_kills(format: &str, connections: &str) {
         }
         kill_daemon(&server).await;
         for attempt in 0..3 {
-            let (status, text) = patch(&server, json!({"op": "flush"})).await;
+            let (status, text) = patch_retrying(&server, json!({"op": "flush"})).await;
             assert_eq!(status, StatusCode::BAD_GATEWAY, "round {round} flush {attempt} after a kill: {text}");
         }
         // Rewrite three of the four: still 502.
@@ -208,18 +157,18 @@ async fn concurrent_writers_and_kills(format: &str, connections: &str) {
             let data = &chunks[(round * 4 + index as usize) % 8];
             assert_eq!(put_retrying(&server, index * 8 * MIB, data, "?flush=n").await.0, StatusCode::OK);
         }
-        let (status, text) = patch(&server, json!({"op": "flush"})).await;
+        let (status, text) = patch_retrying(&server, json!({"op": "flush"})).await;
         assert_eq!(status, StatusCode::BAD_GATEWAY, "round {round}: one range never written again: {text}");
         let data = &chunks[(round * 4 + 3) % 8];
         assert_eq!(put_retrying(&server, 3 * 8 * MIB, data, "?flush=n").await.0, StatusCode::OK);
-        let (status, text) = patch(&server, json!({"op": "flush"})).await;
+        let (status, text) = patch_retrying(&server, json!({"op": "flush"})).await;
         assert_eq!(status, StatusCode::OK, "round {round}: everything written again: {text}");
         // A 200 flush is durable: another kill loses nothing.
         kill_daemon(&server).await;
         let image = read_back(&server).await;
         // Earlier rounds' data that was overwritten is the same layout, so compare the whole image.
         assert!(image == expected, "round {round}: after a 200 flush and a kill the image differs");
-        let (status, text) = patch(&server, json!({"op": "flush"})).await;
+        let (status, text) = patch_retrying(&server, json!({"op": "flush"})).await;
         assert_eq!(status, StatusCode::OK, "round {round}: nothing unflushed, a flush after the kill is 200: {text}");
     }
 }
@@ -253,7 +202,7 @@ async fn attack_u64_max_numbers_are_refused_cleanly() {
         json!({"op": "zero", "offset": max - 1, "size": 2}),
         json!({"op": "zero", "offset": 1, "size": max}),
     ] {
-        let (status, text) = patch(&server, body.clone()).await;
+        let (status, text) = patch_retrying(&server, body.clone()).await;
         assert!(status.is_client_error() || status == StatusCode::OK, "{body}: {status} {text}");
         eprintln!("{body} -> {status} {text}");
     }
@@ -366,7 +315,7 @@ async fn attack_restore_claims_under_force_and_zero() {
     let response = tokio::spawn(request);
     sender.send(Ok(body[..200].to_vec())).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (status, text) = patch(&server, json!({"op": "zero", "offset": 0, "size": MIB})).await;
+    let (status, text) = patch_retrying(&server, json!({"op": "zero", "offset": 0, "size": MIB})).await;
     assert_eq!(status, StatusCode::CONFLICT, "PATCH zero during a forced restore: {text}");
     let other = stream_whole(&server).await;
     assert_eq!(other, StatusCode::CONFLICT, "a second restore during the first");
@@ -662,9 +611,7 @@ async fn attack_two_writable_tickets_on_one_qcow2_must_not_both_open() {
     let image = root.join("disk.qcow2");
     create_image(&image, "qcow2", "16M");
     let (server, control) = start_with_control(&root, &[]).await;
-    let mut a = ticket("a", &image, &["read", "write"], 300);
-    a["size"] = json!(16 * MIB);
-    a["format"] = json!("qcow2");
+    let a = qcow2_ticket("a", &image, &["read", "write"], 16 * MIB);
     let mut b = a.clone();
     b["uuid"] = json!("b");
     let added_a = control.add(&a).await;
@@ -904,12 +851,8 @@ async fn attack_a_read_only_ticket_beside_a_writable_one_on_a_qcow2() {
     let image = root.join("disk.qcow2");
     create_image(&image, "qcow2", "16M");
     let (server, control) = start_with_control(&root, &[]).await;
-    let mut a = ticket("a", &image, &["read", "write"], 300);
-    a["size"] = json!(16 * MIB);
-    a["format"] = json!("qcow2");
-    let mut r = ticket("r", &image, &["read"], 300);
-    r["size"] = json!(16 * MIB);
-    r["format"] = json!("qcow2");
+    let a = qcow2_ticket("a", &image, &["read", "write"], 16 * MIB);
+    let r = qcow2_ticket("r", &image, &["read"], 16 * MIB);
     let added_a = control.add(&a).await;
     let added_r = control.add(&r).await;
     eprintln!("qcow2 writable ticket: {added_a}, read-only ticket: {added_r}");

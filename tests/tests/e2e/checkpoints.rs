@@ -272,10 +272,6 @@ async fn writes_during_an_incremental_land_in_the_next_one() {
 }
 
 /// A control ticket for a qcow2 image of `size` bytes.
-fn qcow2_ticket(id: &str, image: &Path, ops: &[&str]) -> Value {
-    json!({"uuid": id, "size": SIZE, "url": format!("file://{}", image.display()), "ops": ops, "timeout": 300, "format": "qcow2"})
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_ids_raw_images_uris_and_ticket_ops_answer_as_the_contract_says() {
     let dir = tempfile::tempdir().unwrap();
@@ -286,7 +282,7 @@ async fn limits_ids_raw_images_uris_and_ticket_ops_answer_as_the_contract_says()
     create_image(&nbd_image, "qcow2", "32M");
     let nbd = QemuNbd::start(&nbd_image, "qcow2", &dir.path().join("nbd.sock"));
     let (server, control) = start_with_control(dir.path(), &[]).await;
-    assert_eq!(control.add(&qcow2_ticket("rw", &image, &["read", "write"])).await, StatusCode::OK);
+    assert_eq!(control.add(&qcow2_ticket("rw", &image, &["read", "write"], SIZE)).await, StatusCode::OK);
     let client = server.client();
 
     for (body, status) in [
@@ -326,7 +322,7 @@ async fn limits_ids_raw_images_uris_and_ticket_ops_answer_as_the_contract_says()
 
     // A read-only ticket lists but may not change, unless it has the
     // checkpoint op, which still gives no write access to data.
-    assert_eq!(control.add(&qcow2_ticket("ro", &image, &["read"])).await, StatusCode::OK);
+    assert_eq!(control.add(&qcow2_ticket("ro", &image, &["read"], SIZE)).await, StatusCode::OK);
     assert_eq!(list(&server, "ro").await.len(), 1);
     assert_eq!(post_checkpoint(&server, "ro", json!({"id": "n1"})).await.0, StatusCode::FORBIDDEN);
     let response = client.get(format!("{}?format=sparse&checkpoint=n1", server.image_url("ro"))).send().await.unwrap();
@@ -334,7 +330,7 @@ async fn limits_ids_raw_images_uris_and_ticket_ops_answer_as_the_contract_says()
     let response = client.delete(format!("{}/checkpoints/{}", server.image_url("ro"), made["id"].as_str().unwrap())).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
     assert_eq!(control.delete("ro").await, StatusCode::NO_CONTENT);
-    assert_eq!(control.add(&qcow2_ticket("backup", &image, &["read", "checkpoint"])).await, StatusCode::OK);
+    assert_eq!(control.add(&qcow2_ticket("backup", &image, &["read", "checkpoint"], SIZE)).await, StatusCode::OK);
     assert_eq!(post_checkpoint(&server, "backup", json!({"id": "n1"})).await.0, StatusCode::CREATED);
     let stream = get_stream(&client, format!("{}?format=sparse&since=n1&checkpoint=n2", server.image_url("backup"))).await;
     assert_eq!(meta(&stream)["checkpoint"], "n2");
@@ -344,7 +340,7 @@ async fn limits_ids_raw_images_uris_and_ticket_ops_answer_as_the_contract_says()
 
     // A stream whose meta frame names a checkpoint no id can be (bytes a
     // client wrote, read back as metadata) is refused before any write.
-    assert_eq!(control.add(&qcow2_ticket("restore", &image, &["read", "write"])).await, StatusCode::OK);
+    assert_eq!(control.add(&qcow2_ticket("restore", &image, &["read", "write"], SIZE)).await, StatusCode::OK);
     let meta = format!(r#"{{"virtual-size":{SIZE},"data-size":4,"incremental":true,"since":"../../etc/passwd","checkpoint":"n3"}}"#);
     let mut stream = format!("meta {:016x} {:016x}\r\n{meta}\r\n", 0, meta.len()).into_bytes();
     stream.extend(format!("data {:016x} {:016x}\r\nXXXX\r\n", 0, 4).into_bytes());

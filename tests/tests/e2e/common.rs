@@ -256,6 +256,11 @@ pub fn ticket(id: &str, image: &Path, ops: &[&str], timeout: u64) -> Value {
 }
 
 /// A server with a control socket that allows file:// images in `dir`.
+/// A control-API ticket for a qcow2 image of `size` bytes.
+pub fn qcow2_ticket(id: &str, image: &Path, ops: &[&str], size: u64) -> Value {
+    json!({"uuid": id, "size": size, "url": format!("file://{}", image.display()), "ops": ops, "timeout": 300, "format": "qcow2"})
+}
+
 pub async fn start_with_control(dir: &Path, extra: &[&str]) -> (Server, Control) {
     let socket = dir.join("control.sock");
     let mut args = vec!["--control-socket", socket.to_str().unwrap(), "--allow-dir", dir.to_str().unwrap()];
@@ -345,4 +350,58 @@ pub async fn put_stream(client: &reqwest::Client, url: String, stream: Vec<u8>) 
 pub fn meta(stream: &[u8]) -> Value {
     let length = usize::from_str_radix(std::str::from_utf8(&stream[22..38]).unwrap(), 16).unwrap();
     serde_json::from_slice(&stream[40..40 + length]).unwrap()
+}
+
+/// A sparse frame: header, then the payload and CRLF if there is one.
+pub fn frame(kind: &str, start: u64, length: u64, payload: &[u8]) -> Vec<u8> {
+    let mut frame = format!("{kind} {start:016x} {length:016x}\r\n").into_bytes();
+    if !payload.is_empty() {
+        frame.extend_from_slice(payload);
+        frame.extend_from_slice(b"\r\n");
+    }
+    frame
+}
+
+pub fn meta_frame(meta: &Value) -> Vec<u8> {
+    let json = serde_json::to_vec(meta).unwrap();
+    frame("meta", 0, json.len() as u64, &json)
+}
+
+/// A stream of `meta`, one data frame at 0 and zeros to `size`, and a
+/// stop frame without trailer.
+pub fn stream(meta: Value, data: &[u8], size: u64) -> Vec<u8> {
+    let mut stream = meta_frame(&meta);
+    stream.extend(frame("data", 0, data.len() as u64, data));
+    if size > data.len() as u64 {
+        stream.extend(frame("zero", data.len() as u64, size - data.len() as u64, &[]));
+    }
+    stream.extend(frame("stop", 0, 0, &[]));
+    stream
+}
+
+/// Kills the server's one qemu-storage-daemon and waits for its successor.
+pub async fn kill_daemon(server: &Server) {
+    let [old] = daemon_pids(server)[..] else { panic!("one qemu-storage-daemon child") };
+    kill(Pid::from_raw(old as i32), Signal::SIGKILL).unwrap();
+    wait_until("a new qemu-storage-daemon runs", async || daemon_pids(server).iter().any(|&pid| pid != old)).await;
+}
+
+/// PUT at `offset`; a 502 that is not the ledger's (daemon coming back) is retried.
+pub async fn put_retrying(server: &Server, offset: u64, data: &[u8], query: &str) -> (StatusCode, String) {
+    let range = format!("bytes {offset}-{}/*", offset + data.len() as u64 - 1);
+    for _ in 0..200 {
+        let response =
+            server.client().put(server.image_url("disk") + query).header("content-range", &range).body(data.to_vec()).send().await;
+        let Ok(response) = response else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        if status != StatusCode::BAD_GATEWAY || text.contains("writes may be lost") {
+            return (status, text);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the restarted daemon never took a write");
 }

@@ -13,62 +13,12 @@ use serde_json::{Value, json};
 
 use crate::common::*;
 
-/// A sparse frame: header, then the payload and CRLF if there is one.
-fn frame(kind: &str, start: u64, length: u64, payload: &[u8]) -> Vec<u8> {
-    let mut frame = format!("{kind} {start:016x} {length:016x}\r\n").into_bytes();
-    if !payload.is_empty() {
-        frame.extend_from_slice(payload);
-        frame.extend_from_slice(b"\r\n");
-    }
-    frame
-}
-
-fn meta_frame(meta: &Value) -> Vec<u8> {
-    let json = serde_json::to_vec(meta).unwrap();
-    frame("meta", 0, json.len() as u64, &json)
-}
-
-/// A stream of `meta`, one data frame at 0 and zeros to `size`, and a
-/// stop frame without trailer.
-fn stream(meta: Value, data: &[u8], size: u64) -> Vec<u8> {
-    let mut stream = meta_frame(&meta);
-    stream.extend(frame("data", 0, data.len() as u64, data));
-    if size > data.len() as u64 {
-        stream.extend(frame("zero", data.len() as u64, size - data.len() as u64, &[]));
-    }
-    stream.extend(frame("stop", 0, 0, &[]));
-    stream
-}
-
 /// A server with one qcow2 image `disk` of `size` in a new directory.
 async fn serve_disk(size: &str) -> (tempfile::TempDir, std::path::PathBuf, Server) {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.qcow2");
     let server = Server::start(dir.path(), &[format!("disk={},size={size}", image.display())]).await;
     (dir, image, server)
-}
-
-/// Kills the server's one qemu-storage-daemon and waits for its successor.
-async fn kill_daemon(server: &Server) {
-    let [old] = daemon_pids(server)[..] else { panic!("one qemu-storage-daemon child") };
-    kill(Pid::from_raw(old as i32), Signal::SIGKILL).unwrap();
-    wait_until("a new qemu-storage-daemon runs", async || daemon_pids(server).iter().any(|&pid| pid != old)).await;
-}
-
-/// PUTs `data` at `offset`; a 502 while the daemon comes back is retried.
-async fn put_retrying(server: &Server, offset: u64, data: &[u8], query: &str) -> (StatusCode, String) {
-    let range = format!("bytes {offset}-{}/*", offset + data.len() as u64 - 1);
-    for _ in 0..100 {
-        let response =
-            server.client().put(server.image_url("disk") + query).header("content-range", &range).body(data.to_vec()).send().await.unwrap();
-        let status = response.status();
-        let text = response.text().await.unwrap();
-        if status != StatusCode::BAD_GATEWAY || text.contains("writes may be lost") {
-            return (status, text);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the restarted daemon never took a write");
 }
 
 async fn patch(server: &Server, body: Value) -> (StatusCode, String) {
