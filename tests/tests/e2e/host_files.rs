@@ -10,7 +10,6 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use reqwest::StatusCode;
-use serde_json::json;
 
 use crate::common::*;
 
@@ -55,18 +54,14 @@ async fn qcow2_links_outside_the_allowed_directories_are_refused_naming_the_file
     std::fs::write(&victim, &victim_bytes).unwrap();
 
     let (server, control) = start_with_control(&images, &[]).await;
-    let mut good = ticket("good", &images.join("good.qcow2"), &["read", "write"], 300);
-    good["format"] = json!("qcow2");
-    good["size"] = json!(4 * MIB);
+    let good = qcow2_ticket("good", &images.join("good.qcow2"), &["read", "write"], 4 * MIB);
     let (status, text) = control.curl(&["-X", "PUT", "-d", &good.to_string(), &control.url("/tickets/good")]);
     assert_eq!(status, 200, "{text}");
     let response = server.client().get(server.image_url("good")).send().await.unwrap();
     assert!(response.bytes().await.unwrap()[..] == base_bytes[..], "a backing file inside the directory is served");
 
     for (name, link) in [("absolute", "backing file"), ("relative", "backing file"), ("data", "external data file")] {
-        let mut spec = ticket(name, &images.join(format!("{name}.qcow2")), &["read", "write"], 300);
-        spec["format"] = json!("qcow2");
-        spec["size"] = json!(4 * MIB);
+        let spec = qcow2_ticket(name, &images.join(format!("{name}.qcow2")), &["read", "write"], 4 * MIB);
         let (status, text) = control.curl(&["-X", "PUT", "-d", &spec.to_string(), &control.url(&format!("/tickets/{name}"))]);
         assert_eq!(status, 400, "{name}: {text}");
         assert!(text.contains(&format!("{name}.qcow2")) && text.contains(link) && text.contains("outside"), "{name}: {text}");
