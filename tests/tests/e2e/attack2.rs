@@ -1,0 +1,365 @@
+//! Second hostile review (claims outliving requests, links, interrupted
+//! incrementals): each test is an attack; a failing test is a defect.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::common::*;
+
+fn frame(kind: &str, start: u64, length: u64, payload: &[u8]) -> Vec<u8> {
+    let mut frame = format!("{kind} {start:016x} {length:016x}\r\n").into_bytes();
+    if !payload.is_empty() {
+        frame.extend_from_slice(payload);
+        frame.extend_from_slice(b"\r\n");
+    }
+    frame
+}
+
+fn meta_frame(meta: &Value) -> Vec<u8> {
+    let json = serde_json::to_vec(meta).unwrap();
+    frame("meta", 0, json.len() as u64, &json)
+}
+
+/// meta, data at 0, zeros to `size`, stop.
+fn stream(meta: Value, data: &[u8], size: u64) -> Vec<u8> {
+    let mut stream = meta_frame(&meta);
+    stream.extend(frame("data", 0, data.len() as u64, data));
+    if size > data.len() as u64 {
+        stream.extend(frame("zero", data.len() as u64, size - data.len() as u64, &[]));
+    }
+    stream.extend(frame("stop", 0, 0, &[]));
+    stream
+}
+
+/// An incremental `since` → `checkpoint` with one data frame at `offset`.
+fn incremental(size: u64, since: &str, checkpoint: &str, offset: u64, data: &[u8]) -> Vec<u8> {
+    let meta = json!({"virtual-size": size, "data-size": data.len(), "incremental": true, "since": since, "checkpoint": checkpoint});
+    let mut body = meta_frame(&meta);
+    body.extend(frame("data", offset, data.len() as u64, data));
+    body.extend(frame("stop", 0, 0, &[]));
+    body
+}
+
+async fn sparse_put_to(server: &Server, ticket: &str, query: &str, body: Vec<u8>) -> (StatusCode, String) {
+    let response = server.client().put(server.image_url(ticket) + "?format=sparse" + query).body(body).send().await.unwrap();
+    let status = response.status();
+    (status, response.text().await.unwrap())
+}
+
+async fn raw_put_to(server: &Server, ticket: &str, offset: u64, data: &[u8]) -> (StatusCode, String) {
+    let range = format!("bytes {offset}-{}/*", offset + data.len() as u64 - 1);
+    let response = server.client().put(server.image_url(ticket)).header("content-range", range).body(data.to_vec()).send().await.unwrap();
+    let status = response.status();
+    (status, response.text().await.unwrap())
+}
+
+/// A request body fed by hand: the sender and the spawned request.
+fn streamed_put(
+    server: &Server,
+    url: String,
+) -> (tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>, tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>) {
+    let (sender, mut receiver) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let body_stream = futures::stream::poll_fn(move |context| receiver.poll_recv(context));
+    let request = server.client().put(url).body(reqwest::Body::wrap_stream(body_stream)).send();
+    (sender, tokio::spawn(request))
+}
+
+/// Claims are keyed by device and inode now, but the chain record is still
+/// keyed by the path: a raw write through a hard link clears the record of
+/// the link it went through, not that of the other name. An incremental
+/// continuing from the checkpoint is then admitted onto an image that
+/// changed outside its chain, and recorded as the next checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack2_a_write_through_a_hard_link_keeps_the_other_names_chain_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let size = 16 * MIB;
+    let image = root.join("disk.raw");
+    std::fs::write(&image, vec![0u8; size as usize]).unwrap();
+    let link = root.join("link.raw");
+    std::fs::hard_link(&image, &link).unwrap();
+    let (server, control) = start_with_control(&root, &[]).await;
+    assert_eq!(control.add(&ticket("a", &image, &["read", "write"], 300)).await, StatusCode::OK);
+    let b = control.add(&ticket("b", &link, &["read", "write"], 300)).await;
+    if b != StatusCode::OK {
+        eprintln!("second ticket through a hard link: {b}; nothing to attack");
+        return;
+    }
+    let base = random_bytes(MIB as usize, 1);
+    let (status, text) = sparse_put_to(&server, "a", "", stream(json!({"virtual-size": size, "data-size": MIB, "checkpoint": "c1"}), &base, size)).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    // The target changes outside its chain, through the other name.
+    let (status, text) = raw_put_to(&server, "b", 0, &[0xeeu8; 4096]).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let (status, text) = sparse_put_to(&server, "a", "", incremental(size, "c1", "c2", 4 * MIB, &[7u8; 4096])).await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "an incremental from c1 after a raw write through a hard link of the target was admitted: {status} {text}"
+    );
+}
+
+/// One NBD export reached through two tickets whose URIs name the same
+/// socket with different spellings (`/dir/./s.sock`): the claim key is the
+/// URI as written, so a write runs through one ticket while a restore runs
+/// through the other, and the other's chain record survives the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack2_one_nbd_export_under_two_spellings_escapes_claim_and_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let size = 16 * MIB;
+    let image = root.join("export.raw");
+    std::fs::write(&image, vec![0u8; size as usize]).unwrap();
+    let socket = root.join("nbd.sock");
+    let _nbd = QemuNbd::start(&image, "raw", &socket);
+    let (server, control) = start_with_control(&root, &[]).await;
+    let nbd_ticket = |id: &str, url: String| json!({"uuid": id, "size": size, "url": url, "ops": ["read", "write"], "timeout": 300, "transfer_id": "x1"});
+    let plain = format!("nbd+unix:///?socket={}", socket.display());
+    let spelled = format!("nbd+unix:///?socket={}/./nbd.sock", root.display());
+    let a = control.add(&nbd_ticket("a", plain)).await;
+    let b = control.add(&nbd_ticket("b", spelled)).await;
+    assert_eq!(a, StatusCode::OK);
+    if b != StatusCode::OK {
+        eprintln!("second ticket with another spelling: {b}; nothing to attack");
+        return;
+    }
+    let mut findings = Vec::new();
+    // Claim: a write through b while a restore runs through a.
+    let data = vec![1u8; 4096];
+    let body = stream(json!({"virtual-size": size, "data-size": 4096, "checkpoint": "c1"}), &data, size);
+    let (sender, response) = streamed_put(&server, server.image_url("a") + "?format=sparse");
+    sender.send(Ok(body[..100].to_vec())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (during, _) = raw_put_to(&server, "b", 0, &[9u8]).await;
+    if during != StatusCode::CONFLICT {
+        findings.push(format!("a write through b while a restore runs through a: {during}"));
+    }
+    sender.send(Ok(body[100..].to_vec())).await.unwrap();
+    drop(sender);
+    let restored = response.await.unwrap().unwrap();
+    let restored = (restored.status(), restored.text().await.unwrap());
+    // Record: a raw write through b must clear a's chain record.
+    if restored.0 == StatusCode::OK {
+        let (status, text) = raw_put_to(&server, "b", 8 * MIB, &[0xeeu8; 4096]).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let (status, text) = sparse_put_to(&server, "a", "", incremental(size, "c1", "c2", 4 * MIB, &[7u8; 4096])).await;
+        if status != StatusCode::CONFLICT {
+            findings.push(format!("an incremental from c1 through a after a raw write through b: {status} {text}"));
+        }
+    } else {
+        findings.push(format!("the restore through a ended {restored:?}"));
+    }
+    assert!(findings.is_empty(), "{}", findings.join("\n"));
+}
+
+/// An admitted incremental whose ticket is deleted while it runs: the
+/// handler future is dropped (`cancelable`), so `restore` never gets to
+/// record `interrupted`, and the record was cleared at admission. The
+/// README's promise ("applying the same incremental again completes it")
+/// does not hold: the same incremental through a new ticket is 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack2_an_incremental_cut_by_ticket_deletion_cannot_be_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let size = 16 * MIB;
+    let image = root.join("disk.raw");
+    std::fs::write(&image, vec![0u8; size as usize]).unwrap();
+    let (server, control) = start_with_control(&root, &["--cancel-timeout", "2"]).await;
+    assert_eq!(control.add(&ticket("a", &image, &["read", "write"], 300)).await, StatusCode::OK);
+    let base = random_bytes(MIB as usize, 2);
+    let (status, text) = sparse_put_to(&server, "a", "", stream(json!({"virtual-size": size, "data-size": MIB, "checkpoint": "c1"}), &base, size)).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let one = random_bytes(MIB as usize, 3);
+    let whole = incremental(size, "c1", "c2", 4 * MIB, &one);
+    let (sender, response) = streamed_put(&server, server.image_url("a") + "?format=sparse");
+    sender.send(Ok(whole[..300].to_vec())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let deleted = control.delete("a").await;
+    let cut = response.await.unwrap();
+    let cut = match cut {
+        Ok(response) => format!("{} {}", response.status(), response.text().await.unwrap_or_default()),
+        Err(error) => format!("{error}"),
+    };
+    drop(sender);
+    assert_eq!(control.add(&ticket("b", &image, &["read", "write"], 300)).await, StatusCode::OK);
+    let mut again = (StatusCode::CONFLICT, String::new());
+    for _ in 0..30 {
+        again = sparse_put_to(&server, "b", "", whole.clone()).await;
+        // A 409 for a claim still held is retried; the chain's 409 is not.
+        if again.0 != StatusCode::CONFLICT || again.1.contains("checkpoint") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(again.0, StatusCode::OK, "DELETE {deleted}, cut restore: {cut}; the same incremental again: {again:?}");
+}
+
+/// The same through HTTP/1.1: the client sends half the incremental, then
+/// its connection goes. hyper drops an HTTP/1 handler with its connection,
+/// so no `interrupted` record is written either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack2_an_incremental_cut_by_an_http1_disconnect_can_be_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let size = 16 * MIB;
+    let image = root.join("disk.qcow2");
+    let server = Server::try_start(&root, &[format!("disk={},size=16M,format=qcow2", image.display())], &[]).await.unwrap();
+    let base = random_bytes(MIB as usize, 4);
+    let (status, text) = sparse_put_to(&server, "disk", "", stream(json!({"virtual-size": size, "data-size": MIB, "checkpoint": "c1"}), &base, size)).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let one = random_bytes(2 * MIB as usize, 5);
+    let whole = incremental(size, "c1", "c2", 4 * MIB, &one);
+    let (sender, mut receiver) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let body_stream = futures::stream::poll_fn(move |context| receiver.poll_recv(context));
+    let client = server.client_builder().http1_only().build().unwrap();
+    let request = client.put(server.image_url("disk") + "?format=sparse").body(reqwest::Body::wrap_stream(body_stream)).send();
+    let response = tokio::spawn(request);
+    sender.send(Ok(whole[..MIB as usize].to_vec())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    response.abort();
+    let _ = response.await;
+    drop(sender);
+    let mut again = (StatusCode::CONFLICT, String::new());
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        again = sparse_put_to(&server, "disk", "", whole.clone()).await;
+        if again.0 != StatusCode::CONFLICT || again.1.contains("checkpoint") {
+            break;
+        }
+    }
+    assert_eq!(again.0, StatusCode::OK, "the same incremental after the client's connection went mid-body: {again:?}");
+}
+
+/// An incremental forced (force=y) onto a target at another checkpoint
+/// fails part-way: the record then says the target holds `since` plus part
+/// of that incremental, so the same incremental is admitted *without*
+/// force, though the target never was at `since`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack2_a_failed_forced_incremental_records_a_checkpoint_the_target_never_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let size = 16 * MIB;
+    let image = root.join("disk.qcow2");
+    let server = Server::try_start(&root, &[format!("disk={},size=16M,format=qcow2", image.display())], &[]).await.unwrap();
+    let base = random_bytes(MIB as usize, 6);
+    let (status, text) =
+        sparse_put_to(&server, "disk", "", stream(json!({"virtual-size": size, "data-size": MIB, "checkpoint": "other"}), &base, size)).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    // Forced c1 -> c2, cut off by a frame past the end (after admission).
+    let meta = json!({"virtual-size": size, "data-size": 4096, "incremental": true, "since": "c1", "checkpoint": "c2"});
+    let mut bad = meta_frame(&meta);
+    bad.extend(frame("data", 0, 4096, &[3u8; 4096]));
+    bad.extend(frame("data", size, 4096, &[3u8; 4096]));
+    bad.extend(frame("stop", 0, 0, &[]));
+    let failed = sparse_put_to(&server, "disk", "&force=y", bad).await;
+    assert_ne!(failed.0, StatusCode::OK);
+    let (status, text) = sparse_put_to(&server, "disk", "", incremental(size, "c1", "c2", 0, &[4u8; 4096])).await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "target at \"other\"; a forced c1->c2 failed ({failed:?}); c1->c2 without force: {status} {text}"
+    );
+}
+
+fn upload(server: &Server, file: &Path, extra: &[&str]) -> (Option<i32>, String) {
+    let output = Command::new(binary("blockgate"))
+        .arg("--cacert")
+        .arg(server.ca())
+        .arg("upload")
+        .args(extra)
+        .arg(file)
+        .arg(server.image_url("disk"))
+        .output()
+        .unwrap();
+    (output.status.code(), String::from_utf8_lossy(&output.stderr).to_string())
+}
+
+async fn read_image(server: &Server) -> Vec<u8> {
+    server.client().get(server.image_url("disk")).send().await.unwrap().bytes().await.unwrap().to_vec()
+}
+
+/// A local file whose name is not UTF-8 (Latin-1 `é`): the CLI checks the
+/// file itself, then hands qemu-nbd a `json:` name built with
+/// `to_string_lossy`, which names another file (`\u{fffd}`). Before the
+/// change the path went to qemu-nbd as bytes; now the upload fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack2_cli_upload_of_a_file_whose_name_is_not_utf8() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let server = Server::try_start(&root, &[format!("disk={},size=1M,format=raw", root.join("disk.raw").display())], &[]).await.unwrap();
+    let mut name = b"caf".to_vec();
+    name.extend_from_slice(b"\xe9.raw");
+    let local = root.join(OsStr::from_bytes(&name));
+    let data = random_bytes(MIB as usize, 7);
+    std::fs::write(&local, &data).unwrap();
+    let (code, stderr) = upload(&server, &local, &[]);
+    let sent = read_image(&server).await == data;
+    assert!(code == Some(0) && sent, "upload of a non-UTF-8 file name: exit {code:?}, image holds it: {sent}; {stderr}");
+}
+
+/// The same bytes turned into a bypass: a directory (an unpacked archive)
+/// holds `disk\xff.raw`, and `disk\u{fffd}.raw`, a symlink to the user's
+/// key. The CLI checks the first; qemu-nbd opens the second and the key is
+/// uploaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack2_cli_upload_opens_another_file_than_it_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let server = Server::try_start(&root, &[format!("disk={},size=1M,format=raw", root.join("disk.raw").display())], &[]).await.unwrap();
+    let home = root.join("home");
+    std::fs::create_dir_all(home.join(".ssh")).unwrap();
+    let key = home.join(".ssh/id_ed25519");
+    let mut secret = b"-----BEGIN OPENSSH PRIVATE KEY----- the user's key".to_vec();
+    secret.resize(MIB as usize, b'k');
+    std::fs::write(&key, &secret).unwrap();
+    let unpacked = root.join("unpacked");
+    std::fs::create_dir(&unpacked).unwrap();
+    let named = unpacked.join(OsStr::from_bytes(b"disk\xff.raw"));
+    std::fs::write(&named, vec![0x11u8; MIB as usize]).unwrap();
+    std::os::unix::fs::symlink(&key, unpacked.join("disk\u{fffd}.raw")).unwrap();
+    let (code, stderr) = upload(&server, &named, &[]);
+    let leaked = read_image(&server).await.starts_with(b"-----BEGIN OPENSSH PRIVATE KEY");
+    assert!(!leaked, "upload exit {code:?}: the server now holds the key the lossy name pointed at; the CLI said: {stderr}");
+}
+
+/// The image's own directory has a non-UTF-8 name and a twin with U+FFFD
+/// holds a qcow2 whose backing is `base.raw`, a symlink to the key: the
+/// checked chain is benign, the opened one is not (json: names every node,
+/// so the twin's `base.raw` is what qemu opens).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack2_cli_upload_of_a_qcow2_in_a_non_utf8_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let server = Server::try_start(&root, &[format!("disk={},size=1M,format=raw", root.join("disk.raw").display())], &[]).await.unwrap();
+    let key = root.join("id_ed25519");
+    let mut secret = b"-----BEGIN OPENSSH PRIVATE KEY----- the user's key".to_vec();
+    secret.resize(MIB as usize, b'k');
+    std::fs::write(&key, &secret).unwrap();
+    let real: PathBuf = root.join(OsStr::from_bytes(b"vm\xff"));
+    let twin = root.join("vm\u{fffd}");
+    std::fs::create_dir(&real).unwrap();
+    std::fs::create_dir(&twin).unwrap();
+    std::fs::write(real.join("base.raw"), vec![0x22u8; MIB as usize]).unwrap();
+    let overlay = real.join("disk.qcow2");
+    let status = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-u", "-b", "base.raw", "-F", "raw"])
+        .arg(&overlay)
+        .arg("1M")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::copy(&overlay, twin.join("disk.qcow2")).unwrap();
+    std::os::unix::fs::symlink(&key, twin.join("base.raw")).unwrap();
+    let (code, stderr) = upload(&server, &overlay, &[]);
+    let image = read_image(&server).await;
+    let leaked = image.starts_with(b"-----BEGIN OPENSSH PRIVATE KEY");
+    let benign = image.iter().all(|&byte| byte == 0x22);
+    assert!(!leaked, "upload exit {code:?}: the key was uploaded; the CLI said: {stderr}");
+    assert!(code != Some(0) || benign, "upload exit 0 but the image does not hold base.raw");
+}
