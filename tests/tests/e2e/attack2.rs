@@ -363,3 +363,107 @@ async fn attack2_cli_upload_of_a_qcow2_in_a_non_utf8_directory() {
     assert!(!leaked, "upload exit {code:?}: the key was uploaded; the CLI said: {stderr}");
     assert!(code != Some(0) || benign, "upload exit 0 but the image does not hold base.raw");
 }
+
+/// nbdkit over a 16 MiB file whose flush takes `flush_delay` seconds and
+/// whose zeroing takes `zero_delay` seconds, requests in parallel.
+fn slow_flush_store(dir: &Path, flush_delay: u32, zero_delay: u32) -> (Nbdkit, PathBuf) {
+    let file = dir.join("store.raw");
+    std::fs::write(&file, vec![0u8; 16 * MIB as usize]).unwrap();
+    let f = file.display().to_string();
+    let pread = format!("dd if={f} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none");
+    let pwrite = format!("dd of={f} seek=$4 conv=notrunc oflag=seek_bytes status=none");
+    let zero = format!("sleep {zero_delay}; head -c $3 /dev/zero | dd of={f} seek=$4 conv=notrunc oflag=seek_bytes status=none");
+    let nbdkit = Nbdkit::start(
+        dir,
+        "slowflush",
+        &[
+            "eval",
+            &format!("get_size=echo {}", 16 * MIB),
+            &format!("pread={pread}"),
+            &format!("pwrite={pwrite}"),
+            &format!("zero={zero}"),
+            &format!("flush=sleep {flush_delay}; sync"),
+            "can_write=exit 0",
+            "can_flush=exit 0",
+            "can_zero=exit 0",
+            "thread_model=echo parallel",
+        ],
+    );
+    (nbdkit, file)
+}
+
+/// `Pipeline::finish` consumes the pipeline, and with it the restore's
+/// claim, before the restore's final flush and before it records its
+/// checkpoint: while that flush runs, a raw write is admitted (200), and
+/// the restore then records checkpoint c1 over an image the write changed;
+/// an incremental from c1 is admitted onto it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack2_a_write_during_a_restores_final_flush_is_admitted_and_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let (slow, file) = slow_flush_store(&root, 3, 0);
+    let server = Server::try_start(&root, &[format!("disk={}", slow.uri())], &["--nbd-timeout", "30"]).await.unwrap_or_else(|e| panic!("{e}"));
+    let size = 16 * MIB;
+    let data = vec![0xabu8; 4096];
+    let body = stream(json!({"virtual-size": size, "data-size": 4096, "checkpoint": "c1"}), &data, size);
+    let restore = tokio::spawn({
+        let (client, url) = (server.client(), server.image_url("disk") + "?format=sparse");
+        async move {
+            let response = client.put(url).body(body).send().await.unwrap();
+            (response.status(), response.text().await.unwrap())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (during, during_text) = raw_put_to(&server, "disk", 8 * MIB, &[0xeeu8; 4096]).await;
+    let restored = restore.await.unwrap();
+    let mut findings = Vec::new();
+    if during != StatusCode::CONFLICT {
+        findings.push(format!("a raw write 1 s into a restore (waiting for its flush): {during} {during_text}"));
+    }
+    let (status, text) = sparse_put_to(&server, "disk", "", incremental(size, "c1", "c2", 4 * MIB, &[7u8; 4096])).await;
+    let bytes = std::fs::read(&file).unwrap();
+    let written_during = bytes[8 * MIB as usize] == 0xee;
+    if written_during && status != StatusCode::CONFLICT {
+        findings.push(format!("restore {restored:?}; then an incremental from c1 onto an image that took a raw write after c1: {status} {text}"));
+    }
+    assert!(findings.is_empty(), "{}", findings.join("\n"));
+}
+
+/// PATCH zero whose client goes away while the zero runs (3 s): the
+/// claim stays until the storage answers, so a restore right after is
+/// 409, and once the zero ended a restore is admitted and its data is
+/// not overwritten by the abandoned zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack2_an_abandoned_patch_zero_keeps_the_target_until_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let (slow, file) = slow_flush_store(&root, 0, 3);
+    let server = Server::try_start(&root, &[format!("disk={}", slow.uri())], &["--nbd-timeout", "30"]).await.unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&file, vec![0x55u8; 16 * MIB as usize]).unwrap();
+    let patch = tokio::spawn({
+        let (client, url) = (server.client(), server.image_url("disk"));
+        async move { client.patch(url).json(&json!({"op": "zero", "offset": 0, "size": MIB, "flush": true})).send().await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    patch.abort();
+    let _ = patch.await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let size = 16 * MIB;
+    let data = vec![0xcdu8; 4096];
+    let body = stream(json!({"virtual-size": size, "data-size": 4096}), &data, size);
+    let (first, first_text) = sparse_put_to(&server, "disk", "&flush=n", body.clone()).await;
+    let mut last = (first, first_text.clone());
+    for _ in 0..50 {
+        if last.0 != StatusCode::CONFLICT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        last = sparse_put_to(&server, "disk", "&flush=n", body.clone()).await;
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let bytes = std::fs::read(&file).unwrap();
+    let summary = format!("restore right after: {first} {first_text:?}; later: {last:?}; first byte now {:#x}", bytes[0]);
+    assert_eq!(first, StatusCode::CONFLICT, "{summary}");
+    assert_eq!(last.0, StatusCode::OK, "{summary}");
+    assert_eq!(bytes[0], 0xcd, "{summary}");
+}
