@@ -467,3 +467,112 @@ async fn attack2_an_abandoned_patch_zero_keeps_the_target_until_it_ends() {
     assert_eq!(last.0, StatusCode::OK, "{summary}");
     assert_eq!(bytes[0], 0xcd, "{summary}");
 }
+
+/// c1 -> c2 admitted, then refused part-way by a frame past the end.
+fn failing_incremental(size: u64, since: &str, checkpoint: &str) -> Vec<u8> {
+    let meta = json!({"virtual-size": size, "data-size": 8192, "incremental": true, "since": since, "checkpoint": checkpoint});
+    let mut bad = meta_frame(&meta);
+    bad.extend(frame("data", MIB, 4096, &[3u8; 4096]));
+    bad.extend(frame("data", size, 4096, &[3u8; 4096]));
+    bad.extend(frame("stop", 0, 0, &[]));
+    bad
+}
+
+/// The interrupted record across a restart: only the same incremental is
+/// admitted, then the chain goes on; a full restore after an interrupted
+/// incremental is admitted and clears the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack2_an_interrupted_incremental_across_a_restart_and_a_full_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let size = 16 * MIB;
+    let image = root.join("disk.qcow2");
+    let spec = vec![format!("disk={},size=16M,format=qcow2", image.display())];
+    let mut server = Server::try_start(&root, &spec, &[]).await.unwrap();
+    let base = random_bytes(MIB as usize, 8);
+    let (status, text) = sparse_put_to(&server, "disk", "", stream(json!({"virtual-size": size, "data-size": MIB, "checkpoint": "c1"}), &base, size)).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let (status, text) = sparse_put_to(&server, "disk", "", failing_incremental(size, "c1", "c2")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    server.stop();
+    drop(server);
+    let server = Server::try_start(&root, &spec, &[]).await.unwrap();
+    let (status, text) = sparse_put_to(&server, "disk", "", incremental(size, "c1", "c9", 0, &[1u8; 4096])).await;
+    assert_eq!(status, StatusCode::CONFLICT, "after a restart, another incremental from c1: {text}");
+    assert!(text.contains("apply that incremental again"), "{text}");
+    let (status, text) = sparse_put_to(&server, "disk", "", incremental(size, "c1", "c2", MIB, &[4u8; 4096])).await;
+    assert_eq!(status, StatusCode::OK, "after a restart, the same incremental: {text}");
+    let (status, text) = sparse_put_to(&server, "disk", "", incremental(size, "c2", "c3", 0, &[5u8; 4096])).await;
+    assert_eq!(status, StatusCode::OK, "the chain goes on: {text}");
+    // Interrupted again, then a full restore without a checkpoint.
+    let (status, text) = sparse_put_to(&server, "disk", "", failing_incremental(size, "c3", "c4")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    let (status, text) = sparse_put_to(&server, "disk", "", stream(json!({"virtual-size": size, "data-size": MIB}), &base, size)).await;
+    assert_eq!(status, StatusCode::OK, "a full restore after an interrupted incremental: {text}");
+    let (status, text) = sparse_put_to(&server, "disk", "", incremental(size, "c3", "c4", MIB, &[4u8; 4096])).await;
+    assert_eq!(status, StatusCode::CONFLICT, "the interrupted incremental after a full restore: {text}");
+    // PATCH zero of 0 bytes, with flush, keeps a record.
+    let (status, text) = sparse_put_to(&server, "disk", "", stream(json!({"virtual-size": size, "data-size": MIB, "checkpoint": "d1"}), &base, size)).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let response = server.client().patch(server.image_url("disk")).json(&json!({"op": "zero", "offset": size, "size": 0, "flush": true})).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let (status, text) = sparse_put_to(&server, "disk", "", incremental(size, "d1", "d2", MIB, &[4u8; 4096])).await;
+    assert_eq!(status, StatusCode::OK, "after PATCH zero of nothing: {text}");
+}
+
+fn cli(server: &Server, args: &[&str]) -> std::process::Output {
+    Command::new(binary("blockgate")).arg("--cacert").arg(server.ca()).args(args).output().unwrap()
+}
+
+/// A chain the CLI made itself across three directories (full in a/, the
+/// first incremental in b/ on a/full, the second in c/ on b/inc1): the
+/// download of the second opens inc1's chain with only c/ and b/ allowed,
+/// so full.qcow2 in a/ is refused. Then `upload` and `checksum` of b/inc1
+/// must say why they refuse (the backing lies in another directory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack2_cli_chain_across_three_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let source = root.join("source.qcow2");
+    create_image(&source, "qcow2", "16M");
+    qemu_io(&source, "qcow2", &["write -P 0x01 0 4M"]);
+    run("qemu-img", &["bitmap", "--add", source.to_str().unwrap(), "b1"]);
+    for sub in ["a", "b", "c"] {
+        std::fs::create_dir(root.join(sub)).unwrap();
+    }
+    let (full, inc1, inc2) = (root.join("a/full.qcow2"), root.join("b/inc1.qcow2"), root.join("c/inc2.qcow2"));
+    let spec = [format!("src={},bitmap=b1", source.display())];
+    let mut findings = Vec::new();
+    {
+        let server = Server::start(&root, &spec).await;
+        let out = cli(&server, &["download", &server.image_url("src"), full.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    qemu_io(&source, "qcow2", &["write -P 0x02 1M 64k"]);
+    {
+        let server = Server::start(&root, &spec).await;
+        let args = ["download", "--incremental", "--backing", full.to_str().unwrap(), &server.image_url("src"), inc1.to_str().unwrap()];
+        let out = cli(&server, &args);
+        assert!(out.status.success(), "inc1: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    run("qemu-img", &["bitmap", "--disable", source.to_str().unwrap(), "b1"]);
+    run("qemu-img", &["bitmap", "--add", source.to_str().unwrap(), "b2"]);
+    qemu_io(&source, "qcow2", &["write -P 0x03 2M 64k"]);
+    {
+        let server = Server::start(&root, &[format!("src={},bitmap=b2", source.display())]).await;
+        let args = ["download", "--incremental", "--backing", inc1.to_str().unwrap(), &server.image_url("src"), inc2.to_str().unwrap()];
+        let out = cli(&server, &args);
+        if !out.status.success() {
+            findings.push(format!("download of c/inc2 on b/inc1 (on a/full): exit {:?}: {:?}", out.status.code(), String::from_utf8_lossy(&out.stderr)));
+        }
+        let out = cli(&server, &["checksum", inc1.to_str().unwrap()]);
+        let said = String::from_utf8_lossy(&out.stderr).to_string();
+        eprintln!("checksum b/inc1: exit {:?}: {said}", out.status.code());
+        if out.status.success() {
+            eprintln!("checksum of b/inc1 succeeded");
+        } else if !said.contains("directory") {
+            findings.push(format!("checksum of b/inc1 refused without saying why: {said}"));
+        }
+    }
+    assert!(findings.is_empty(), "{}", findings.join("\n"));
+}
