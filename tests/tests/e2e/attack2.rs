@@ -576,3 +576,65 @@ async fn attack2_cli_chain_across_three_directories() {
     }
     assert!(findings.is_empty(), "{}", findings.join("\n"));
 }
+
+/// Paths with a comma, quotes, a backslash, a newline, `%s` and a
+/// `json:`-looking part: the server's --blockdev JSON and the CLI's json:
+/// name must carry them (a qcow2 with a backing in the same directory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack2_odd_characters_in_paths_reach_the_same_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let odd = root.join("we,ird\"q'\\b\nn%s json:{\"x\":1} file:");
+    std::fs::create_dir(&odd).unwrap();
+    let base = odd.join("ba,se\".raw");
+    let content = random_bytes(MIB as usize, 9);
+    std::fs::write(&base, &content).unwrap();
+    let overlay = odd.join("disk,x.qcow2");
+    let status = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-b", "ba,se\".raw", "-F", "raw"])
+        .arg(&overlay)
+        .arg("1M")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut findings = Vec::new();
+    // The server: --image takes `name=path,...`; a comma in the path is
+    // doubled (keyval), which the server may or may not accept.
+    let odd2 = root.join("we\"ird'q\\b\nn%s json:{\"x\":1} file:");
+    std::fs::create_dir(&odd2).unwrap();
+    std::fs::write(odd2.join("base\".raw"), &content).unwrap();
+    let overlay2 = odd2.join("disk.qcow2");
+    let status = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-b", "base\".raw", "-F", "raw"])
+        .arg(&overlay2)
+        .arg("1M")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let spec = format!("disk={},format=qcow2", overlay2.display());
+    match Server::try_start(&root, &[spec], &[]).await {
+        Ok(server) => {
+            let image = server.client().get(server.image_url("disk")).send().await.unwrap().bytes().await.unwrap();
+            if image[..] != content[..] {
+                findings.push("the server serves other bytes than the overlay's".to_string());
+            }
+        }
+        Err(error) => findings.push(format!("server with an odd --image path (no comma): {error}")),
+    }
+    // The CLI uploads it.
+    let target = root.join("target.raw");
+    let server = Server::try_start(&root, &[format!("t={},size=1M,format=raw", target.display())], &[]).await.unwrap();
+    let out = Command::new(binary("blockgate"))
+        .arg("--cacert")
+        .arg(server.ca())
+        .arg("upload")
+        .arg(&overlay)
+        .arg(server.image_url("t"))
+        .output()
+        .unwrap();
+    let got = server.client().get(server.image_url("t")).send().await.unwrap().bytes().await.unwrap();
+    if !out.status.success() || got[..] != content[..] {
+        findings.push(format!("CLI upload: exit {:?}, same bytes {}: {}", out.status.code(), got[..] == content[..], String::from_utf8_lossy(&out.stderr)));
+    }
+    assert!(findings.is_empty(), "{}", findings.join("\n"));
+}
