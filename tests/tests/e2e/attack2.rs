@@ -638,3 +638,57 @@ async fn attack2_odd_characters_in_paths_reach_the_same_files() {
     }
     assert!(findings.is_empty(), "{}", findings.join("\n"));
 }
+
+/// Two writable tickets: one on an overlay, one on the overlay's backing
+/// file (same directory, allowed). A restore into the overlay records c1;
+/// a write into the base changes what the overlay reads (unallocated
+/// ranges) outside its chain; an incremental from c1 is then admitted.
+/// Held if the second ticket is refused (qemu's locks) or the write is 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack2_a_write_into_the_backing_file_of_a_restored_overlay() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let size = 16 * MIB;
+    let base = root.join("base.raw");
+    std::fs::write(&base, vec![0u8; size as usize]).unwrap();
+    let overlay = root.join("overlay.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", overlay.to_str().unwrap(), "16M"]);
+    let (server, control) = start_with_control(&root, &[]).await;
+    let mut a = ticket("a", &overlay, &["read", "write"], 300);
+    a["size"] = json!(size);
+    a["format"] = json!("qcow2");
+    assert_eq!(control.add(&a).await, StatusCode::OK);
+    let data = random_bytes(MIB as usize, 10);
+    // Data only (incremental with force): the rest stays unallocated, read from base.
+    let meta = json!({"virtual-size": size, "data-size": MIB, "checkpoint": "c1"});
+    let (status, text) = sparse_put_to(&server, "a", "", stream(meta, &data, MIB)).await;
+    eprintln!("restore of 1 MiB into the overlay (not tiling): {status} {text}");
+    let meta = json!({"virtual-size": size, "data-size": MIB, "checkpoint": "c1"});
+    let (status, text) = sparse_put_to(&server, "a", "", stream(meta, &data, size)).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let b = control.add(&ticket("b", &base, &["read", "write"], 300)).await;
+    if b != StatusCode::OK {
+        eprintln!("a writable ticket on the overlay's backing file: {b}");
+        return;
+    }
+    let (wrote, _) = raw_put_to(&server, "b", 8 * MIB, &[0xeeu8; 4096]).await;
+    let seen = server
+        .client()
+        .get(server.image_url("a"))
+        .header("range", format!("bytes={}-{}", 8 * MIB, 8 * MIB + 4095))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let (status, text) = sparse_put_to(&server, "a", "", incremental(size, "c1", "c2", 4 * MIB, &[7u8; 4096])).await;
+    // A restore leaves no cluster of the overlay unallocated, so the
+    // write is not seen through it: only a seen write makes c1 false.
+    let seen_through = seen.iter().all(|&byte| byte == 0xee);
+    assert!(
+        wrote != StatusCode::OK || !seen_through || status == StatusCode::CONFLICT,
+        "write into the base: {wrote}; the overlay reads it: {}; incremental from c1 into the overlay: {status} {text}",
+        seen_through
+    );
+}
