@@ -692,3 +692,39 @@ async fn attack2_a_write_into_the_backing_file_of_a_restored_overlay() {
         seen_through
     );
 }
+
+/// A full restore with flush=n records its checkpoint though nothing made
+/// it stable; the server and its daemon die (power loss, OOM kill) before
+/// anything flushes; after the restart the image lacks part of c1 (the
+/// qcow2's metadata was in the daemon's memory), yet an incremental from
+/// c1 is admitted and recorded as c2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack2_a_checkpoint_recorded_without_a_flush_survives_a_crash() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let size = 16 * MIB;
+    let image = root.join("disk.qcow2");
+    let spec = vec![format!("disk={},size=16M,format=qcow2", image.display())];
+    let server = Server::try_start(&root, &spec, &[]).await.unwrap();
+    let data = random_bytes(4 * MIB as usize, 12);
+    let meta = json!({"virtual-size": size, "data-size": 4 * MIB, "checkpoint": "c1"});
+    let (status, text) = sparse_put_to(&server, "disk", "&flush=n", stream(meta, &data, size)).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let daemons = daemon_pids(&server);
+    kill(Pid::from_raw(server.pid() as i32), Signal::SIGKILL).unwrap();
+    for pid in daemons {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    std::mem::forget(server);
+    let server = Server::try_start(&root, &spec, &[]).await.unwrap();
+    let after = server.client().get(server.image_url("disk")).send().await.unwrap().bytes().await.unwrap();
+    let kept = after[..4 * MIB as usize] == data[..];
+    let (status, text) = sparse_put_to(&server, "disk", "", incremental(size, "c1", "c2", 8 * MIB, &[7u8; 4096])).await;
+    assert!(
+        kept || status != StatusCode::OK,
+        "c1 (flush=n) not on disk after the crash (first 4 MiB kept: {kept}); incremental from c1: {status} {text}"
+    );
+}
