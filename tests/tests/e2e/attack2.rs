@@ -728,3 +728,63 @@ async fn attack2_a_checkpoint_recorded_without_a_flush_survives_a_crash() {
         "c1 (flush=n) not on disk after the crash (first 4 MiB kept: {kept}); incremental from c1: {status} {text}"
     );
 }
+
+/// Local qcow2 files the CLI must refuse quickly and say why: a qcow2
+/// whose backing is itself; a backing hidden in the same directory
+/// (`.base.raw`); a raw file given with `--format qcow2` whose header
+/// names a file outside its directory. And one it does not refuse: a
+/// hostile qcow2 in the user's home directory naming a plain file beside
+/// it (`passwords.txt`): "a hostile qcow2 sends no host file" holds only
+/// for files outside the image's directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack2_cli_local_links() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let server = Server::try_start(&root, &[format!("disk={},size=1M,format=raw", root.join("disk.raw").display())], &[]).await.unwrap();
+    let mut findings = Vec::new();
+    let work = root.join("work");
+    std::fs::create_dir(&work).unwrap();
+    // Itself as backing.
+    let looped = work.join("loop.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", looped.to_str().unwrap(), "1M"]);
+    run("qemu-img", &["rebase", "-q", "-u", "-b", "loop.qcow2", "-F", "qcow2", looped.to_str().unwrap()]);
+    let started = std::time::Instant::now();
+    let (code, said) = upload(&server, &looped, &[]);
+    eprintln!("self-backing: exit {code:?} in {:?}: {said}", started.elapsed());
+    if code == Some(0) || started.elapsed() > Duration::from_secs(10) {
+        findings.push(format!("self-backing qcow2: exit {code:?} after {:?}", started.elapsed()));
+    }
+    // Hidden backing beside it.
+    std::fs::write(work.join(".base.raw"), vec![0x33u8; MIB as usize]).unwrap();
+    let hidden = work.join("hidden.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", "-u", "-b", ".base.raw", "-F", "raw", hidden.to_str().unwrap(), "1M"]);
+    let (code, said) = upload(&server, &hidden, &[]);
+    eprintln!("hidden backing: exit {code:?}: {said}");
+    if code == Some(0) {
+        findings.push("a hidden backing beside the image was uploaded".to_string());
+    }
+    // A raw file with a qcow2 header, given as --format qcow2, naming a file elsewhere.
+    let secret = root.join("secret.raw");
+    std::fs::write(&secret, vec![0x44u8; MIB as usize]).unwrap();
+    let disguised = work.join("disguised.img");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", "-u", "-b", secret.to_str().unwrap(), "-F", "raw", disguised.to_str().unwrap(), "1M"]);
+    let (code, said) = upload(&server, &disguised, &["--format", "qcow2"]);
+    eprintln!("--format qcow2 naming a file elsewhere: exit {code:?}: {said}");
+    if code == Some(0) {
+        findings.push("--format qcow2 uploaded a file outside the image's directory".to_string());
+    }
+    // A hostile qcow2 in the home directory naming a plain file beside it.
+    let home = root.join("home");
+    std::fs::create_dir(&home).unwrap();
+    let mut passwords = b"bank: hunter2".to_vec();
+    passwords.resize(MIB as usize, b' ');
+    std::fs::write(home.join("passwords.txt"), &passwords).unwrap();
+    let appliance = home.join("appliance.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", "-u", "-b", "passwords.txt", "-F", "raw", appliance.to_str().unwrap(), "1M"]);
+    let (code, said) = upload(&server, &appliance, &[]);
+    let leaked = read_image(&server).await.starts_with(b"bank: hunter2");
+    if leaked {
+        findings.push(format!("a qcow2 in the home directory uploaded ~/passwords.txt (exit {code:?}, said {said:?})"));
+    }
+    assert!(findings.is_empty(), "{}", findings.join("\n"));
+}
