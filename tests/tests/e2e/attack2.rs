@@ -788,3 +788,31 @@ async fn attack2_cli_local_links() {
     }
     assert!(findings.is_empty(), "{}", findings.join("\n"));
 }
+
+/// The client of an incremental gives up while the server runs the
+/// restore's final flush (a client timeout; here the flush takes 3 s):
+/// the handler is dropped with the request, no `interrupted` record is
+/// written, and the record was cleared at admission, so the same
+/// incremental is refused afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack2_an_incremental_abandoned_during_its_final_flush_cannot_be_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let (slow, _file) = slow_flush_store(&root, 3, 0);
+    let server = Server::try_start(&root, &[format!("disk={}", slow.uri())], &["--nbd-timeout", "30"]).await.unwrap_or_else(|e| panic!("{e}"));
+    let size = 16 * MIB;
+    let base = random_bytes(MIB as usize, 13);
+    let (status, text) = sparse_put_to(&server, "disk", "", stream(json!({"virtual-size": size, "data-size": MIB, "checkpoint": "c1"}), &base, size)).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let whole = incremental(size, "c1", "c2", 4 * MIB, &[6u8; 4096]);
+    let request = tokio::spawn({
+        let (client, url, body) = (server.client(), server.image_url("disk") + "?format=sparse", whole.clone());
+        async move { client.put(url).body(body).send().await }
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    request.abort();
+    let _ = request.await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let again = sparse_put_to(&server, "disk", "", whole).await;
+    assert_eq!(again.0, StatusCode::OK, "the same incremental after its client left during the final flush: {again:?}");
+}
