@@ -816,3 +816,29 @@ async fn attack2_an_incremental_abandoned_during_its_final_flush_cannot_be_run_a
     let again = sparse_put_to(&server, "disk", "", whole).await;
     assert_eq!(again.0, StatusCode::OK, "the same incremental after its client left during the final flush: {again:?}");
 }
+
+/// `--image links/disk.qcow2`, a symlink to `store/disk.qcow2` whose
+/// backing `base.raw` lies beside it in store/: the allowed directory is
+/// that of the path given (links/), the backing is resolved from the real
+/// file's (store/), so the server refuses its own image's chain; and
+/// links/ is allowed for every image's links instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack2_an_image_given_through_a_symlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let (store, links) = (root.join("store"), root.join("links"));
+    std::fs::create_dir(&store).unwrap();
+    std::fs::create_dir(&links).unwrap();
+    let content = random_bytes(MIB as usize, 14);
+    std::fs::write(store.join("base.raw"), &content).unwrap();
+    run("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", store.join("disk.qcow2").to_str().unwrap(), "1M"]);
+    std::os::unix::fs::symlink(store.join("disk.qcow2"), links.join("disk.qcow2")).unwrap();
+    let started = Server::try_start(&root, &[format!("disk={},format=qcow2", links.join("disk.qcow2").display())], &[]).await;
+    match started {
+        Ok(server) => {
+            let image = server.client().get(server.image_url("disk")).send().await.unwrap().bytes().await.unwrap();
+            assert!(image[..] == content[..], "served other bytes");
+        }
+        Err(error) => panic!("an --image given through a symlink, its backing beside the real file: {error}"),
+    }
+}
