@@ -842,3 +842,36 @@ async fn attack2_an_image_given_through_a_symlink() {
         Err(error) => panic!("an --image given through a symlink, its backing beside the real file: {error}"),
     }
 }
+
+/// Two restores at once: a second full restore (no checkpoint) is admitted
+/// while the first waits for its final flush; the first then records c1
+/// over the image the second wrote, and an incremental from c1 is
+/// admitted onto it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack2_a_second_restore_during_the_first_ones_final_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let (slow, file) = slow_flush_store(&root, 3, 0);
+    let server = Server::try_start(&root, &[format!("disk={}", slow.uri())], &["--nbd-timeout", "30"]).await.unwrap_or_else(|e| panic!("{e}"));
+    let size = 16 * MIB;
+    let first = vec![0x11u8; 4096];
+    let second = vec![0x22u8; 4096];
+    let restore = tokio::spawn({
+        let (client, url) = (server.client(), server.image_url("disk") + "?format=sparse");
+        let body = stream(json!({"virtual-size": size, "data-size": 4096, "checkpoint": "c1"}), &first, size);
+        async move {
+            let response = client.put(url).body(body).send().await.unwrap();
+            (response.status(), response.text().await.unwrap())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let other = sparse_put_to(&server, "disk", "", stream(json!({"virtual-size": size, "data-size": 4096}), &second, size)).await;
+    let one = restore.await.unwrap();
+    let holds = std::fs::read(&file).unwrap()[0];
+    let (status, text) = sparse_put_to(&server, "disk", "", incremental(size, "c1", "c2", 8 * MIB, &[7u8; 4096])).await;
+    assert!(
+        other.0 == StatusCode::CONFLICT || holds == 0x11 || status == StatusCode::CONFLICT,
+        "restore c1: {one:?}; a second restore 1 s later: {other:?}; the image holds the {} restore's data; incremental from c1: {status} {text}",
+        if holds == 0x22 { "second" } else { "first" }
+    );
+}
