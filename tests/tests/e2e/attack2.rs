@@ -92,7 +92,8 @@ async fn attack2_a_write_through_a_hard_link_keeps_the_other_names_chain_record(
         return;
     }
     let base = random_bytes(MIB as usize, 1);
-    let (status, text) = sparse_put_to(&server, "a", "", stream(json!({"virtual-size": size, "data-size": MIB, "checkpoint": "c1"}), &base, size)).await;
+    let (status, text) =
+        sparse_put_to(&server, "a", "", stream(json!({"virtual-size": size, "data-size": MIB, "checkpoint": "c1"}), &base, size)).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     // The target changes outside its chain, through the other name.
     let (status, text) = raw_put_to(&server, "b", 0, &[0xeeu8; 4096]).await;
@@ -173,7 +174,8 @@ async fn attack2_an_incremental_cut_by_ticket_deletion_cannot_be_run_again() {
     let (server, control) = start_with_control(&root, &["--cancel-timeout", "2"]).await;
     assert_eq!(control.add(&ticket("a", &image, &["read", "write"], 300)).await, StatusCode::OK);
     let base = random_bytes(MIB as usize, 2);
-    let (status, text) = sparse_put_to(&server, "a", "", stream(json!({"virtual-size": size, "data-size": MIB, "checkpoint": "c1"}), &base, size)).await;
+    let (status, text) =
+        sparse_put_to(&server, "a", "", stream(json!({"virtual-size": size, "data-size": MIB, "checkpoint": "c1"}), &base, size)).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     let one = random_bytes(MIB as usize, 3);
     let whole = incremental(size, "c1", "c2", 4 * MIB, &one);
@@ -211,7 +213,8 @@ async fn attack2_an_incremental_cut_by_an_http1_disconnect_can_be_run_again() {
     let image = root.join("disk.qcow2");
     let server = Server::try_start(&root, &[format!("disk={},size=16M,format=qcow2", image.display())], &[]).await.unwrap();
     let base = random_bytes(MIB as usize, 4);
-    let (status, text) = sparse_put_to(&server, "disk", "", stream(json!({"virtual-size": size, "data-size": MIB, "checkpoint": "c1"}), &base, size)).await;
+    let (status, text) =
+        sparse_put_to(&server, "disk", "", stream(json!({"virtual-size": size, "data-size": MIB, "checkpoint": "c1"}), &base, size)).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     let one = random_bytes(2 * MIB as usize, 5);
     let whole = incremental(size, "c1", "c2", 4 * MIB, &one);
@@ -249,7 +252,8 @@ async fn attack2_a_failed_forced_incremental_records_a_checkpoint_the_target_nev
     let server = Server::try_start(&root, &[format!("disk={},size=16M,format=qcow2", image.display())], &[]).await.unwrap();
     let base = random_bytes(MIB as usize, 6);
     let (status, text) =
-        sparse_put_to(&server, "disk", "", stream(json!({"virtual-size": size, "data-size": MIB, "checkpoint": "other"}), &base, size)).await;
+        sparse_put_to(&server, "disk", "", stream(json!({"virtual-size": size, "data-size": MIB, "checkpoint": "other"}), &base, size))
+            .await;
     assert_eq!(status, StatusCode::OK, "{text}");
     // Forced c1 -> c2, cut off by a frame past the end (after admission).
     let meta = json!({"virtual-size": size, "data-size": 4096, "incremental": true, "since": "c1", "checkpoint": "c2"});
@@ -402,7 +406,8 @@ async fn attack2_a_write_during_a_restores_final_flush_is_admitted_and_forgotten
     let dir = tempfile::tempdir().unwrap();
     let root = std::fs::canonicalize(dir.path()).unwrap();
     let (slow, file) = slow_flush_store(&root, 3, 0);
-    let server = Server::try_start(&root, &[format!("disk={}", slow.uri())], &["--nbd-timeout", "30"]).await.unwrap_or_else(|e| panic!("{e}"));
+    let server =
+        Server::try_start(&root, &[format!("disk={}", slow.uri())], &["--nbd-timeout", "30"]).await.unwrap_or_else(|e| panic!("{e}"));
     let size = 16 * MIB;
     let data = vec![0xabu8; 4096];
     let body = stream(json!({"virtual-size": size, "data-size": 4096, "checkpoint": "c1"}), &data, size);
@@ -424,7 +429,9 @@ async fn attack2_a_write_during_a_restores_final_flush_is_admitted_and_forgotten
     let bytes = std::fs::read(&file).unwrap();
     let written_during = bytes[8 * MIB as usize] == 0xee;
     if written_during && status != StatusCode::CONFLICT {
-        findings.push(format!("restore {restored:?}; then an incremental from c1 onto an image that took a raw write after c1: {status} {text}"));
+        findings.push(format!(
+            "restore {restored:?}; then an incremental from c1 onto an image that took a raw write after c1: {status} {text}"
+        ));
     }
     assert!(findings.is_empty(), "{}", findings.join("\n"));
 }
@@ -438,7 +445,8 @@ async fn attack2_an_abandoned_patch_zero_keeps_the_target_until_it_ends() {
     let dir = tempfile::tempdir().unwrap();
     let root = std::fs::canonicalize(dir.path()).unwrap();
     let (slow, file) = slow_flush_store(&root, 0, 3);
-    let server = Server::try_start(&root, &[format!("disk={}", slow.uri())], &["--nbd-timeout", "30"]).await.unwrap_or_else(|e| panic!("{e}"));
+    let server =
+        Server::try_start(&root, &[format!("disk={}", slow.uri())], &["--nbd-timeout", "30"]).await.unwrap_or_else(|e| panic!("{e}"));
     std::fs::write(&file, vec![0x55u8; 16 * MIB as usize]).unwrap();
     let patch = tokio::spawn({
         let (client, url) = (server.client(), server.image_url("disk"));
@@ -490,7 +498,8 @@ async fn attack2_an_interrupted_incremental_across_a_restart_and_a_full_restore(
     let spec = vec![format!("disk={},size=16M,format=qcow2", image.display())];
     let mut server = Server::try_start(&root, &spec, &[]).await.unwrap();
     let base = random_bytes(MIB as usize, 8);
-    let (status, text) = sparse_put_to(&server, "disk", "", stream(json!({"virtual-size": size, "data-size": MIB, "checkpoint": "c1"}), &base, size)).await;
+    let (status, text) =
+        sparse_put_to(&server, "disk", "", stream(json!({"virtual-size": size, "data-size": MIB, "checkpoint": "c1"}), &base, size)).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     let (status, text) = sparse_put_to(&server, "disk", "", failing_incremental(size, "c1", "c2")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
@@ -512,9 +521,16 @@ async fn attack2_an_interrupted_incremental_across_a_restart_and_a_full_restore(
     let (status, text) = sparse_put_to(&server, "disk", "", incremental(size, "c3", "c4", MIB, &[4u8; 4096])).await;
     assert_eq!(status, StatusCode::CONFLICT, "the interrupted incremental after a full restore: {text}");
     // PATCH zero of 0 bytes, with flush, keeps a record.
-    let (status, text) = sparse_put_to(&server, "disk", "", stream(json!({"virtual-size": size, "data-size": MIB, "checkpoint": "d1"}), &base, size)).await;
+    let (status, text) =
+        sparse_put_to(&server, "disk", "", stream(json!({"virtual-size": size, "data-size": MIB, "checkpoint": "d1"}), &base, size)).await;
     assert_eq!(status, StatusCode::OK, "{text}");
-    let response = server.client().patch(server.image_url("disk")).json(&json!({"op": "zero", "offset": size, "size": 0, "flush": true})).send().await.unwrap();
+    let response = server
+        .client()
+        .patch(server.image_url("disk"))
+        .json(&json!({"op": "zero", "offset": size, "size": 0, "flush": true}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let (status, text) = sparse_put_to(&server, "disk", "", incremental(size, "d1", "d2", MIB, &[4u8; 4096])).await;
     assert_eq!(status, StatusCode::OK, "after PATCH zero of nothing: {text}");
@@ -563,7 +579,11 @@ async fn attack2_cli_chain_across_three_directories() {
         let args = ["download", "--incremental", "--backing", inc1.to_str().unwrap(), &server.image_url("src"), inc2.to_str().unwrap()];
         let out = cli(&server, &args);
         if !out.status.success() {
-            findings.push(format!("download of c/inc2 on b/inc1 (on a/full): exit {:?}: {:?}", out.status.code(), String::from_utf8_lossy(&out.stderr)));
+            findings.push(format!(
+                "download of c/inc2 on b/inc1 (on a/full): exit {:?}: {:?}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         let out = cli(&server, &["checksum", inc1.to_str().unwrap()]);
         let said = String::from_utf8_lossy(&out.stderr).to_string();
@@ -634,7 +654,12 @@ async fn attack2_odd_characters_in_paths_reach_the_same_files() {
         .unwrap();
     let got = server.client().get(server.image_url("t")).send().await.unwrap().bytes().await.unwrap();
     if !out.status.success() || got[..] != content[..] {
-        findings.push(format!("CLI upload: exit {:?}, same bytes {}: {}", out.status.code(), got[..] == content[..], String::from_utf8_lossy(&out.stderr)));
+        findings.push(format!(
+            "CLI upload: exit {:?}, same bytes {}: {}",
+            out.status.code(),
+            got[..] == content[..],
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     assert!(findings.is_empty(), "{}", findings.join("\n"));
 }
@@ -799,10 +824,12 @@ async fn attack2_an_incremental_abandoned_during_its_final_flush_cannot_be_run_a
     let dir = tempfile::tempdir().unwrap();
     let root = std::fs::canonicalize(dir.path()).unwrap();
     let (slow, _file) = slow_flush_store(&root, 3, 0);
-    let server = Server::try_start(&root, &[format!("disk={}", slow.uri())], &["--nbd-timeout", "30"]).await.unwrap_or_else(|e| panic!("{e}"));
+    let server =
+        Server::try_start(&root, &[format!("disk={}", slow.uri())], &["--nbd-timeout", "30"]).await.unwrap_or_else(|e| panic!("{e}"));
     let size = 16 * MIB;
     let base = random_bytes(MIB as usize, 13);
-    let (status, text) = sparse_put_to(&server, "disk", "", stream(json!({"virtual-size": size, "data-size": MIB, "checkpoint": "c1"}), &base, size)).await;
+    let (status, text) =
+        sparse_put_to(&server, "disk", "", stream(json!({"virtual-size": size, "data-size": MIB, "checkpoint": "c1"}), &base, size)).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     let whole = incremental(size, "c1", "c2", 4 * MIB, &[6u8; 4096]);
     let request = tokio::spawn({
@@ -852,7 +879,8 @@ async fn attack2_a_second_restore_during_the_first_ones_final_flush() {
     let dir = tempfile::tempdir().unwrap();
     let root = std::fs::canonicalize(dir.path()).unwrap();
     let (slow, file) = slow_flush_store(&root, 3, 0);
-    let server = Server::try_start(&root, &[format!("disk={}", slow.uri())], &["--nbd-timeout", "30"]).await.unwrap_or_else(|e| panic!("{e}"));
+    let server =
+        Server::try_start(&root, &[format!("disk={}", slow.uri())], &["--nbd-timeout", "30"]).await.unwrap_or_else(|e| panic!("{e}"));
     let size = 16 * MIB;
     let first = vec![0x11u8; 4096];
     let second = vec![0x22u8; 4096];
