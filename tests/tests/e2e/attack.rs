@@ -188,6 +188,16 @@ async fn attack_concurrent_writers_and_kills_raw_two_connections() {
     concurrent_writers_and_kills("raw", "2").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack2_concurrent_writers_and_kills_qcow2_four_connections() {
+    concurrent_writers_and_kills("qcow2", "4").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack2_concurrent_writers_and_kills_raw_one_connection() {
+    concurrent_writers_and_kills("raw", "1").await;
+}
+
 /// Numbers at the end of u64: every one a 4xx, the server still serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attack_u64_max_numbers_are_refused_cleanly() {

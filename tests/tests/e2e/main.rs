@@ -2,6 +2,7 @@
 //! and clients (reqwest, curl) doing what users do.
 
 mod attack;
+mod attack2;
 mod attack_qcow2;
 mod backup;
 mod checkpoints;
