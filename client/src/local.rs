@@ -35,39 +35,46 @@ pub struct Run {
     pub zero: bool,
 }
 
+/// The links of a file this program made: its own, or the `--backing`
+/// the user named, and that file's chain.
+fn made_here() -> LinkPolicy {
+    LinkPolicy { anywhere: true, ..LinkPolicy::default() }
+}
+
 impl LocalImage {
     /// Creates `path` (`raw` or `qcow2`) of `size` bytes and opens it.
     pub async fn create(path: &Path, format: &str, size: u64) -> Result<LocalImage> {
         qemu::create_image(path, format, size).await?;
-        Self::open(path, format, false, &[]).await
+        Self::open(path, format, false, made_here()).await
     }
 
-    /// Creates `path` as a qcow2 overlay of `backing` and opens it; the
-    /// backing's own links may lie in its directory.
+    /// Creates `path` as a qcow2 overlay of `backing` (a file the user
+    /// named) and opens it.
     pub async fn create_overlay(path: &Path, backing: &Path) -> Result<LocalImage> {
         qemu::create_overlay(path, backing).await?;
-        Self::open(path, "qcow2", false, &[backing]).await
+        Self::open(path, "qcow2", false, made_here()).await
     }
 
     /// Opens an existing file read-only as `format`, never as what its
     /// content looks like: a raw image holds whatever its guest wrote, a
-    /// qcow2 header naming a host file as backing, say. A qcow2's backing
-    /// and data files are followed only directly in its own directory
-    /// (as `blockgate download` makes a chain), never hidden ones.
-    pub async fn open_read_only(path: &Path, format: &str) -> Result<LocalImage> {
-        Self::open(path, format, true, &[]).await
+    /// qcow2 header naming a host file as backing, say. A qcow2 that names
+    /// a backing or data file is refused unless `follow_links`, and then
+    /// they are followed only directly in its own directory (as `blockgate
+    /// download` makes a chain), never to a hidden file.
+    pub async fn open_read_only(path: &Path, format: &str, follow_links: bool) -> Result<LocalImage> {
+        let real = std::fs::canonicalize(path).map_err(|error| qemu::QemuError::new(format!("{}: {error}", path.display())))?;
+        let directories = if follow_links { real.parent().map(Path::to_path_buf).into_iter().collect() } else { Vec::new() };
+        let rule = if follow_links {
+            "with --follow-links, only directly in the image's own directory, never to a hidden file"
+        } else {
+            "a local qcow2's backing and data files are followed only with --follow-links"
+        };
+        Self::open(&real, format, true, LinkPolicy { directories, rule, ..LinkPolicy::default() }).await
     }
 
-    /// Opens `path`, whose links may lie directly in its directory or in
-    /// those of `also`.
-    async fn open(path: &Path, format: &str, read_only: bool, also: &[&Path]) -> Result<LocalImage> {
-        let real = |path: &Path| std::fs::canonicalize(path).map_err(|error| qemu::QemuError::new(format!("{}: {error}", path.display())));
-        let path = real(path)?;
-        let mut directories = Vec::new();
-        for file in std::iter::once(path.as_path()).chain(also.iter().copied()) {
-            directories.extend(real(file)?.parent().map(Path::to_path_buf));
-        }
-        let policy = LinkPolicy { trees: Vec::new(), directories };
+    /// Opens `path`, following its links where `policy` allows.
+    async fn open(path: &Path, format: &str, read_only: bool, policy: LinkPolicy) -> Result<LocalImage> {
+        let path = std::fs::canonicalize(path).map_err(|error| qemu::QemuError::new(format!("{}: {error}", path.display())))?;
         let format = format.to_string();
         let chain = tokio::task::spawn_blocking(move || qcow2::resolve(&path, &format, &policy))
             .await

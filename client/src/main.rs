@@ -105,7 +105,7 @@ struct FormatChoice {
 impl FormatChoice {
     /// Opens `file` read-only in its format, with a note on stderr when
     /// its first bytes announce another one.
-    async fn open(&self, file: &Path) -> Result<LocalImage> {
+    async fn open(&self, file: &Path, follow_links: bool) -> Result<LocalImage> {
         let format = self.of(file);
         if let Ok(Some(looks_like)) = blockgate_nbd::qemu::sniff_format(file).await {
             if looks_like != format {
@@ -115,7 +115,7 @@ impl FormatChoice {
                 );
             }
         }
-        Ok(LocalImage::open_read_only(file, format).await?)
+        Ok(LocalImage::open_read_only(file, format, follow_links).await?)
     }
 
     fn of(&self, file: &Path) -> &'static str {
@@ -161,6 +161,10 @@ enum Command {
         target: String,
         #[command(flatten)]
         format: FormatChoice,
+        /// Follow a local qcow2's backing and data files, if they lie
+        /// directly in its directory (never hidden files).
+        #[arg(long)]
+        follow_links: bool,
         /// Block size of the hash.
         #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE)]
         block_size: u64,
@@ -203,6 +207,10 @@ enum Command {
         file: PathBuf,
         #[command(flatten)]
         format: FormatChoice,
+        /// Follow a local qcow2's backing and data files, if they lie
+        /// directly in its directory (never hidden files).
+        #[arg(long)]
+        follow_links: bool,
         /// Image URL.
         url: String,
         /// Upload a file smaller than the remote image and zero the rest
@@ -425,15 +433,15 @@ async fn run(cli: Cli) -> Result<()> {
             let scope = Scope { incremental: matches!(context, ContextArg::Dirty), since: since.clone(), checkpoint: None };
             list_extents(&client(url)?, &scope, *json).await?
         }
-        Command::Checksum { target, format, block_size, algorithm } => {
+        Command::Checksum { target, format, follow_links, block_size, algorithm } => {
             check_block_size(*block_size).map_err(anyhow::Error::msg)?;
             let checksum = if target.starts_with("https://") {
-                if format.format.is_some() {
-                    bail!("--format is for a local file; the server knows its image's format");
+                if format.format.is_some() || *follow_links {
+                    bail!("--format and --follow-links are for a local file; the server knows its image");
                 }
                 client(target)?.checksum(*algorithm, Some(*block_size)).await?.checksum
             } else {
-                local_checksum(format.open(Path::new(target)).await?, *algorithm, *block_size).await?
+                local_checksum(format.open(Path::new(target), *follow_links).await?, *algorithm, *block_size).await?
             };
             println!("{}  {target}", printable(&checksum));
         }
@@ -463,12 +471,12 @@ async fn run(cli: Cli) -> Result<()> {
             partial.commit()?;
             reporter.done("downloaded", &stats);
         }
-        Command::Upload { file, format, url, zero_tail, transfer } => {
+        Command::Upload { file, format, follow_links, url, zero_tail, transfer } => {
             let connections = usize::from(transfer.connections);
             let client = client_with(url, connections)?;
             let reporter = Reporter::new(transfer.progress.progress);
             let options = TransferOptions { connections, progress: reporter.callback(), zero_tail: *zero_tail };
-            let local = format.open(file).await?;
+            let local = format.open(file, *follow_links).await?;
             let stats = finish(transfer::upload(&local, &client, &options).await, local).await?;
             reporter.done("uploaded", &stats);
             if stats.tail_zeroed > 0 {

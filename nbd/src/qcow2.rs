@@ -139,13 +139,21 @@ pub struct LinkPolicy {
     /// Directories whose own files may be named, not those below them,
     /// resolved.
     pub directories: Vec<PathBuf>,
+    /// Any file may be named: for images this program made itself, whose
+    /// links it wrote or the user named.
+    pub anywhere: bool,
+    /// The rule in words, for a refusal.
+    pub rule: &'static str,
 }
 
 impl LinkPolicy {
-    /// True if `real` (resolved) may be opened: inside a tree, or directly
-    /// in a directory, and never hidden (`.ssh/authorized_keys` below a
-    /// home directory that holds an image).
+    /// True if `real` (resolved) may be opened: anywhere if so told, else
+    /// inside a tree, or directly in a directory, and never hidden
+    /// (`.ssh/authorized_keys` below a home directory that holds an image).
     fn allows(&self, real: &Path) -> bool {
+        if self.anywhere {
+            return true;
+        }
         let visible = |below: &Path| !below.components().any(|part| part.as_os_str().as_encoded_bytes().starts_with(b"."));
         self.trees.iter().any(|dir| real.strip_prefix(dir).is_ok_and(visible))
             || self.directories.iter().any(|dir| real.parent() == Some(dir) && real.strip_prefix(dir).is_ok_and(visible))
@@ -183,7 +191,7 @@ fn linked_file(name: &str, image: &Path, what: &str, allowed: &LinkPolicy) -> Re
     let directory = image.parent().unwrap_or(Path::new("/"));
     let real = std::fs::canonicalize(directory.join(name)).map_err(|error| refusal(&format!("cannot be resolved ({error})")))?;
     if !allowed.allows(&real) {
-        return Err(refusal("lies outside the allowed directories (never a hidden file)"));
+        return Err(refusal(&format!("is not allowed ({})", allowed.rule)));
     }
     Ok(real)
 }
@@ -296,7 +304,7 @@ mod tests {
 
     #[test]
     fn trees_reach_below_image_directories_do_not_and_hidden_files_never() {
-        let policy = LinkPolicy { trees: vec!["/srv/images".into()], directories: vec!["/home/u".into()] };
+        let policy = LinkPolicy { trees: vec!["/srv/images".into()], directories: vec!["/home/u".into()], ..LinkPolicy::default() };
         for (path, allowed) in [
             ("/srv/images/base.raw", true),
             ("/srv/images/vm1/base.qcow2", true),

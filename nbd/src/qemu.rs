@@ -168,7 +168,7 @@ async fn spawn(settings: &ExportSettings<'_>, socket: &Path) -> Result<Child> {
     }
     // The whole node tree as a json: filename (ours, never a header's):
     // every format explicit, and a qcow2 without a backing says so.
-    command.arg(format!("json:{}", settings.image.to_json()));
+    command.arg(format!("json:{}", settings.image.to_json()?));
     launch(command, "qemu-nbd", &[socket], &settings.image.path, Tie::ToThisProcess).await
 }
 
@@ -301,17 +301,25 @@ impl ImageLayer {
     }
 
     /// The layer as qemu's nested block options (the `json:` form): a
-    /// qcow2 names its backing (`null`: none) and data file itself.
-    pub fn to_json(&self) -> serde_json::Value {
-        let file = |path: &Path| serde_json::json!({"driver": "file", "filename": path.to_string_lossy()});
-        let mut options = serde_json::json!({"driver": self.format, "file": file(&self.path)});
+    /// qcow2 names its backing (`null`: none) and data file itself. A path
+    /// that is not UTF-8 is refused: JSON cannot carry it as it is, and a
+    /// lossy copy would name another file.
+    pub fn to_json(&self) -> Result<serde_json::Value> {
+        let file = |path: &Path| {
+            let name = path.to_str().ok_or_else(|| failed(format!("{} is not UTF-8; rename it", path.display())))?;
+            Ok::<_, QemuError>(serde_json::json!({"driver": "file", "filename": name}))
+        };
+        let mut options = serde_json::json!({"driver": self.format, "file": file(&self.path)?});
         if self.format == "qcow2" {
-            options["backing"] = self.backing.as_ref().map_or(serde_json::Value::Null, |backing| backing.to_json());
+            options["backing"] = match &self.backing {
+                Some(backing) => backing.to_json()?,
+                None => serde_json::Value::Null,
+            };
             if let Some(data_file) = &self.data_file {
-                options["data-file"] = file(data_file);
+                options["data-file"] = file(data_file)?;
             }
         }
-        options
+        Ok(options)
     }
 }
 

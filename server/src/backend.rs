@@ -143,6 +143,19 @@ fn only_bitmap(mut names: Vec<String>, image: &str) -> Result<String> {
     }
 }
 
+/// What an NBD URI's writes and restores claim: the URI with its unix
+/// socket resolved, so that `socket=/d/nbd.sock` and `socket=/d/./nbd.sock`
+/// are one target (two host names for one TCP server are not seen).
+fn uri_identity(address: &Address) -> String {
+    match &address.endpoint {
+        blockgate_nbd::Endpoint::Unix(socket) => match std::fs::canonicalize(socket) {
+            Ok(real) => Address::unix(real, address.export.as_str()).to_string(),
+            Err(_) => address.to_string(),
+        },
+        blockgate_nbd::Endpoint::Tcp { .. } => address.to_string(),
+    }
+}
+
 /// The format a local file is opened with: the one named, else qcow2 for
 /// a `.qcow2` name, else raw. Never what the content looks like: a client
 /// may have written those bytes (api.md, "Formats and host files").
@@ -184,7 +197,7 @@ impl Backend {
                 let mut backend = Self::connect(address.clone(), bitmap.clone(), spec.read_only, settings).await?;
                 backend.bitmap = bitmap;
                 backend.target = address.to_string();
-                backend.identity = address.to_string();
+                backend.identity = uri_identity(address);
                 Ok(backend)
             }
             ImageSource::File(path) => Self::open_file(spec, path, settings).await,

@@ -104,7 +104,7 @@ mod tests {
         std::fs::create_dir(&images).unwrap();
         let secret = root.join("secret.raw");
         std::fs::write(&secret, b"secret").unwrap();
-        let allowed = LinkPolicy { trees: vec![images.clone()], directories: vec![] };
+        let allowed = LinkPolicy { trees: vec![images.clone()], ..LinkPolicy::default() };
         let text = |path: &Path| path.to_str().unwrap().to_string();
 
         let base = images.join("base.raw");
@@ -150,7 +150,7 @@ mod tests {
     fn a_fifo_or_a_swapped_file_is_refused_without_blocking() {
         let root = tempfile::tempdir().unwrap();
         let root = std::fs::canonicalize(root.path()).unwrap();
-        let allowed = LinkPolicy { trees: vec![root.clone()], directories: vec![] };
+        let allowed = LinkPolicy { trees: vec![root.clone()], ..LinkPolicy::default() };
         let fifo = root.join("fifo");
         assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
         let error = format!("{:#}", resolve(&fifo, "raw", &allowed).unwrap_err());

@@ -191,16 +191,21 @@ fn allowed_directories(dirs: &[PathBuf]) -> Result<Vec<PathBuf>> {
 }
 
 /// Where the backing and data files of qcow2 images may lie: the trees of
-/// the allowed directories, and the directories of `--image` files.
+/// the allowed directories, and the directories of `--image` files (where
+/// the file really is, when its path is a symlink).
 fn allowed_links(allow_dirs: &[PathBuf], images: &[ImageSpec]) -> Arc<LinkPolicy> {
     let directories = images
         .iter()
         .filter_map(|spec| match &spec.source {
-            ImageSource::File(path) => std::fs::canonicalize(std::path::absolute(path).ok()?.parent()?).ok(),
+            ImageSource::File(path) => {
+                let real = std::fs::canonicalize(path).ok().or_else(|| std::path::absolute(path).ok())?;
+                std::fs::canonicalize(real.parent()?).ok()
+            }
             ImageSource::Nbd(_) => None,
         })
         .collect();
-    Arc::new(LinkPolicy { trees: allow_dirs.to_vec(), directories })
+    let rule = "links are followed inside --allow-dir trees and directly in the directories of --image files, never to a hidden file";
+    Arc::new(LinkPolicy { trees: allow_dirs.to_vec(), directories, anywhere: false, rule })
 }
 
 async fn open_tickets(

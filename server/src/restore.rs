@@ -43,32 +43,14 @@ pub struct RestoreSettings {
 }
 
 /// Applies a sparse stream; its summary on success. Each write holds
-/// `hold` (the target's claim) until it ends. An incremental that fails
-/// after it was admitted leaves a record that lets the same incremental
-/// be applied again.
+/// `hold` (the target's claim) until it ends, and the restore holds it
+/// until its checkpoint is recorded.
 pub async fn restore(backend: Arc<Backend>, body: Body, settings: RestoreSettings, hold: Hold) -> Result<Restored, ApiError> {
-    let mut admitted = None;
-    let result = apply(backend.clone(), body, settings, hold, &mut admitted).await;
-    if let (Err(_), Some((since, checkpoint))) = (&result, admitted) {
-        restore_record::interrupted(&backend, &since, &checkpoint)?;
-    }
-    result
-}
-
-/// Applies the stream; `admitted` says which incremental (since,
-/// checkpoint) passed the chain check once it has.
-async fn apply(
-    backend: Arc<Backend>,
-    body: Body,
-    settings: RestoreSettings,
-    hold: Hold,
-    admitted: &mut Option<(String, String)>,
-) -> Result<Restored, ApiError> {
     let RestoreSettings { may_deallocate, flush, force, zero_tail, body_timeout } = settings;
     let mut frames = body.into_data_stream();
     let mut decoder = Decoder::new(backend.size());
     let mut buffer = BytesMut::new();
-    let mut pipeline = Pipeline::new(hold);
+    let mut pipeline = Pipeline::new(hold.clone());
     let mut skip_zero_frames = false;
     let mut input_done = false;
     let mut received = 0u64;
@@ -104,9 +86,6 @@ async fn apply(
                 if let Err(refused) = verdict {
                     discard_rest(frames);
                     return Err(refused);
-                }
-                if let (true, Some(since), Some(checkpoint)) = (meta.incremental, &meta.since, &meta.checkpoint) {
-                    *admitted = Some((since.clone(), checkpoint.clone()));
                 }
                 if meta.virtual_size < backend.size() {
                     tail = Some(meta.virtual_size..backend.size());
@@ -150,12 +129,15 @@ async fn apply(
                     }
                 }
                 pipeline.finish().await.map_err(rejected)?;
-                if flush {
+                // A checkpoint is recorded only once its data is stable,
+                // even with flush=n: the record outlives a crash.
+                if flush || checkpoint.is_some() {
                     backend.flush().await?;
                 }
                 if let Some(checkpoint) = &checkpoint {
                     restore_record::set(&backend, checkpoint)?;
                 }
+                drop(hold);
                 return Ok(Restored { summary, checkpoint, zero_tail: tail.map(|tail| tail.end - tail.start) });
             }
         };

@@ -3,7 +3,7 @@
 //! (checkpoints.md, "The stream and the restore").
 //!
 //! The record is a file in the state directory, keyed by the target (the
-//! image's resolved path, or its NBD URI). That works for every target,
+//! image file's device and inode, or its NBD URI). That works for every target,
 //! raw or qcow2, owned or reached by URI, and survives restarts; a bitmap
 //! in the target would only work for qcow2 images the server owns. Every
 //! write through blockgate that is not a link of the chain (PUT of raw
@@ -45,8 +45,10 @@ struct Reached {
     interrupted: Option<String>,
 }
 
+/// The record of the target's file (device and inode, so every path and
+/// hard link to it shares one), or of its URI.
 fn record_path(backend: &Backend) -> std::path::PathBuf {
-    state_file::path_for(backend.state_dir(), "restores", backend.target())
+    state_file::path_for(backend.state_dir(), "restores", backend.identity())
 }
 
 fn failed(error: impl std::fmt::Display) -> ApiError {
@@ -70,13 +72,6 @@ fn save(backend: &Backend, checkpoint: &str, interrupted: Option<&str>) -> ApiRe
 /// Records that the target now holds the image at `checkpoint`.
 pub fn set(backend: &Backend, checkpoint: &str) -> ApiResult<()> {
     save(backend, checkpoint, None)
-}
-
-/// Records that the incremental `since` → `checkpoint` failed part-way
-/// (the NBD server lost its writes, the body was cut): applying the same
-/// incremental again completes it; nothing else continues from here.
-pub fn interrupted(backend: &Backend, since: &str, checkpoint: &str) -> ApiResult<()> {
-    save(backend, since, Some(checkpoint))
 }
 
 /// What runs into each target, process-wide.
@@ -155,9 +150,14 @@ fn forget(backend: &Backend) -> ApiResult<()> {
 }
 
 /// Decides whether a stream labelled `since` → `checkpoint` may be
-/// applied, then clears the record until it is. An incremental must
-/// continue exactly where the last restore left the target; `force`
-/// applies it anyway. The caller holds the target's restore [`Claim`].
+/// applied, then records that it is under way until it ends. An
+/// incremental must continue exactly where the last restore left the
+/// target; `force` applies it anyway. While an incremental that continues
+/// the chain runs, the record says the target holds `since` and part of
+/// this incremental, so that if the restore fails, is dropped or the
+/// server dies, the same incremental, and only it, may be applied again.
+/// Anything else clears the record until the restore ends. The caller
+/// holds the target's restore [`Claim`].
 pub fn admit(backend: &Backend, since: Option<&str>, checkpoint: Option<&str>, force: bool) -> ApiResult<()> {
     for (key, id) in [("since", since), ("checkpoint", checkpoint)] {
         if let Some(id) = id {
@@ -182,6 +182,9 @@ pub fn admit(backend: &Backend, since: Option<&str>, checkpoint: Option<&str>, f
                 "this incremental continues from checkpoint {since:?}{}, but {at}; restore the chain in order, or add force=y",
                 checkpoint.map(|checkpoint| format!(" to {checkpoint:?}")).unwrap_or_default()
             )));
+        }
+        if let (true, Some(checkpoint)) = (continues, checkpoint) {
+            return save(backend, since, Some(checkpoint));
         }
     }
     forget(backend)
