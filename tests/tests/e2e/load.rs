@@ -91,7 +91,12 @@ async fn client_loop(client: reqwest::Client, url: String, base: u64, seed: u64,
 async fn sixty_four_clients_on_four_tickets_every_byte_verified() {
     let dir = tempfile::tempdir().unwrap();
     let images: Vec<String> = (0..TICKETS).map(|t| format!("t{t}={}/t{t}.qcow2,size=64M", dir.path().display())).collect();
-    let server = Server::start(dir.path(), &images).await;
+    // This test is about the data under load: its clients' pooled
+    // connections must not meet the idle timeout or the per-address cap
+    // (each tested on its own below), which close idle connections that a
+    // client may be about to reuse.
+    let limits = ["--header-timeout", "300", "--max-connections-per-address", "512"];
+    let server = Server::try_start(dir.path(), &images, &limits).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(load_seconds());
     let mut clients = Vec::new();
     for index in 0..CLIENTS {
