@@ -533,12 +533,8 @@ async fn output_within(mut command: Command, timeout: Duration) -> std::io::Resu
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("it did not finish within {timeout:?} and was killed")))?
 }
 
-/// What `qemu-img info` says of a file.
+/// What `qemu-img info` says of a file's bitmaps.
 pub struct ImageInfo {
-    /// The format it was opened with (detected when none was given).
-    pub format: String,
-    /// Virtual size in bytes.
-    pub size: u64,
     /// Names of its persistent dirty bitmaps (qcow2).
     pub bitmaps: Vec<String>,
     /// Those of them flagged `in-use`: left inconsistent by a writer that
@@ -547,19 +543,11 @@ pub struct ImageInfo {
 }
 
 /// Asks `qemu-img info` about a file (works while the file is exported),
-/// opened as `format`, or as whatever its content looks like when `None`:
-/// only for files whose content the caller trusts.
-pub async fn image_info(path: &Path, format: Option<&str>) -> Result<ImageInfo> {
+/// opened as `format` (never probed).
+pub async fn image_info(path: &Path, format: &str) -> Result<ImageInfo> {
     let path_text = path.to_string_lossy();
-    let mut args = vec!["info", "-U", "--output=json"];
-    if let Some(format) = format {
-        args.extend(["-f", format]);
-    }
-    args.push(&path_text);
-    let output = qemu_img(&args).await?;
+    let output = qemu_img(&["info", "-U", "--output=json", "-f", format, &path_text]).await?;
     let info: serde_json::Value = serde_json::from_slice(&output).map_err(|error| failed(format!("parsing qemu-img info: {error}")))?;
-    let format = info["format"].as_str().map(str::to_string).ok_or_else(|| failed("qemu-img info gave no format"))?;
-    let size = info["virtual-size"].as_u64().ok_or_else(|| failed("qemu-img info gave no virtual-size"))?;
     let listed = info["format-specific"]["data"]["bitmaps"].as_array().cloned().unwrap_or_default();
     let names = |in_use_only: bool| {
         listed
@@ -568,7 +556,7 @@ pub async fn image_info(path: &Path, format: Option<&str>) -> Result<ImageInfo> 
             .filter_map(|bitmap| bitmap["name"].as_str().map(str::to_string))
             .collect()
     };
-    Ok(ImageInfo { format, size, bitmaps: names(false), inconsistent_bitmaps: names(true) })
+    Ok(ImageInfo { bitmaps: names(false), inconsistent_bitmaps: names(true) })
 }
 
 /// Magic numbers at offset 0 of image formats qemu would probe.

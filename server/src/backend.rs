@@ -224,7 +224,7 @@ impl Backend {
         if exists {
             warn_if_content_differs(&path, format).await;
         }
-        let info = qemu::image_info(&path, Some(format.as_str())).await?;
+        let info = qemu::image_info(&path, format.as_str()).await?;
         let image = path.display().to_string();
         let bitmap = match (&spec.bitmap, spec.dirty) {
             (Some(name), _) if !info.bitmaps.contains(name) => bail!("{image} has no dirty bitmap {name:?}"),
