@@ -73,3 +73,49 @@ async fn attack3_a_new_image_on_a_reused_inode_inherits_the_deleted_images_check
         old.display()
     );
 }
+
+/// An incremental of `count` data frames of 512 bytes, one every 8 KiB,
+/// neither since nor checkpoint (applied with force=y).
+fn scattered(size: u64, count: u64) -> Vec<u8> {
+    let meta = json!({"virtual-size": size, "data-size": count * 512, "incremental": true});
+    let mut body = meta_frame(&meta);
+    for n in 0..count {
+        body.extend(frame("data", n * 8192, 512, &[(n % 251) as u8 + 1; 512]));
+    }
+    body.extend(frame("stop", 0, 0, &[]));
+    body
+}
+
+/// The ledger keeps at most 4096 separate ranges and then covers them
+/// with one, gaps included. After the daemon restarts under 4097 scattered
+/// unflushed writes, the gaps count as lost though nothing was ever written
+/// there: applying the same stream again (the 502's own advice, "once those
+/// ranges are written again, a flush succeeds") never makes a flush
+/// succeed. An incremental restore of a fragmented disk can never complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack3_writes_rewritten_after_a_restart_still_fail_the_flush_past_4096_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 64 * MIB;
+    let server = Server::start(dir.path(), &[format!("disk={}/disk.raw,size={size}", dir.path().display())]).await;
+    let body = scattered(size, 4097);
+    let url = server.image_url("disk") + "?format=sparse&force=y";
+    let first = server.client().put(url.clone() + "&flush=n").body(body.clone()).send().await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK, "{}", first.text().await.unwrap());
+    kill_daemon(&server).await;
+    let mut answers = Vec::new();
+    for _ in 0..40 {
+        let response = server.client().put(url.clone()).body(body.clone()).send().await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        if status == StatusCode::OK {
+            return;
+        }
+        let ledger = text.contains("writes may be lost");
+        answers.push(format!("{status} {text}"));
+        if ledger && answers.iter().filter(|answer| answer.contains("writes may be lost")).count() >= 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("every range was written again, but the flush still fails: {answers:#?}");
+}
