@@ -119,3 +119,52 @@ async fn attack3_writes_rewritten_after_a_restart_still_fail_the_flush_past_4096
     }
     panic!("every range was written again, but the flush still fails: {answers:#?}");
 }
+
+/// `download --incremental --backing base.qcow2`: base.qcow2's header
+/// names an external data file, a FIFO in a hidden directory elsewhere.
+/// The chain of --backing is followed anywhere (made_here, by design),
+/// but the FIFO must not hang the download (held: refused as "not a
+/// regular file").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack3_a_hostile_backing_naming_a_fifo_does_not_hang_the_download() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    create_image(&image, "qcow2", "16M");
+    let server = Server::start(dir.path(), &[format!("disk={}", image.display())]).await;
+    let backups = dir.path().join("backups");
+    let hidden = dir.path().join("elsewhere/.secret");
+    std::fs::create_dir_all(&backups).unwrap();
+    std::fs::create_dir_all(&hidden).unwrap();
+    let data = hidden.join("data");
+    let base = backups.join("base.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &format!("data_file={}", data.display()), base.to_str().unwrap(), "16M"]);
+    std::fs::remove_file(&data).unwrap();
+    nix::unistd::mkfifo(&data, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let overlay = backups.join("inc.qcow2");
+    let mut child = std::process::Command::new(binary("blockgate"))
+        .arg("--cacert")
+        .arg(server.ca())
+        .args(["download", "--incremental", "--backing", base.to_str().unwrap(), &server.image_url("disk"), overlay.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let still_running = child.try_wait().unwrap().is_none();
+    if still_running {
+        for pid in children(child.id()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+        child.kill().unwrap();
+    }
+    let output = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(!still_running, "the download hung on {} (a FIFO named by the backing's header): {said}", data.display());
+    assert!(said.contains("not a regular file"), "{said}");
+}
