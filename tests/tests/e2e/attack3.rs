@@ -168,3 +168,58 @@ async fn attack3_a_hostile_backing_naming_a_fifo_does_not_hang_the_download() {
     assert!(!still_running, "the download hung on {} (a FIFO named by the backing's header): {said}", data.display());
     assert!(said.contains("not a regular file"), "{said}");
 }
+
+async fn raw_put(server: &Server, ticket: &str, offset: u64, data: &[u8]) -> (StatusCode, String) {
+    let range = format!("bytes {offset}-{}/*", offset + data.len() as u64 - 1);
+    let response = server.client().put(server.image_url(ticket)).header("content-range", range).body(data.to_vec()).send().await.unwrap();
+    let status = response.status();
+    (status, response.text().await.unwrap())
+}
+
+/// A qcow2 whose guest data lives in an external raw data file
+/// (data_file_raw): the data file is served as an image of its own too.
+/// A raw write into the data file changes what the qcow2 holds, but the
+/// record is keyed by the qcow2's inode alone, so it survives, and the
+/// next incremental of the qcow2's chain is admitted onto changed data
+/// (what the hard-link fix of the second round closed for a second name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack3_a_raw_write_into_a_qcow2s_data_file_keeps_its_restore_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 16 * MIB;
+    let qcow2 = dir.path().join("disk.qcow2");
+    let data = dir.path().join("disk.data");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={},data_file_raw=on", data.display()),
+            qcow2.to_str().unwrap(),
+            &size.to_string(),
+        ],
+    );
+    let mut server = match Server::try_start(dir.path(), &[format!("disk={}", qcow2.display())], &[]).await {
+        Ok(server) => server,
+        Err(error) => {
+            eprintln!("held: the server refuses a qcow2 with a data file: {error}");
+            return;
+        }
+    };
+    let full = stream(json!({"virtual-size": size, "data-size": 4096, "incremental": false, "checkpoint": "c1"}), &[1u8; 4096], size);
+    let (status, text) = sparse_put(&server, "disk", full).await;
+    assert_eq!(status, StatusCode::OK, "full restore: {text}");
+    server.stop();
+
+    let mut server = Server::start(dir.path(), &[format!("data={},format=raw", data.display())]).await;
+    let (status, text) = raw_put(&server, "data", 0, &[9u8; 4096]).await;
+    assert_eq!(status, StatusCode::OK, "raw write into the data file: {text}");
+    server.stop();
+    assert_eq!(&raw_view(&qcow2)[..4], &[9u8; 4], "the write changed the qcow2's guest data");
+
+    let server = Server::start(dir.path(), &[format!("disk={}", qcow2.display())]).await;
+    let (status, text) = sparse_put(&server, "disk", incremental(size, "c1", "c2", 4 * MIB, &[7u8; 4096])).await;
+    assert_eq!(status, StatusCode::CONFLICT, "an incremental from c1 after a raw write into the qcow2's data file was admitted: {text}");
+}
