@@ -223,3 +223,50 @@ async fn attack3_a_raw_write_into_a_qcow2s_data_file_keeps_its_restore_record() 
     let (status, text) = sparse_put(&server, "disk", incremental(size, "c1", "c2", 4 * MIB, &[7u8; 4096])).await;
     assert_eq!(status, StatusCode::CONFLICT, "an incremental from c1 after a raw write into the qcow2's data file was admitted: {text}");
 }
+
+/// The second round's backing-file attack ran both tickets at once (qemu's
+/// locks refuse that). One after the other: a full restore into an
+/// overlay of a zero base skips the zero frames (the target reads as
+/// zeros), so most of the overlay stays unallocated and reads the base. A
+/// later raw write into the base (its own ticket, the overlay's closed)
+/// changes what the overlay holds, but the overlay's record, keyed by its
+/// own inode, still says c1, and an incremental from c1 is admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack3_a_raw_write_into_a_restored_overlays_base_keeps_its_restore_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let size = 16 * MIB;
+    let base = root.join("base.raw");
+    std::fs::File::create(&base).unwrap().set_len(size).unwrap();
+    let overlay = root.join("overlay.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", overlay.to_str().unwrap(), "16M"]);
+    let mut server = match Server::try_start(&root, &[format!("disk={}", overlay.display())], &[]).await {
+        Ok(server) => server,
+        Err(error) => {
+            eprintln!("held: the server refuses the overlay: {error}");
+            return;
+        }
+    };
+    let full = stream(json!({"virtual-size": size, "data-size": 4096, "incremental": false, "checkpoint": "c1"}), &[1u8; 4096], size);
+    let (status, text) = sparse_put(&server, "disk", full).await;
+    assert_eq!(status, StatusCode::OK, "full restore: {text}");
+    server.stop();
+
+    let mut server = Server::start(&root, &[format!("base={},format=raw", base.display())]).await;
+    let (status, text) = raw_put(&server, "base", 8 * MIB, &[0xeeu8; 4096]).await;
+    assert_eq!(status, StatusCode::OK, "raw write into the base: {text}");
+    server.stop();
+    let view = raw_view(&overlay);
+    if view[8 * MIB as usize] != 0xee {
+        eprintln!("held: the restore allocated the overlay's clusters; the base's write is not seen through it");
+        return;
+    }
+
+    let server = Server::start(&root, &[format!("disk={}", overlay.display())]).await;
+    let (status, text) = sparse_put(&server, "disk", incremental(size, "c1", "c2", 4 * MIB, &[7u8; 4096])).await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "the overlay reads the base's new bytes at 8 MiB (not c1), yet an incremental from c1 was admitted: {text}"
+    );
+}
