@@ -270,3 +270,24 @@ async fn attack3_a_raw_write_into_a_restored_overlays_base_keeps_its_restore_rec
         "the overlay reads the base's new bytes at 8 MiB (not c1), yet an incremental from c1 was admitted: {text}"
     );
 }
+
+/// Full restores that fail after their meta frame (a bad frame part-way)
+/// leave no record behind: neither the old checkpoint nor the new one
+/// admits an incremental. Held if both are 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack3_a_failed_full_restore_leaves_no_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 16 * MIB;
+    let server = Server::start(dir.path(), &[format!("disk={}/disk.raw,size={size}", dir.path().display())]).await;
+    let full = stream(json!({"virtual-size": size, "data-size": 4096, "incremental": false, "checkpoint": "c1"}), &[1u8; 4096], size);
+    assert_eq!(sparse_put(&server, "disk", full).await.0, StatusCode::OK);
+    let mut broken = meta_frame(&json!({"virtual-size": size, "data-size": 8192, "incremental": false, "checkpoint": "d1"}));
+    broken.extend(frame("data", 0, 4096, &[2u8; 4096]));
+    broken.extend(b"garbage that is no frame header\r\n");
+    let (status, text) = sparse_put(&server, "disk", broken).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    for since in ["c1", "d1"] {
+        let (status, text) = sparse_put(&server, "disk", incremental(size, since, "x2", 4 * MIB, &[7u8; 4096])).await;
+        assert_eq!(status, StatusCode::CONFLICT, "after a failed full restore, an incremental from {since}: {text}");
+    }
+}
