@@ -113,6 +113,8 @@ pub struct Backend {
     /// What writes and restores claim: the image file's device and inode,
     /// or the URI.
     identity: String,
+    /// The files the image links to (backing chain, data files).
+    linked_files: Vec<std::path::PathBuf>,
     /// Kept for its `Drop`, which removes the view from the daemon.
     _view: Option<View>,
     settings: BackendSettings,
@@ -243,13 +245,14 @@ impl Backend {
             ImageFormat::Qcow2 => Ok(Checkpoints::open(&path, &settings.state_dir)?),
         };
         let identity = pins.identity().unwrap_or_else(|| image.clone());
+        let linked_files = pins.linked_files();
         let owned_settings =
             OwnedSettings { image: layer, pins, read_only: spec.read_only, node_read_only, command_timeout: settings.request_timeout };
         let owned = OwnedImage::start(owned_settings).await?;
         let owned = Arc::new(owned);
         let address = Address::unix(owned.nbd_socket(), MAIN_EXPORT);
         match Self::connect(address, None, spec.read_only, settings).await {
-            Ok(backend) => Ok(Backend { bitmap, owned: Some(owned), checkpoints, target: image, identity, ..backend }),
+            Ok(backend) => Ok(Backend { bitmap, owned: Some(owned), checkpoints, target: image, identity, linked_files, ..backend }),
             Err(error) => {
                 owned.stop().await;
                 Err(error)
@@ -290,6 +293,7 @@ impl Backend {
         Ok(Backend {
             target: address.to_string(),
             identity: address.to_string(),
+            linked_files: Vec::new(),
             address,
             options,
             slots,
@@ -355,6 +359,11 @@ impl Backend {
     /// restores claim, the same through every path to one file.
     pub fn identity(&self) -> &str {
         &self.identity
+    }
+
+    /// The files the image links to: its backing chain and data files.
+    pub fn linked_files(&self) -> &[std::path::PathBuf] {
+        &self.linked_files
     }
 
     /// Where checkpoint and restore records live.

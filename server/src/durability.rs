@@ -21,8 +21,9 @@ use std::ops::Range;
 
 use parking_lot::Mutex;
 
-/// Most separate ranges a set keeps before it covers them with one.
-pub const MAX_RANGES: usize = 4096;
+/// Most separate ranges a set keeps before it covers them with one (about
+/// 1 MiB per set at most).
+pub const MAX_RANGES: usize = 16384;
 
 /// Byte ranges as a map from start to end, coalesced, never overlapping.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

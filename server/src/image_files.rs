@@ -24,11 +24,15 @@ struct Pin {
     path: PathBuf,
     device: u64,
     inode: u64,
+    /// When the file was made (nanoseconds), where the file system keeps
+    /// it: a new file that reuses a deleted one's inode differs here.
+    born: Option<u128>,
 }
 
 impl Pin {
     fn of(path: &Path, metadata: &Metadata) -> Pin {
-        Pin { path: path.to_path_buf(), device: metadata.dev(), inode: metadata.ino() }
+        let born = metadata.created().ok().and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok()).map(|age| age.as_nanos());
+        Pin { path: path.to_path_buf(), device: metadata.dev(), inode: metadata.ino(), born }
     }
 
     fn matches(&self, metadata: &Metadata) -> bool {
@@ -41,10 +45,21 @@ impl Pin {
 pub struct Pins(Vec<Pin>);
 
 impl Pins {
-    /// The image's own file as `device:inode`: the same for every path
-    /// that reaches it (hard links included).
+    /// The image's own file as `device:inode:birth` (or, where the file
+    /// system keeps no birth time, `device:inode:path`): the same for
+    /// every path that reaches it (hard links included), and not the same
+    /// for a new file that reuses a deleted one's inode.
     pub fn identity(&self) -> Option<String> {
-        self.0.first().map(|pin| format!("{}:{}", pin.device, pin.inode))
+        self.0.first().map(|pin| match pin.born {
+            Some(born) => format!("{}:{}:{born}", pin.device, pin.inode),
+            None => format!("{}:{}:{}", pin.device, pin.inode, pin.path.display()),
+        })
+    }
+
+    /// The files the image links to (its backing chain and data files),
+    /// without the image itself.
+    pub fn linked_files(&self) -> Vec<PathBuf> {
+        self.0.iter().skip(1).map(|pin| pin.path.clone()).collect()
     }
 
     /// Checks, without following symlinks, that every path is still the

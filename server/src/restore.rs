@@ -92,9 +92,13 @@ pub async fn restore(backend: Arc<Backend>, body: Body, settings: RestoreSetting
                 }
                 checkpoint = meta.checkpoint;
                 // Zeros are skipped on a target that reads as zeros, unless
-                // it lost writes: lost data reads as zeros too, and only
-                // writing those ranges again makes a flush succeed.
-                skip_zero_frames = !meta.incremental && !backend.lost_writes().await && reads_as_zeros(&backend).await?;
+                // it lost writes (lost data reads as zeros too, and only
+                // writing those ranges again makes a flush succeed), or it
+                // reads through a backing or data file that may change.
+                skip_zero_frames = !meta.incremental
+                    && backend.linked_files().is_empty()
+                    && !backend.lost_writes().await
+                    && reads_as_zeros(&backend).await?;
                 Ok(())
             }
             Event::Data { offset, data } => {

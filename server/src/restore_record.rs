@@ -43,6 +43,21 @@ struct Reached {
     /// the same incremental may be applied again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     interrupted: Option<String>,
+    /// The files the target links to (backing chain, data files) and
+    /// their modification times (nanoseconds) when this was recorded: a
+    /// write into one of them, through another ticket or behind
+    /// blockgate's back, changes the target without clearing its record.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    links: Vec<(String, u128)>,
+}
+
+/// The modification times of the files the target links to.
+fn link_times(backend: &Backend) -> Vec<(String, u128)> {
+    let modified = |path: &std::path::Path| {
+        let time = std::fs::metadata(path).and_then(|metadata| metadata.modified()).ok()?;
+        Some(time.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos())
+    };
+    backend.linked_files().iter().map(|path| (path.display().to_string(), modified(path).unwrap_or(0))).collect()
 }
 
 /// The record of the target's file (device and inode, so every path and
@@ -65,6 +80,7 @@ fn save(backend: &Backend, checkpoint: &str, interrupted: Option<&str>) -> ApiRe
         checkpoint: checkpoint.to_string(),
         restored: now_rfc3339(),
         interrupted: interrupted.map(str::to_string),
+        links: link_times(backend),
     };
     state_file::save(&record_path(backend), &reached).map_err(failed)
 }
@@ -166,11 +182,17 @@ pub fn admit(backend: &Backend, since: Option<&str>, checkpoint: Option<&str>, f
     }
     if let Some(since) = since {
         let reached = load(backend)?;
-        let continues = reached
-            .as_ref()
-            .is_some_and(|reached| reached.checkpoint == since && reached.interrupted.as_deref().is_none_or(|to| Some(to) == checkpoint));
+        let links_changed = reached.as_ref().is_some_and(|reached| reached.links != link_times(backend));
+        let continues = !links_changed
+            && reached.as_ref().is_some_and(|reached| {
+                reached.checkpoint == since && reached.interrupted.as_deref().is_none_or(|to| Some(to) == checkpoint)
+            });
         if !continues && !force {
             let at = match &reached {
+                Some(reached) if links_changed => format!(
+                    "a file the target reads through (its backing or data file) changed since checkpoint {:?} was recorded",
+                    reached.checkpoint
+                ),
                 Some(Reached { checkpoint, interrupted: Some(to), .. }) => format!(
                     "the target holds checkpoint {checkpoint:?} and part of the incremental to {to:?}, which failed part-way \
                      (apply that incremental again)"
