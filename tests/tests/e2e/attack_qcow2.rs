@@ -1,5 +1,9 @@
 //! Hostile qcow2 headers and host files: crafted headers must be refused
 //! quickly (no crash, no hang), and no header may hand out a host file.
+//!
+//! Each test began as an attack during review; where its doc comment
+//! describes a defect, that defect was fixed and the test asserts the
+//! fixed behaviour (its name says which).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -293,7 +297,7 @@ async fn attack_a_raw_image_with_a_qcow2_header_is_never_followed() {
 /// (read *and written* through the image): a client's PUT then writes
 /// into that file (here `.ssh/authorized_keys`), and a GET reads it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn attack_an_image_in_a_home_directory_writes_through_to_a_hidden_file_below_it() {
+async fn attack_an_image_in_a_home_directory_cannot_reach_a_hidden_file_below_it() {
     let (_guard, home) = root();
     let ssh = home.join(".ssh");
     std::fs::create_dir(&ssh).unwrap();

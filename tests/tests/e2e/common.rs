@@ -405,3 +405,56 @@ pub async fn put_retrying(server: &Server, offset: u64, data: &[u8], query: &str
     }
     panic!("the restarted daemon never took a write");
 }
+
+/// An incremental `since` → `checkpoint` with one data frame at `offset`.
+pub fn incremental(size: u64, since: &str, checkpoint: &str, offset: u64, data: &[u8]) -> Vec<u8> {
+    let meta = json!({"virtual-size": size, "data-size": data.len(), "incremental": true, "since": since, "checkpoint": checkpoint});
+    let mut body = meta_frame(&meta);
+    body.extend(frame("data", offset, data.len() as u64, data));
+    body.extend(frame("stop", 0, 0, &[]));
+    body
+}
+
+/// PUTs a sparse stream into `ticket` with `query` added; status and body.
+pub async fn sparse_put_to(server: &Server, ticket: &str, query: &str, body: Vec<u8>) -> (StatusCode, String) {
+    let response = server.client().put(server.image_url(ticket) + "?format=sparse" + query).body(body).send().await.unwrap();
+    let status = response.status();
+    (status, response.text().await.unwrap())
+}
+
+/// PUTs `data` at `offset` of `ticket`; status and body.
+pub async fn raw_put_to(server: &Server, ticket: &str, offset: u64, data: &[u8]) -> (StatusCode, String) {
+    let range = format!("bytes {offset}-{}/*", offset + data.len() as u64 - 1);
+    let response = server.client().put(server.image_url(ticket)).header("content-range", range).body(data.to_vec()).send().await.unwrap();
+    let status = response.status();
+    (status, response.text().await.unwrap())
+}
+
+/// nbdkit over a 16 MiB file, requests in parallel: writes over 64 KiB
+/// take `write_delay` seconds, a flush `flush_delay`, zeroing
+/// `zero_delay`. Storage that is slow the way a test needs it.
+pub fn slow_store(dir: &Path, write_delay: u32, flush_delay: u32, zero_delay: u32) -> (Nbdkit, PathBuf) {
+    let file = dir.join("store.raw");
+    std::fs::write(&file, vec![0u8; 16 * MIB as usize]).unwrap();
+    let f = file.display().to_string();
+    let pread = format!("dd if={f} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none");
+    let pwrite = format!("if [ $3 -gt 65536 ]; then sleep {write_delay}; fi; dd of={f} seek=$4 conv=notrunc oflag=seek_bytes status=none");
+    let zero = format!("sleep {zero_delay}; head -c $3 /dev/zero | dd of={f} seek=$4 conv=notrunc oflag=seek_bytes status=none");
+    let nbdkit = Nbdkit::start(
+        dir,
+        "slow",
+        &[
+            "eval",
+            &format!("get_size=echo {}", 16 * MIB),
+            &format!("pread={pread}"),
+            &format!("pwrite={pwrite}"),
+            &format!("zero={zero}"),
+            &format!("flush=sleep {flush_delay}; sync"),
+            "can_write=exit 0",
+            "can_flush=exit 0",
+            "can_zero=exit 0",
+            "thread_model=echo parallel",
+        ],
+    );
+    (nbdkit, file)
+}
