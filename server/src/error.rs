@@ -49,7 +49,7 @@ pub enum ApiError {
     /// 502: writes acknowledged before the NBD server restarted were never
     /// flushed; the transfer must start over.
     #[error("{0}")]
-    WritesLost(#[from] crate::durability::LostWrites),
+    WritesLost(#[from] crate::sources::durability::LostWrites),
     /// 502: the owned qemu-storage-daemon failed a QMP command.
     #[error("qemu-storage-daemon failed: {0}")]
     Daemon(String),

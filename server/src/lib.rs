@@ -1,30 +1,21 @@
 //! blockgate-server: an HTTPS disk-image transfer server in the mould of
-//! ovirt-imageio. An HTTP request flows through one straight line of
-//! modules: [`server`] (TLS, HTTP) → [`routes`] (parse, authorize) →
-//! [`tickets`] → [`backend`] (NBD pool, qemu-nbd child) → the
-//! `blockgate-nbd` crate → qemu-nbd, and back as a stream ([`transfer`],
-//! [`extents`]; the sparse stream: [`backup`] out, [`restore`] in).
+//! ovirt-imageio. The crate's parts, each a folder: [`http`] (listeners,
+//! TLS, connections, the data API's routes) and [`control`] (the control
+//! API: tickets) take requests; [`transfer`]
+//! moves the bytes (raw ranges, extents, the sparse stream out and in)
+//! for a ticket ([`tickets`]: who may do what, for how long);
+//! [`sources`] is where the bytes live (an NBD pool on an owned
+//! qemu-storage-daemon or on an NBD URI). Imports run one way: http and
+//! control → transfer → tickets → sources → the `blockgate-nbd` crate.
 
-pub mod access_log;
-pub mod backend;
-pub mod backup;
-pub mod checkpoints;
+pub mod clock;
 pub mod config;
-pub mod connections;
 pub mod control;
-pub mod durability;
 pub mod error;
-pub mod extents;
-pub mod hashing;
-pub mod image_files;
+pub mod http;
 pub mod metrics;
-pub mod owned;
 pub mod ranges;
-pub mod restore;
-pub mod restore_record;
-pub mod routes;
-pub mod server;
+pub mod sources;
 pub mod state_file;
 pub mod tickets;
-pub mod tls;
 pub mod transfer;

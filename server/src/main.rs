@@ -14,14 +14,14 @@ use anyhow::{Context, Result};
 use blockgate_nbd::qcow2::LinkPolicy;
 use blockgate_nbd::qemu;
 use blockgate_protocol::ticket::parse_ticket;
-use blockgate_server::backend::{Backend, BackendSettings};
 use blockgate_server::config::{self, Args, ImageSource, ImageSpec, LogFormat};
-use blockgate_server::connections::Budget;
 use blockgate_server::control::{self, ControlState};
-use blockgate_server::routes::{self, AppState};
-use blockgate_server::server::{self, ConnectionLimits, Endpoint, Listener};
+use blockgate_server::http::connections::Budget;
+use blockgate_server::http::routes::{self, AppState};
+use blockgate_server::http::tls;
+use blockgate_server::http::{self, ConnectionLimits, Endpoint, Listener};
+use blockgate_server::sources::backend::{Backend, BackendSettings};
 use blockgate_server::tickets::{Limits, Ticket, Tickets};
-use blockgate_server::tls;
 use clap::Parser;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
@@ -141,7 +141,7 @@ async fn run(args: Args) -> Result<()> {
     let reaper = tokio::spawn(reap_expired(tickets.clone()));
     let connection_limits =
         ConnectionLimits { header_timeout: Duration::from_secs(args.header_timeout), send_timeout: Duration::from_secs(args.send_timeout) };
-    server::serve(endpoints, connection_limits, shutdown_signal()).await;
+    http::serve(endpoints, connection_limits, shutdown_signal()).await;
     reaper.abort();
     stop_all(&tickets).await;
     for path in [&args.local_socket, &args.control_socket].into_iter().flatten() {

@@ -21,10 +21,10 @@ use blockgate_protocol::ticket::{MAX_TIMEOUT, TicketSpec, TicketStatus};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::Backend;
 use crate::error::ApiError;
 use crate::metrics::metrics;
 use crate::ranges::RangeSet;
+use crate::sources::backend::Backend;
 
 /// Per-ticket connection limits, advertised in OPTIONS and enforced.
 #[derive(Debug, Clone, Copy)]

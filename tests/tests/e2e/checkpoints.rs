@@ -372,7 +372,7 @@ async fn limits_ids_raw_images_uris_and_ticket_ops_answer_as_the_contract_says()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_view_is_released_when_its_request_ends_even_cut_short() {
     let dir = tempfile::tempdir().unwrap();
-    let (server, client, src) = serve_source(dir.path(), &["--log", "info,blockgate_server::checkpoints=debug"]).await;
+    let (server, client, src) = serve_source(dir.path(), &["--log", "info,blockgate_server::sources::checkpoints=debug"]).await;
     get_stream(&client, format!("{src}?format=sparse&checkpoint=r0")).await;
     apply(&client, &src, &[Change::Write(0, 16 * MIB)], 1).await;
     dirty_ranges(&server, "src", "since=r0").await;

@@ -8,9 +8,9 @@
 use std::sync::Arc;
 
 use super::query::Params;
-use crate::backend::{Backend, DirtySource};
-use crate::checkpoints::check_id;
 use crate::error::{ApiError, ApiResult};
+use crate::sources::backend::{Backend, DirtySource};
+use crate::sources::checkpoints::check_id;
 use crate::tickets::Ticket;
 
 /// What the query asks for.

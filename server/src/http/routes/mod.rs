@@ -17,8 +17,8 @@ use axum::Router;
 use axum::http::{Method, header};
 use axum::routing::{delete, get, options};
 
-use crate::access_log;
 use crate::error::ApiError;
+use crate::http::access_log;
 use crate::tickets::{Limits, Tickets};
 
 /// What every handler may use.

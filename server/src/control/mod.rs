@@ -20,11 +20,11 @@ use axum::{Json, Router};
 use blockgate_nbd::{Address, qemu};
 use blockgate_protocol::ticket::{MAX_TICKET_BODY, TicketSpec, parse_ticket, parse_timeout};
 
-use crate::access_log;
-use crate::backend::{Backend, BackendSettings};
 use crate::config::{ImageSource, ImageSpec};
 use crate::error::{ApiError, ApiResult};
-use crate::routes::{not_found, refuse_control_characters, refuse_method};
+use crate::http::access_log;
+use crate::http::routes::{not_found, refuse_control_characters, refuse_method};
+use crate::sources::backend::{Backend, BackendSettings};
 use crate::tickets::{Limits, Ticket, Tickets};
 
 /// What the control routes need.

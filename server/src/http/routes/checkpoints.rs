@@ -11,8 +11,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
-use crate::checkpoints::{check_id, parse_create};
 use crate::error::{ApiError, ApiResult};
+use crate::sources::checkpoints::{check_id, parse_create};
 use crate::tickets::Access;
 use crate::transfer::cancelable;
 

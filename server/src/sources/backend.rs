@@ -23,13 +23,13 @@ use blockgate_nbd::{
 };
 use bytes::Bytes;
 
-use crate::checkpoints::{self, Checkpoints};
 use crate::config::{ImageFormat, ImageSource, ImageSpec};
-use crate::durability::Ledger;
 use crate::error::{ApiError, ApiResult};
-use crate::image_files;
 use crate::metrics::metrics;
-use crate::owned::{MAIN_EXPORT, OwnedImage, OwnedSettings};
+use crate::sources::checkpoints::{self, Checkpoints};
+use crate::sources::durability::Ledger;
+use crate::sources::image_files;
+use crate::sources::owned::{MAIN_EXPORT, OwnedImage, OwnedSettings};
 
 /// Largest single READ or WRITE the data routes issue. nbd.md measured
 /// 256 KiB to 1 MiB as the best request sizes; 256 KiB was as fast as 1 MiB

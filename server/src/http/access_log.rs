@@ -20,8 +20,8 @@ use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
 use tracing::Instrument;
 
+use crate::http::routes::route_pattern;
 use crate::metrics::metrics;
-use crate::routes::route_pattern;
 
 /// Request ids, unique in this process.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);

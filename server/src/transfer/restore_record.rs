@@ -26,10 +26,10 @@ use std::sync::LazyLock;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::Backend;
-use crate::backup::now_rfc3339;
-use crate::checkpoints::check_id;
+use crate::clock::now_rfc3339;
 use crate::error::{ApiError, ApiResult};
+use crate::sources::backend::Backend;
+use crate::sources::checkpoints::check_id;
 use crate::state_file;
 
 /// The record's content.

@@ -5,7 +5,7 @@
 //! A bad frame stops everything after it; the error names the frame and
 //! how much was applied before it, because storage cannot undo what landed.
 //! An incremental that does not continue the target's chain is refused
-//! before anything is written ([`crate::restore_record`]), and so is a
+//! before anything is written ([`crate::transfer::restore_record`]), and so is a
 //! stream whose `meta` frame does not fit the target: an incremental
 //! without `since`, a full stream that names one, a size other than the
 //! target's. A smaller full stream would leave the target's old data past
@@ -21,10 +21,10 @@ use blockgate_protocol::{ByteRange, ZeroState};
 use bytes::BytesMut;
 use futures::TryStreamExt;
 
-use crate::backend::{Backend, REQUEST_SIZE};
 use crate::error::ApiError;
-use crate::extents::extents;
-use crate::restore_record;
+use crate::sources::backend::{Backend, REQUEST_SIZE};
+use crate::transfer::extents::extents;
+use crate::transfer::restore_record;
 use crate::transfer::{Applied, Hold, Pipeline, WriteFailure, discard_rest, next_frame};
 
 /// How a restore writes.

@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::query::{Params, number};
 use crate::error::{ApiError, ApiResult};
-use crate::hashing::ParallelHasher;
 use crate::tickets::Access;
+use crate::transfer::hashing::ParallelHasher;
 use crate::transfer::{cancelable, read_pieces};
 
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>, Query(params): Query<Params>) -> ApiResult<Json<Checksum>> {

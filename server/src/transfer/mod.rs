@@ -6,6 +6,12 @@
 //! [`REQUEST_SIZE`]; what a refused request still sends is read and
 //! dropped. Memory per transfer is a few requests, whatever the image size.
 
+pub mod backup;
+pub mod extents;
+pub mod hashing;
+pub mod restore;
+pub mod restore_record;
+
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -21,11 +27,33 @@ use futures::stream::{self, Peekable, Stream, StreamExt, TryStreamExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Backend, PIPELINE_DEPTH, REQUEST_SIZE};
 use crate::error::ApiError;
-use crate::extents;
-use crate::server::ConnectionCut;
+use crate::sources::backend::{Backend, PIPELINE_DEPTH, REQUEST_SIZE};
 use crate::tickets::{Operation, Ticket};
+
+/// Cuts off the connection a request came on: put in every request's
+/// extensions, so a handler can drop a client that no longer reads (a
+/// canceled ticket), and used for HTTP/1 bodies that fail half-way.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionCut(CancellationToken);
+
+impl ConnectionCut {
+    /// Drops the connection: its socket is reset, with no TLS close_notify
+    /// and no HTTP/1.1 last chunk.
+    pub fn cut(&self) {
+        self.0.cancel();
+    }
+
+    /// Completes when the connection is cut.
+    pub async fn cut_off(&self) {
+        self.0.cancelled().await
+    }
+
+    /// True once the connection was cut.
+    pub(crate) fn is_cut(&self) -> bool {
+        self.0.is_cancelled()
+    }
+}
 
 static ZEROS: [u8; REQUEST_SIZE] = [0; REQUEST_SIZE];
 

@@ -17,10 +17,10 @@ use blockgate_protocol::{ByteRange, DirtyState, Extent, ZeroState};
 use bytes::Bytes;
 use futures::stream::{self, Stream, StreamExt, TryStreamExt};
 
-use crate::backend::{Backend, PIPELINE_DEPTH, REQUEST_SIZE};
 use crate::error::ApiError;
-use crate::extents::extents;
-use crate::hashing::ParallelHasher;
+use crate::sources::backend::{Backend, PIPELINE_DEPTH, REQUEST_SIZE};
+use crate::transfer::extents::extents;
+use crate::transfer::hashing::ParallelHasher;
 use crate::transfer::{Piece, abort_body, started};
 
 /// What a stream carries and how its `meta` frame labels it.
@@ -105,7 +105,7 @@ pub async fn backup_body(backend: Arc<Backend>, scope: Scope) -> Result<Body, Ap
     let meta = Meta {
         virtual_size: backend.size(),
         data_size,
-        date: Some(now_rfc3339()),
+        date: Some(crate::clock::now_rfc3339()),
         incremental,
         context: Some(if incremental { "dirty" } else { "zero" }.to_string()),
         bitmap: scope.bitmap,
@@ -228,13 +228,4 @@ impl<S: Stream<Item = Result<Output, ApiError>> + Unpin> Frames<S> {
         };
         Some((Ok(bytes), self))
     }
-}
-
-/// The current time, RFC 3339, to the second.
-pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
-        .ok()
-        .and_then(|now| now.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_default()
 }

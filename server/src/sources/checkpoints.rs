@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::error::{ApiError, ApiResult};
-use crate::owned::Monitor;
+use crate::sources::owned::Monitor;
 use crate::state_file;
 
 /// Checkpoints one image may have.
@@ -320,7 +320,7 @@ fn admit(records: &[Record], id: &str) -> ApiResult<Record> {
             "the image already has {LIMIT} checkpoints, the most it may have; delete the oldest ones first"
         )));
     }
-    Ok(Record { id: id.to_string(), created: crate::backup::now_rfc3339(), parent: records.last().map(|record| record.id.clone()) })
+    Ok(Record { id: id.to_string(), created: crate::clock::now_rfc3339(), parent: records.last().map(|record| record.id.clone()) })
 }
 
 /// An id for a checkpoint the client did not name: `cp-` and the time,

@@ -17,9 +17,9 @@ use super::AppState;
 use super::dirty;
 use super::query::{Params, number};
 use crate::error::{ApiError, ApiResult};
-use crate::extents::extents;
-use crate::server::ConnectionCut;
 use crate::tickets::Access;
+use crate::transfer::ConnectionCut;
+use crate::transfer::extents::extents;
 use crate::transfer::{cancelable, guard_body, started};
 
 pub async fn get(

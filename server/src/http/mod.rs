@@ -1,7 +1,7 @@
 //! The listeners and their connections: the TLS listener (HTTP/1.1 or
 //! HTTP/2 by ALPN) and the plain unix sockets (local data listener, control
 //! API), each with its router and its own connection budget
-//! ([`crate::connections`]), so a flood on one never starves another.
+//! ([`crate::http::connections`]), so a flood on one never starves another.
 //! Connections idle for the header timeout are closed, and a full budget
 //! makes room by closing its idlest connection, so slow or idle clients
 //! cannot pin connections; request heads must fit a size limit, so greedy
@@ -12,6 +12,11 @@
 //! one; an HTTP/1 response body that fails is cut off this way. Shutdown
 //! stops accepting, lets running requests finish for a grace period, then
 //! drops what is left.
+
+pub mod access_log;
+pub mod connections;
+pub mod routes;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -38,7 +43,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use crate::connections::{Budget, Busy, Closing, Slot};
+use crate::http::connections::{Budget, Busy, Closing, Slot};
+use crate::transfer::ConnectionCut;
 
 /// Time a client has to finish its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -84,29 +90,6 @@ pub struct ConnectionLimits {
     /// Time a response may wait for the client to take more of it before
     /// it is cut off.
     pub send_timeout: Duration,
-}
-
-/// Cuts off the connection a request came on: put in every request's
-/// extensions, so a handler can drop a client that no longer reads (a
-/// canceled ticket), and used for HTTP/1 bodies that fail half-way.
-#[derive(Debug, Clone, Default)]
-pub struct ConnectionCut(CancellationToken);
-
-impl ConnectionCut {
-    /// Drops the connection: its socket is reset, with no TLS close_notify
-    /// and no HTTP/1.1 last chunk.
-    pub fn cut(&self) {
-        self.0.cancel();
-    }
-
-    /// Completes when the connection is cut.
-    pub async fn cut_off(&self) {
-        self.0.cancelled().await
-    }
-
-    fn is_cut(&self) -> bool {
-        self.0.is_cancelled()
-    }
 }
 
 enum Accepted {

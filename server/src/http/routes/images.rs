@@ -17,12 +17,12 @@ use blockgate_protocol::{ByteRange, ImageOptions, MAX_PATCH_BODY, PatchRequest, 
 use super::AppState;
 use super::dirty::{self, MapRequest};
 use super::query::{Params, flag};
-use crate::backup::{Scope, backup_body};
 use crate::error::{ApiError, ApiResult};
-use crate::restore::{RestoreSettings, restore};
-use crate::restore_record;
-use crate::server::ConnectionCut;
 use crate::tickets::{Access, Operation, Ticket};
+use crate::transfer::ConnectionCut;
+use crate::transfer::backup::{Scope, backup_body};
+use crate::transfer::restore::{RestoreSettings, restore};
+use crate::transfer::restore_record;
 use crate::transfer::{Hold, WriteTarget, cancelable, discard_body, guard_body, read_body, with_known_length, write_body};
 
 const ALLOW_WRITABLE: &str = "OPTIONS,HEAD,GET,PUT,PATCH";

@@ -6,7 +6,7 @@
 //! sockets with the main export, waiting longer after each failed start,
 //! until the image is released. Requests that were in flight get 502; the
 //! backend reconnects on the next one. Bitmaps of a daemon that died are
-//! reported by [`crate::checkpoints`], which reads them over [`Monitor`].
+//! reported by [`crate::sources::checkpoints`], which reads them over [`Monitor`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use blockgate_nbd::qemu::{DaemonSettings, ImageLayer, QemuError, StorageDaemon};
 use blockgate_nbd::qmp::{Qmp, QmpError};
 
-use crate::image_files::Pins;
+use crate::sources::image_files::Pins;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -36,7 +36,7 @@ pub const MAIN_EXPORT: &str = "disk";
 #[derive(Debug, Clone)]
 pub struct OwnedSettings {
     /// The image, its format (never probed) and the files it links to,
-    /// checked ([`crate::image_files`]).
+    /// checked ([`crate::sources::image_files`]).
     pub image: ImageLayer,
     /// Those files by device and inode, checked before every start.
     pub pins: Pins,
@@ -170,7 +170,7 @@ async fn restart(daemon: &mut StorageDaemon, settings: &OwnedSettings, monitor: 
 
 /// Adds the export data requests use. It carries no bitmap: dirty maps
 /// are served from frozen copies on exports of their own
-/// ([`crate::checkpoints`]), because qemu refuses an enabled bitmap on a
+/// ([`crate::sources::checkpoints`]), because qemu refuses an enabled bitmap on a
 /// read-only export, and a bitmap that changes under a running request
 /// would split one round's writes between two backups.
 async fn add_main_export(monitor: &Monitor, settings: &OwnedSettings) -> Result<(), QemuError> {

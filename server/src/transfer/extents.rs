@@ -11,8 +11,8 @@ use blockgate_nbd::allocation::{self, Piece, PieceState};
 use blockgate_protocol::{ByteRange, Coalescer, DirtyState, Extent, ZeroState};
 use futures::stream::{self, Stream, StreamExt, TryStreamExt};
 
-use crate::backend::Backend;
 use crate::error::ApiError;
+use crate::sources::backend::Backend;
 
 /// Flags an extent listing can be made of.
 pub trait FromPiece {
