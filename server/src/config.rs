@@ -62,6 +62,11 @@ pub struct Args {
     /// Serve the control API (tickets) on this unix socket (mode 0660).
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+    /// Back up running VMs through libvirt at this URI (the control API's
+    /// `/vms` routes); `--libvirt` alone means qemu:///system. Without it
+    /// the VM routes answer 503.
+    #[arg(long, value_name = "URI", num_args = 0..=1, default_missing_value = "qemu:///system")]
+    pub libvirt: Option<String>,
     /// Serve `GET /metrics` (Prometheus, plain HTTP) on this TCP address
     /// too; the control socket always serves it.
     #[arg(long, value_name = "HOST:PORT")]

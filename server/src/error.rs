@@ -53,6 +53,9 @@ pub enum ApiError {
     /// 502: the owned qemu-storage-daemon failed a QMP command.
     #[error("qemu-storage-daemon failed: {0}")]
     Daemon(String),
+    /// 502: libvirt failed a call.
+    #[error("libvirt failed: {0}")]
+    Libvirt(String),
     /// 500: a bug or a local failure we cannot blame on anyone else.
     #[error("internal error: {0}")]
     Internal(String),
@@ -70,7 +73,7 @@ impl ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
-            ApiError::Backend(_) | ApiError::WritesLost(_) | ApiError::Daemon(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Backend(_) | ApiError::WritesLost(_) | ApiError::Daemon(_) | ApiError::Libvirt(_) => StatusCode::BAD_GATEWAY,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

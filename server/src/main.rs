@@ -15,12 +15,14 @@ use blockgate_nbd::qcow2::LinkPolicy;
 use blockgate_nbd::qemu;
 use blockgate_protocol::ticket::parse_ticket;
 use blockgate_server::config::{self, Args, ImageSource, ImageSpec, LogFormat};
+use blockgate_server::control::vms::{self, VmBackups};
 use blockgate_server::control::{self, ControlState};
 use blockgate_server::http::connections::Budget;
 use blockgate_server::http::routes::{self, AppState};
 use blockgate_server::http::tls;
 use blockgate_server::http::{self, ConnectionLimits, Endpoint, Listener};
 use blockgate_server::sources::backend::{Backend, BackendSettings};
+use blockgate_server::sources::vm::VmHost;
 use blockgate_server::tickets::{Limits, Ticket, Tickets};
 use clap::Parser;
 use tokio::net::{TcpListener, UnixListener};
@@ -127,8 +129,9 @@ async fn run(args: Args) -> Result<()> {
         endpoints.push(Endpoint { listener: Listener::Unix(bind_unix(path)?), router: routes::router(state.clone()), budget });
         tracing::info!(socket = %path.display(), "data API listening (local, no TLS)");
     }
+    let vm_backups = Arc::new(vm_backups(&args, port).await);
     if let Some(path) = &args.control_socket {
-        let control = ControlState { tickets: tickets.clone(), limits, backend, allow_dirs: allow_dirs.clone() };
+        let control = ControlState { tickets: tickets.clone(), limits, backend, allow_dirs: allow_dirs.clone(), vms: vm_backups.clone() };
         let budget = Budget::new(CONTROL_CONNECTIONS, None);
         endpoints.push(Endpoint { listener: Listener::Unix(bind_unix(path)?), router: control::router(control), budget });
         tracing::info!(socket = %path.display(), "control API listening");
@@ -139,16 +142,45 @@ async fn run(args: Args) -> Result<()> {
         tracing::info!(address = %format!("http://{address}/metrics"), "metrics listening");
     }
     let reaper = tokio::spawn(reap_expired(tickets.clone()));
+    let vm_watcher = tokio::spawn(vms::watch(vm_backups.clone(), tickets.clone()));
     let connection_limits =
         ConnectionLimits { header_timeout: Duration::from_secs(args.header_timeout), send_timeout: Duration::from_secs(args.send_timeout) };
     http::serve(endpoints, connection_limits, shutdown_signal()).await;
     reaper.abort();
+    vm_watcher.abort();
+    vm_backups.end_all(&tickets).await;
     stop_all(&tickets).await;
     for path in [&args.local_socket, &args.control_socket].into_iter().flatten() {
         let _ = std::fs::remove_file(path);
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// VM backups through `--libvirt`, after ending the jobs an earlier run
+/// left; or off, saying how to turn them on.
+async fn vm_backups(args: &Args, port: u16) -> VmBackups {
+    let host = match &args.libvirt {
+        Some(uri) => Ok(VmHost::new(uri.clone(), &args.state_dir())),
+        None => Err("VM backups are off: start the server with --libvirt [URI]".to_string()),
+    };
+    let backups = VmBackups::new(host, data_url(&args.listen, port));
+    if let Some(uri) = &args.libvirt {
+        backups.end_leftovers().await;
+        tracing::info!(libvirt = %uri, "backing up running VMs through libvirt");
+    }
+    backups
+}
+
+/// `https://HOST:PORT` of the data API as clients reach it: the `--listen`
+/// host, or this machine's name when it listens on every address.
+fn data_url(listen: &str, port: u16) -> String {
+    let host = listen.rsplit_once(':').map_or(listen, |(host, _)| host);
+    let host = match host.trim_start_matches('[').trim_end_matches(']') {
+        "" | "::" | "0.0.0.0" => hostname::get().ok().and_then(|name| name.into_string().ok()).unwrap_or_else(|| "localhost".into()),
+        _ => host.to_string(),
+    };
+    format!("https://{host}:{port}")
 }
 
 /// Binds a unix socket with mode 0660, replacing a stale socket file.

@@ -6,7 +6,10 @@
 //! happens when it is added, so a bad url or bitmap is a 400 then, not a
 //! failure at the first transfer. A `file://` url must resolve inside a
 //! directory the operator allowed (`--allow-dir`); anywhere else it is
-//! refused with the same words whether the file exists or not.
+//! refused with the same words whether the file exists or not. The VM
+//! routes ([`vms`]) back up running VMs through libvirt.
+
+pub mod vms;
 
 use std::path::{Path as FilePath, PathBuf};
 use std::sync::Arc;
@@ -15,7 +18,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use blockgate_nbd::{Address, qemu};
 use blockgate_protocol::ticket::{MAX_TICKET_BODY, TicketSpec, parse_ticket, parse_timeout};
@@ -38,6 +41,8 @@ pub struct ControlState {
     pub backend: BackendSettings,
     /// Where `file://` urls may point (canonical paths).
     pub allow_dirs: Arc<Vec<PathBuf>>,
+    /// Backups of running VMs.
+    pub vms: Arc<vms::VmBackups>,
 }
 
 impl axum::extract::FromRef<ControlState> for Arc<Tickets> {
@@ -46,8 +51,16 @@ impl axum::extract::FromRef<ControlState> for Arc<Tickets> {
     }
 }
 
-const ROUTES: &[(&str, &[&str])] =
-    &[("/tickets/{id}", &["GET", "PUT", "PATCH", "DELETE"]), ("/tickets/", &["DELETE"]), ("/metrics", &["GET"])];
+const ROUTES: &[(&str, &[&str])] = &[
+    ("/tickets/{id}", &["GET", "PUT", "PATCH", "DELETE"]),
+    ("/tickets/", &["DELETE"]),
+    ("/metrics", &["GET"]),
+    ("/vms", &["GET"]),
+    ("/vms/{vm}/checkpoints", &["GET"]),
+    ("/vms/{vm}/checkpoints/{id}", &["DELETE"]),
+    ("/vms/{vm}/backups", &["POST"]),
+    ("/vms/{vm}/backups/{id}", &["GET", "DELETE"]),
+];
 
 /// The control API router.
 pub fn router(state: ControlState) -> Router {
@@ -55,6 +68,11 @@ pub fn router(state: ControlState) -> Router {
         .route("/tickets/{id}", put(add).get(status).patch(extend).delete(remove))
         .route("/tickets/", delete(remove_all))
         .route("/metrics", get(metrics))
+        .route("/vms", get(vms::list))
+        .route("/vms/{vm}/checkpoints", get(vms::checkpoints))
+        .route("/vms/{vm}/checkpoints/{id}", delete(vms::delete_checkpoint))
+        .route("/vms/{vm}/backups", post(vms::create_backup))
+        .route("/vms/{vm}/backups/{id}", get(vms::backup_status).delete(vms::delete_backup))
         .fallback(not_found)
         .method_not_allowed_fallback(|method: Method, uri: Uri| async move { refuse_method(ROUTES, &method, uri.path()) })
         .layer(axum::middleware::from_fn(refuse_control_characters))

@@ -69,6 +69,17 @@ pub enum DirtySource<'a> {
     },
 }
 
+/// What a backup job's export is: the point in time of checkpoint
+/// `checkpoint`, and (for an incremental) a dirty map of what changed
+/// since `since`. Streams of such an export carry both in their `meta`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupPoint {
+    /// The checkpoint its dirty map starts from; none for a full export.
+    pub since: Option<String>,
+    /// The checkpoint made with the job; none when no disk can hold one.
+    pub checkpoint: Option<String>,
+}
+
 /// A frozen view's export and bitmap, removed when its backend goes.
 struct View {
     owned: Arc<OwnedImage>,
@@ -106,6 +117,8 @@ pub struct Backend {
     dirty_context: Option<String>,
     /// The ticket's own bitmap.
     bitmap: Option<String>,
+    /// Set when the export is a backup job's point in time.
+    point: Option<BackupPoint>,
     owned: Option<Arc<OwnedImage>>,
     checkpoints: Result<Checkpoints, String>,
     /// What a restore record is kept for: the image's path or the URI.
@@ -304,6 +317,7 @@ impl Backend {
             contexts,
             dirty_context,
             bitmap,
+            point: None,
             owned: None,
             checkpoints: Err("checkpoints need an image the server owns (a file), not an NBD URI".to_string()),
             _view: None,
@@ -333,6 +347,16 @@ impl Backend {
             .await
             .map_err(|error| ApiError::Daemon(format!("opening a frozen view: {error:#}")))?;
         Ok(Arc::new(Backend { _view: Some(view), ..backend }))
+    }
+
+    /// This export, labeled as a backup job's point in time.
+    pub fn at_backup_point(self, point: BackupPoint) -> Backend {
+        Backend { point: Some(point), ..self }
+    }
+
+    /// The backup job's point in time this export is, if it is one.
+    pub fn backup_point(&self) -> Option<&BackupPoint> {
+        self.point.as_ref()
     }
 
     /// The image's checkpoints and the daemon that keeps them, or 409

@@ -3,7 +3,8 @@
 //! reads and writes, whatever serves the export. The sources, side by
 //! side: a local image file on a qemu-storage-daemon the server owns
 //! ([`owned`], with its [`checkpoints`] and the [`image_files`] it may
-//! read through), and an NBD URI someone else serves. [`durability`]
+//! read through), an NBD URI someone else serves, and the disks of a
+//! running VM exported by a libvirt backup job ([`vm`]). [`durability`]
 //! keeps the writes a broken connection may have lost.
 
 pub mod backend;
@@ -11,3 +12,4 @@ pub mod checkpoints;
 pub mod durability;
 pub mod image_files;
 pub mod owned;
+pub mod vm;

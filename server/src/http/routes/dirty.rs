@@ -22,6 +22,8 @@ pub struct MapRequest {
     pub since: Option<String>,
     /// The checkpoint this backup reaches (made now if it does not exist).
     pub checkpoint: Option<String>,
+    /// True if the query named a `context`.
+    pub context_given: bool,
 }
 
 /// Parses `context`, `since` and `checkpoint`.
@@ -50,12 +52,58 @@ pub fn parse(params: &Params) -> ApiResult<MapRequest> {
             return Err(ApiError::BadRequest(format!("checkpoint={checkpoint:?} must be newer than since={since:?}")));
         }
     }
-    Ok(MapRequest { incremental, since, checkpoint })
+    Ok(MapRequest { incremental, since, checkpoint, context_given: params.contains_key("context") })
+}
+
+/// The request as `ticket`'s export answers it. A backup job's export is
+/// one point in time: it reaches the job's checkpoint and its dirty map
+/// starts at the job's `since`, so other values are a 409, and both label
+/// what it serves. Without a `context`, a sparse stream of an incremental
+/// job's export is incremental (`sparse_stream`); extents stay `zero`.
+pub fn for_ticket(ticket: &Ticket, request: MapRequest, sparse_stream: bool) -> ApiResult<MapRequest> {
+    let Some(point) = ticket.backend.backup_point() else { return Ok(request) };
+    let describe = |id: &Option<String>| id.as_ref().map_or("none".to_string(), |id| format!("{id:?}"));
+    if request.checkpoint.is_some() && request.checkpoint != point.checkpoint {
+        return Err(ApiError::Conflict(format!(
+            "this export is a backup job's point in time (checkpoint {}); it cannot reach checkpoint={}",
+            describe(&point.checkpoint),
+            describe(&request.checkpoint)
+        )));
+    }
+    if request.since.is_some() && request.since != point.since {
+        return Err(ApiError::Conflict(format!(
+            "this export's changes start at checkpoint {}, not since={}; start a backup with that since",
+            describe(&point.since),
+            describe(&request.since)
+        )));
+    }
+    let incremental = match (request.context_given || request.since.is_some(), sparse_stream) {
+        (true, _) => request.incremental,
+        (false, true) => point.since.is_some(),
+        (false, false) => false,
+    };
+    if incremental && point.since.is_none() {
+        return Err(ApiError::Conflict("this export is a full backup: it has no dirty map (use context=zero)".into()));
+    }
+    Ok(MapRequest {
+        incremental,
+        since: point.since.clone().filter(|_| incremental),
+        checkpoint: point.checkpoint.clone(),
+        context_given: true,
+    })
 }
 
 /// The backend to read the map (and an incremental's data) from.
 pub async fn open(ticket: &Ticket, request: &MapRequest) -> ApiResult<Arc<Backend>> {
     let backend = &ticket.backend;
+    if backend.backup_point().is_some() {
+        // Labeled by `for_ticket`: the export is the point in time, and
+        // its own bitmap is the dirty map.
+        return match request.incremental {
+            true => backend.dirty_view(DirtySource::Ticket).await,
+            false => Ok(backend.clone()),
+        };
+    }
     if let Some(checkpoint) = &request.checkpoint {
         let (checkpoints, _) = backend.checkpoints()?;
         if !ticket.may_checkpoint && !checkpoints.contains(checkpoint).await {

@@ -31,7 +31,7 @@ pub async fn get(
     let operation = state.tickets.begin(&id, Access::Read)?;
     let backend = operation.ticket().backend.clone();
     let size = backend.size();
-    let map = dirty::parse(&params)?;
+    let map = dirty::for_ticket(operation.ticket(), dirty::parse(&params)?, false)?;
     let start = number(&params, "start")?.unwrap_or(0);
     let length = match number(&params, "length")? {
         Some(0) => return Err(ApiError::BadRequest("invalid length=0: expected a positive length".into())),

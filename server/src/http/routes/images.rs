@@ -92,6 +92,7 @@ pub async fn get(
     let close = flag(&params, "close", false)?;
     let map = dirty::parse(&params)?;
     if transfer_format(&params)? == Format::Sparse {
+        let map = dirty::for_ticket(&ticket, map, true)?;
         return sparse_get(operation, map, &headers, close, connection).await;
     }
     if map.since.is_some() || map.checkpoint.is_some() {

@@ -9,7 +9,7 @@ mod dirty;
 mod extents;
 mod images;
 mod info;
-mod query;
+pub(crate) mod query;
 
 use std::sync::Arc;
 
