@@ -10,12 +10,14 @@
 
 mod error;
 mod framing;
+mod http;
 mod image;
 mod local;
 mod retry;
 pub mod transfer;
 
 pub use error::{ClientError, Result, chain, printable};
-pub use image::{ImageClient, Scope, Trust};
+pub use http::Trust;
+pub use image::{ImageClient, Scope};
 pub use local::{LocalImage, Run};
 pub use retry::{RETRY_LOG, RetryPolicy};
