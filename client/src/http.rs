@@ -11,9 +11,10 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{ClientError, Result, printable};
 
-/// Most bytes of a JSON answer (options, checksum, checkpoints, a restore's
-/// summary, a control API answer) read into memory.
-pub(crate) const MAX_JSON_BODY: usize = 1 << 20;
+/// Most bytes of an answer read whole into memory: JSON (options,
+/// checksum, checkpoints, a restore's summary, control API answers) or
+/// the metrics text.
+const MAX_BODY: usize = 1 << 20;
 /// Most bytes of an error answer kept for its message.
 const MAX_ERROR_BODY: usize = 4 << 10;
 
@@ -96,11 +97,17 @@ pub(crate) async fn read_at_most(mut response: Response, limit: usize) -> Result
     Ok((body, false))
 }
 
-/// A JSON answer, read up to [`MAX_JSON_BODY`] bytes.
-pub(crate) async fn json<T: DeserializeOwned>(response: Response, what: &str) -> Result<T> {
-    let (body, cut) = read_at_most(response, MAX_JSON_BODY).await?;
+/// A whole answer of up to [`MAX_BODY`] bytes; an error when it has more.
+pub(crate) async fn bounded_body(response: Response, what: &str) -> Result<Vec<u8>> {
+    let (body, cut) = read_at_most(response, MAX_BODY).await?;
     if cut {
-        return Err(ClientError::Protocol(format!("{what}: the answer is larger than {MAX_JSON_BODY} bytes")));
+        return Err(ClientError::Protocol(format!("{what}: the answer is larger than {MAX_BODY} bytes")));
     }
+    Ok(body)
+}
+
+/// A JSON answer, read up to [`MAX_BODY`] bytes.
+pub(crate) async fn json<T: DeserializeOwned>(response: Response, what: &str) -> Result<T> {
+    let body = bounded_body(response, what).await?;
     serde_json::from_slice(&body).map_err(|error| ClientError::Protocol(format!("{what}: {error}")))
 }
