@@ -7,7 +7,6 @@
 //! gaps or empty ones, a sparse stream must end with its `stop` frame, and
 //! the server's messages are kept with their control characters escaped.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use blockgate_protocol::blkhash::Algorithm;
@@ -21,50 +20,13 @@ use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE};
 use reqwest::{Method, Response};
 use serde::de::DeserializeOwned;
 
-use crate::error::{ClientError, Result, printable};
+use crate::error::{ClientError, Result};
 use crate::framing::FrameWalker;
+use crate::http::{Trust, json, send, trusting};
 use crate::retry::RetryPolicy;
 
-/// Most bytes of a JSON answer (options, checksum, checkpoints, a restore's
-/// summary) read into memory.
-const MAX_JSON_BODY: usize = 1 << 20;
-/// Most bytes of an error answer kept for its message.
-const MAX_ERROR_BODY: usize = 4 << 10;
 /// Most bytes of one extent's JSON text.
 const MAX_EXTENT_TEXT: usize = 64 << 10;
-
-/// Up to `limit` bytes of a body; true as well if it had more.
-async fn read_at_most(mut response: Response, limit: usize) -> Result<(Vec<u8>, bool)> {
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await? {
-        if body.len() + chunk.len() > limit {
-            body.extend_from_slice(&chunk[..limit - body.len()]);
-            return Ok((body, true));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok((body, false))
-}
-
-/// A JSON answer, read up to [`MAX_JSON_BODY`] bytes.
-async fn json<T: DeserializeOwned>(response: Response, what: &str) -> Result<T> {
-    let (body, cut) = read_at_most(response, MAX_JSON_BODY).await?;
-    if cut {
-        return Err(ClientError::Protocol(format!("{what}: the answer is larger than {MAX_JSON_BODY} bytes")));
-    }
-    serde_json::from_slice(&body).map_err(|error| ClientError::Protocol(format!("{what}: {error}")))
-}
-
-/// Which certificates to trust.
-#[derive(Debug, Clone)]
-pub enum Trust {
-    /// The CA in this PEM file (for example the server's generated `ca.pem`).
-    CaFile(PathBuf),
-    /// The system's roots.
-    System,
-    /// Anything: for tests only, never the default.
-    Insecure,
-}
 
 /// What a backup (an extents listing or a sparse stream) covers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -98,20 +60,6 @@ impl Scope {
     }
 }
 
-/// The certificates of a PEM file; an error when it holds none (a key, a
-/// DER file, a typo'd path to something else), rather than trusting
-/// nothing and failing later with a confusing TLS error.
-fn pem_certificates(pem: &[u8], path: &std::path::Path) -> Result<Vec<Vec<u8>>> {
-    let certificates: Vec<Vec<u8>> = rustls_pemfile::certs(&mut &pem[..])
-        .map(|certificate| certificate.map(|der| der.to_vec()))
-        .collect::<std::io::Result<_>>()
-        .map_err(|error| ClientError::Invalid(format!("{} is not a PEM certificate file: {error}", path.display())))?;
-    if certificates.is_empty() {
-        return Err(ClientError::Invalid(format!("{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)", path.display())));
-    }
-    Ok(certificates)
-}
-
 /// A client of one image URL (`https://HOST:PORT/images/TICKET`).
 #[derive(Clone)]
 pub struct ImageClient {
@@ -127,25 +75,14 @@ impl ImageClient {
         if !url.starts_with("https://") {
             return Err(ClientError::Invalid(format!("{url:?} is not an https:// image URL")));
         }
-        let mut builder = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .use_rustls_tls()
             .http1_only()
             .pool_max_idle_per_host(connections)
             .connect_timeout(Duration::from_secs(30))
             .read_timeout(Duration::from_secs(120))
             .tcp_nodelay(true);
-        builder = match trust {
-            Trust::CaFile(path) => {
-                let pem = std::fs::read(path).map_err(|error| ClientError::Invalid(format!("reading {}: {error}", path.display())))?;
-                let mut builder = builder.tls_built_in_root_certs(false);
-                for certificate in pem_certificates(&pem, path)? {
-                    builder = builder.add_root_certificate(reqwest::Certificate::from_der(&certificate)?);
-                }
-                builder
-            }
-            Trust::System => builder,
-            Trust::Insecure => builder.danger_accept_invalid_certs(true),
-        };
+        let builder = trusting(builder, trust)?;
         Ok(ImageClient { http: builder.build()?, url: url.trim_end_matches('/').to_string(), retry: RetryPolicy::default() })
     }
 
@@ -177,25 +114,10 @@ impl ImageClient {
         &self.url
     }
 
-    /// Sends a request and turns an error status into [`ClientError::Status`]
-    /// with the server's message.
+    /// Sends a request; an error status is a [`ClientError::Status`] with
+    /// the server's message.
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<Response> {
-        let request = request.build()?;
-        let (method, url) = (request.method().to_string(), request.url().to_string());
-        let response = self.http.execute(request).await?;
-        if response.status().is_success() {
-            return Ok(response);
-        }
-        let status = response.status();
-        let (body, cut) = read_at_most(response, MAX_ERROR_BODY).await.unwrap_or_default();
-        let mut message = printable(String::from_utf8_lossy(&body).trim()).into_owned();
-        if cut {
-            message.push_str("...");
-        }
-        if message.is_empty() {
-            message = "the server gave no reason".into();
-        }
-        Err(ClientError::Status { method, url, status, message })
+        send(&self.http, request).await
     }
 
     /// `OPTIONS`: features, limits and (from blockgate) size and bitmap.

@@ -62,6 +62,16 @@ pub struct Args {
     /// Serve the control API (tickets) on this unix socket (mode 0660).
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+    /// Serve the control API on this TCP address too (HOST:PORT, every
+    /// address a name resolves to), over TLS with the server's certificate,
+    /// to clients with a certificate signed by a CA of --client-ca only.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub control_listen: Option<String>,
+    /// PEM file of the CA certificates that sign the clients of
+    /// --control-listen: a client without a certificate that chains to one
+    /// of them fails the TLS handshake.
+    #[arg(long, value_name = "FILE")]
+    pub client_ca: Option<PathBuf>,
     /// Back up running VMs through libvirt at this URI (the control API's
     /// `/vms` routes); `--libvirt` alone means qemu:///system. Without it
     /// the VM routes answer 503.
@@ -118,8 +128,22 @@ pub struct Args {
 }
 
 impl Args {
-    /// Refuses what clap cannot see alone: two `--image` with one id.
+    /// Refuses what clap cannot see alone: two `--image` with one id, and
+    /// `--control-listen` without `--client-ca` (or the reverse).
     pub fn check(&self) -> Result<(), String> {
+        match (&self.control_listen, &self.client_ca) {
+            (Some(_), None) => {
+                return Err("--control-listen needs --client-ca FILE: the control API hands out tickets, so over TCP it serves only \
+                            clients whose certificate a CA in FILE signed"
+                    .into());
+            }
+            (None, Some(_)) => {
+                return Err("--client-ca is for the clients of --control-listen, which is not given (the data API needs no client \
+                            certificate: its credential is the ticket)"
+                    .into());
+            }
+            _ => {}
+        }
         let mut seen = std::collections::HashSet::new();
         for spec in &self.images {
             if !seen.insert(spec.id.as_str()) {
@@ -423,6 +447,17 @@ mod tests {
         }
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(load().is_ok());
+    }
+
+    #[test]
+    fn the_control_listener_needs_a_client_ca() {
+        let args = Args::parse_from(["blockgate-server", "--control-listen", "127.0.0.1:54323"]);
+        let error = args.check().unwrap_err();
+        assert!(error.contains("--control-listen needs --client-ca"), "{error}");
+        let args = Args::parse_from(["blockgate-server", "--client-ca", "ca.pem"]);
+        assert!(args.check().unwrap_err().contains("--client-ca is for the clients of --control-listen"));
+        let args = Args::parse_from(["blockgate-server", "--control-listen", "127.0.0.1:54323", "--client-ca", "ca.pem"]);
+        assert!(args.check().is_ok());
     }
 
     #[test]

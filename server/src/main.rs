@@ -1,7 +1,8 @@
 //! The `blockgate-server` binary: parse the command line, make or load TLS
 //! certificates, open every `--image` and `--ticket` (starting qemu-nbd
-//! children), bind the listeners, serve until SIGINT or SIGTERM, then stop
-//! the children and remove the sockets.
+//! children), bind the listeners (data, control socket and control over
+//! TLS with client certificates, metrics), serve until SIGINT or SIGTERM,
+//! then stop the children and remove the sockets.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -78,6 +79,14 @@ async fn run(args: Args) -> Result<()> {
     for address in &addresses {
         tcp_listeners.push(TcpListener::bind(address).await.with_context(|| format!("listening on {address}"))?);
     }
+    let mut control_listeners = Vec::new();
+    if let (Some(listen), Some(client_ca)) = (&args.control_listen, &args.client_ca) {
+        let control_tls = tls::client_certificate_config(&cert, &key, client_ca)?;
+        for address in resolve_listen("--control-listen", listen).await? {
+            let tcp = TcpListener::bind(address).await.with_context(|| format!("--control-listen {address}"))?;
+            control_listeners.push((Listener::Tls(tcp, control_tls.clone()), address));
+        }
+    }
     let mut metrics_listeners = Vec::new();
     if let Some(listen) = &args.metrics_listen {
         for address in resolve_listen("--metrics-listen", listen).await? {
@@ -99,8 +108,8 @@ async fn run(args: Args) -> Result<()> {
         stop_all(&tickets).await;
         return Err(error);
     }
-    if args.images.is_empty() && args.tickets.is_empty() && args.control_socket.is_none() {
-        tracing::warn!("no --image, --ticket or --control-socket: every ticket request will be refused");
+    if args.images.is_empty() && args.tickets.is_empty() && args.control_socket.is_none() && args.control_listen.is_none() {
+        tracing::warn!("no --image, --ticket, --control-socket or --control-listen: every ticket request will be refused");
     }
     let state = AppState {
         tickets: tickets.clone(),
@@ -130,11 +139,20 @@ async fn run(args: Args) -> Result<()> {
         tracing::info!(socket = %path.display(), "data API listening (local, no TLS)");
     }
     let vm_backups = Arc::new(vm_backups(&args, port).await);
+    let control = ControlState { tickets: tickets.clone(), limits, backend, allow_dirs: allow_dirs.clone(), vms: vm_backups.clone() };
     if let Some(path) = &args.control_socket {
-        let control = ControlState { tickets: tickets.clone(), limits, backend, allow_dirs: allow_dirs.clone(), vms: vm_backups.clone() };
         let budget = Budget::new(CONTROL_CONNECTIONS, None);
-        endpoints.push(Endpoint { listener: Listener::Unix(bind_unix(path)?), router: control::router(control), budget });
+        endpoints.push(Endpoint { listener: Listener::Unix(bind_unix(path)?), router: control::router(control.clone()), budget });
         tracing::info!(socket = %path.display(), "control API listening");
+    }
+    // A budget apart from the control socket's and the data listener's,
+    // shared by the addresses of --control-listen. Anyone may open a
+    // connection (the certificate comes in the handshake), so one address
+    // has a cap: its connections close its own idle ones, not others'.
+    let control_budget = Budget::new(CONTROL_CONNECTIONS, Some(CONTROL_CONNECTIONS_PER_ADDRESS));
+    for (listener, address) in control_listeners {
+        endpoints.push(Endpoint { listener, router: control::router(control.clone()), budget: control_budget.clone() });
+        tracing::info!(address = %format!("https://{address}"), "control API listening (TLS, client certificates)");
     }
     for (listener, address) in metrics_listeners {
         let budget = Budget::new(CONTROL_CONNECTIONS, None);
@@ -193,9 +211,12 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-/// Connections the control socket serves at once: an orchestrator needs a
-/// few, and they must never queue behind data clients.
+/// Connections the control socket (and, apart, the control listener)
+/// serves at once: an orchestrator needs a few, and they must never queue
+/// behind data clients.
 const CONTROL_CONNECTIONS: usize = 64;
+/// Connections of one client address on the control listener.
+const CONTROL_CONNECTIONS_PER_ADDRESS: usize = 16;
 
 /// Every address `HOST:PORT` names: an IP literal, or a host name.
 async fn resolve_listen(flag: &str, listen: &str) -> Result<Vec<SocketAddr>> {

@@ -1,7 +1,11 @@
-//! TLS for the remote listener: rustls with TLS 1.2 and 1.3 only and ALPN
+//! TLS for the TCP listeners: rustls with TLS 1.2 and 1.3 only and ALPN
 //! for h2 and http/1.1. Certificates come from `--tls-cert/--tls-key`, or
 //! from a CA and leaf this module makes once in the state directory and
 //! reuses afterwards, so that `curl --cacert STATE/ca.pem` keeps working.
+//! The data listener asks no client for a certificate (its credential is
+//! the ticket); the control listener (`--control-listen`) admits only a
+//! client whose certificate chains to a CA of `--client-ca`, and fails the
+//! handshake of any other.
 
 use std::fs;
 use std::io::Write;
@@ -11,8 +15,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
-use rustls::ServerConfig;
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::{RootCertStore, ServerConfig};
 
 /// Files of the generated certificate set.
 #[derive(Debug, Clone)]
@@ -82,30 +89,78 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
 }
 
 /// A rustls server configuration from PEM files: TLS 1.2+, ALPN h2 and
-/// http/1.1.
+/// http/1.1, no client certificate asked for.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>> {
-    let chain = rustls_pemfile::certs(&mut fs::read(cert).with_context(|| format!("reading {}", cert.display()))?.as_slice())
+    config(cert, key, provider(), WebPkiClientVerifier::no_client_auth())
+}
+
+/// The same, for the control API over TCP: the client must present a
+/// certificate that chains to one of the CA certificates in the PEM file
+/// `client_ca`; without one, or with one of another CA, the handshake
+/// fails and no request is read.
+pub fn client_certificate_config(cert: &Path, key: &Path, client_ca: &Path) -> Result<Arc<ServerConfig>> {
+    let mut roots = RootCertStore::empty();
+    for certificate in read_certificates(client_ca)? {
+        roots.add(certificate).with_context(|| format!("--client-ca {}: a certificate is not a usable CA", client_ca.display()))?;
+    }
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .with_context(|| format!("--client-ca {}", client_ca.display()))?;
+    config(cert, key, provider, verifier)
+}
+
+/// The certificates of a PEM file; an error when it holds none.
+fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let certificates = rustls_pemfile::certs(&mut fs::read(path).with_context(|| format!("reading {}", path.display()))?.as_slice())
         .collect::<Result<Vec<CertificateDer<'static>>, _>>()
-        .with_context(|| format!("parsing certificates in {}", cert.display()))?;
-    anyhow::ensure!(!chain.is_empty(), "no certificate in {}", cert.display());
-    let key: PrivateKeyDer<'static> =
-        rustls_pemfile::private_key(&mut fs::read(key).with_context(|| format!("reading {}", key.display()))?.as_slice())
-            .with_context(|| format!("parsing {}", key.display()))?
-            .with_context(|| format!("no private key in {}", key.display()))?;
-    // AES-128-GCM first: as safe for this use and a third cheaper than
-    // AES-256 per byte, which matters when TLS is most of a transfer's CPU.
+        .with_context(|| format!("parsing certificates in {}", path.display()))?;
+    anyhow::ensure!(!certificates.is_empty(), "no certificate in {}", path.display());
+    Ok(certificates)
+}
+
+/// ring, with AES-128-GCM first: as safe for this use and a third cheaper
+/// than AES-256 per byte, which matters when TLS is most of a transfer's
+/// CPU.
+fn provider() -> Arc<CryptoProvider> {
     let mut provider = rustls::crypto::ring::default_provider();
     provider.cipher_suites.sort_by_key(|suite| match suite.suite() {
         rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
         rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 1,
         _ => 2,
     });
-    let provider = Arc::new(provider);
+    Arc::new(provider)
+}
+
+fn config(cert: &Path, key: &Path, provider: Arc<CryptoProvider>, clients: Arc<dyn ClientCertVerifier>) -> Result<Arc<ServerConfig>> {
+    let chain = read_certificates(cert)?;
+    let key: PrivateKeyDer<'static> =
+        rustls_pemfile::private_key(&mut fs::read(key).with_context(|| format!("reading {}", key.display()))?.as_slice())
+            .with_context(|| format!("parsing {}", key.display()))?
+            .with_context(|| format!("no private key in {}", key.display()))?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_no_client_auth()
+        .with_client_cert_verifier(clients)
         .with_single_cert(chain, key)?;
     config.ignore_client_order = true;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_ca_file_must_hold_a_certificate() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let files = ensure_self_signed(dir.path()).unwrap();
+        assert!(client_certificate_config(&files.cert, &files.key, &files.ca).is_ok());
+        let error = format!("{:#}", client_certificate_config(&files.cert, &files.key, &files.key).unwrap_err());
+        assert!(error.contains("no certificate in") && error.contains("key.pem"), "{error}");
+        let missing = dir.path().join("missing.pem");
+        let error = format!("{:#}", client_certificate_config(&files.cert, &files.key, &missing).unwrap_err());
+        assert!(error.contains("missing.pem"), "{error}");
+    }
 }

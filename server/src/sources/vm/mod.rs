@@ -64,9 +64,9 @@ pub struct CheckpointInfo {
     pub parent: Option<String>,
     /// The disks it tracks.
     pub disks: Vec<String>,
-    /// False when a bitmap of it is inconsistent (the VM's qemu did not
-    /// close its disks): an incremental from it is refused. Unknown
-    /// (null) while the VM is not running.
+    /// False when a bitmap of it is missing or inconsistent (the VM's
+    /// qemu did not close its disks): an incremental from it is refused.
+    /// Unknown (null) while the VM is not running.
     pub usable: Option<bool>,
 }
 
@@ -159,16 +159,18 @@ fn state_name(value: i32) -> &'static str {
     }
 }
 
-/// The names of the dirty bitmaps qemu marks inconsistent, from a
-/// `query-named-block-nodes` reply.
-fn inconsistent_bitmaps(reply: &str) -> Result<HashSet<String>, String> {
+/// The names of the dirty bitmaps qemu has and can use (present, not
+/// marked inconsistent), from a `query-named-block-nodes` reply. A
+/// checkpoint made while the VM ran has its bitmaps only in qemu's memory
+/// until qemu closes the disk: when that qemu is killed they are gone.
+fn usable_bitmaps(reply: &str) -> Result<HashSet<String>, String> {
     let reply: serde_json::Value = serde_json::from_str(reply).map_err(|error| format!("QMP reply: {error}"))?;
     let nodes = reply["return"].as_array().ok_or("QMP reply without a return list")?;
     Ok(nodes
         .iter()
         .filter_map(|node| node["dirty-bitmaps"].as_array())
         .flatten()
-        .filter(|bitmap| bitmap["inconsistent"].as_bool() == Some(true))
+        .filter(|bitmap| bitmap["inconsistent"].as_bool() != Some(true))
         .filter_map(|bitmap| bitmap["name"].as_str().map(str::to_string))
         .collect())
 }
@@ -252,6 +254,11 @@ impl VmHost {
         let (vm, id) = (vm.to_string(), id.to_string());
         self.with_connection(move |connection| {
             let domain = lookup(connection, &vm)?;
+            if !metadata_only && checkpoints_of(&domain)?.iter().any(|checkpoint| checkpoint.id == id && checkpoint.usable == Some(false)) {
+                return Err(ApiError::Conflict(format!(
+                    "checkpoint {id:?} of VM {vm:?} is broken (its bitmaps are missing or inconsistent); remove its record with metadata_only=y"
+                )));
+            }
             domain.delete_checkpoint(&id, metadata_only).map_err(|error| match error.code {
                 code::NO_DOMAIN_CHECKPOINT => ApiError::NotFound(format!("VM {vm:?} has no checkpoint {id:?}")),
                 _ => api_error(error),
@@ -366,11 +373,11 @@ fn checkpoints_of(domain: &Domain) -> ApiResult<Vec<CheckpointInfo>> {
         .iter()
         .map(|text| xml::checkpoint(text).map_err(ApiError::Libvirt))
         .collect::<ApiResult<Vec<_>>>()?;
-    let inconsistent = match is_running(domain)? {
+    let usable = match is_running(domain)? {
         true => match domain.qmp(r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#) {
-            Ok(reply) => inconsistent_bitmaps(&reply).map_err(ApiError::Libvirt).map(Some)?,
+            Ok(reply) => usable_bitmaps(&reply).map_err(ApiError::Libvirt).map(Some)?,
             Err(error) => {
-                tracing::warn!(vm = %domain.name(), %error, "cannot ask qemu which bitmaps are inconsistent");
+                tracing::warn!(vm = %domain.name(), %error, "cannot ask qemu which bitmaps it can use");
                 None
             }
         },
@@ -379,7 +386,7 @@ fn checkpoints_of(domain: &Domain) -> ApiResult<Vec<CheckpointInfo>> {
     Ok(parsed
         .into_iter()
         .map(|checkpoint| CheckpointInfo {
-            usable: inconsistent.as_ref().map(|broken| checkpoint.disks.iter().all(|(_, bitmap)| !broken.contains(bitmap))),
+            usable: usable.as_ref().map(|usable| checkpoint.disks.iter().all(|(_, bitmap)| usable.contains(bitmap))),
             created: time::OffsetDateTime::from_unix_timestamp(checkpoint.created)
                 .ok()
                 .and_then(|time| time.format(&time::format_description::well_known::Rfc3339).ok())
@@ -452,7 +459,7 @@ fn begin_job(connection: &Connection, mut job: Job, request: JobRequest) -> ApiR
             None => return Err(ApiError::NotFound(format!("VM {:?} has no checkpoint {since:?}", job.vm))),
             Some(checkpoint) if checkpoint.usable == Some(false) => {
                 return Err(ApiError::Conflict(format!(
-                    "checkpoint {since:?} of VM {:?} is inconsistent (the VM's qemu stopped without closing its disks); take a full backup to start a new chain",
+                    "checkpoint {since:?} of VM {:?} cannot be used: its bitmaps are missing or inconsistent (the VM's qemu stopped without closing its disks); take a full backup to start a new chain",
                     job.vm
                 )));
             }
@@ -511,11 +518,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn inconsistent_bitmaps_are_read_from_qemus_node_list() {
+    fn usable_bitmaps_are_those_qemu_has_and_does_not_mark_inconsistent() {
         let reply =
             r#"{"return":[{"node-name":"a","dirty-bitmaps":[{"name":"cp1","inconsistent":true},{"name":"cp2"}]},{"node-name":"b"}]}"#;
-        assert_eq!(inconsistent_bitmaps(reply).unwrap(), HashSet::from(["cp1".to_string()]));
-        assert!(inconsistent_bitmaps("{}").is_err());
-        assert!(inconsistent_bitmaps("not json").is_err());
+        assert_eq!(usable_bitmaps(reply).unwrap(), HashSet::from(["cp2".to_string()]));
+        assert!(usable_bitmaps("{}").is_err());
+        assert!(usable_bitmaps("not json").is_err());
     }
 }
