@@ -2,6 +2,8 @@
 //! over the library: parse, build an [`ImageClient`], run, report. Errors
 //! end the process with a one-line reason and a non-zero exit code.
 
+mod vm_commands;
+
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -240,12 +242,17 @@ enum Command {
         #[command(flatten)]
         progress: ProgressArg,
     },
-    /// Apply a sparse stream read from stdin; prints the summary and the
-    /// checkpoint the image reached.
-    #[command(after_help = "Example:\n  blockgate restore --cacert ca.pem https://host:54322/images/disk < full.sparse")]
+    /// Apply sparse streams, from files in the order given (a full backup
+    /// then its incrementals) or from stdin; prints each summary and the
+    /// checkpoint the image reached. A stream out of its chain stops it.
+    #[command(
+        after_help = "Examples:\n  blockgate restore --cacert ca.pem https://host:54322/images/disk < full.sparse\n  blockgate restore --cacert ca.pem https://host:54322/images/disk vda.cp1.sparse vda.cp2.sparse vda.cp3.sparse"
+    )]
     Restore {
         /// Image URL.
         url: String,
+        /// Stream files, applied in this order [default: stdin].
+        files: Vec<PathBuf>,
         /// Apply an incremental that does not continue the image's chain.
         #[arg(long)]
         force: bool,
@@ -259,6 +266,9 @@ enum Command {
     /// List, make or delete the image's checkpoints.
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
+    /// Running VMs: list them and their checkpoints, back them up.
+    #[command(subcommand)]
+    Vm(vm_commands::VmCommand),
 }
 
 #[derive(Subcommand)]
@@ -489,64 +499,27 @@ async fn run(cli: Cli) -> Result<()> {
             }
             let scope = Scope { incremental: *incremental, since: since.clone(), checkpoint: checkpoint.clone() };
             let reporter = Reporter::new(progress.progress);
-            let progress = reporter.callback();
-            let started = std::time::Instant::now();
-            let mut stream = std::pin::pin!(client(url)?.backup(&scope).await?);
-            let mut stdout = tokio::io::stdout();
-            let (mut head, mut written) = (Vec::new(), 0u64);
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk?;
-                if head.len() < META_PEEK {
-                    head.extend_from_slice(&chunk[..chunk.len().min(META_PEEK - head.len())]);
-                }
-                stdout.write_all(&chunk).await.context("writing stdout")?;
-                written += chunk.len() as u64;
-                if let Some(progress) = &progress {
-                    let total = announced_data_size(&head).unwrap_or(0).max(written);
-                    progress(Progress { done: written, total });
-                }
-            }
-            stdout.flush().await?;
-            let stats = Stats { data_bytes: written, requests: 1, seconds: started.elapsed().as_secs_f64(), ..Stats::default() };
+            let stream = client(url)?.backup(&scope).await?;
+            let stats = save_stream(stream, &mut tokio::io::stdout(), &reporter).await?;
             reporter.done("backed up", &stats);
         }
-        Command::Restore { url, force, zero_tail, progress } => {
-            let reporter = Reporter::new(progress.progress);
-            let callback = reporter.callback();
-            // A stream in a file has a known size; from a pipe, the total
-            // grows with what was read.
-            let total = std::fs::metadata("/dev/stdin").ok().filter(|meta| meta.is_file()).map_or(0, |meta| meta.len());
-            let started = std::time::Instant::now();
-            let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-            let counted = sent.clone();
-            let stdin = tokio_util::io::ReaderStream::with_capacity(tokio::io::stdin(), 1 << 20).inspect_ok(move |chunk| {
-                let done = counted.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed) + chunk.len() as u64;
-                if let Some(callback) = &callback {
-                    callback(Progress { done, total: total.max(done) });
-                }
-            });
-            let restored = match client(url)?.restore(stdin, *force, *zero_tail).await {
-                Ok(restored) => restored,
-                // A stream cannot be read twice: nothing to start over from.
-                Err(error) if error.lost_writes() => {
-                    return Err(anyhow::Error::new(error)
-                        .context("the server may have lost writes (its storage daemon restarted): run the restore again from the start"));
-                }
-                Err(error) if error.is_size_mismatch() && !zero_tail => {
-                    return Err(anyhow::Error::new(error).context(
-                        "the stream's image and this one differ in size (--zero-tail applies a smaller one and zeroes the rest)",
-                    ));
-                }
-                Err(error) => return Err(error.into()),
-            };
-            println!("{}", printable_json(serde_json::to_string(&restored)?));
-            if let Some(checkpoint) = &restored.checkpoint {
-                eprintln!("the image is now at checkpoint {}", printable(checkpoint));
+        Command::Restore { url, files, force, zero_tail, progress } => {
+            let client = client(url)?;
+            let options = RestoreOptions { force: *force, zero_tail: *zero_tail, progress: progress.progress };
+            if files.is_empty() {
+                // A stream in a file has a known size; from a pipe, the
+                // total grows with what was read.
+                let total = std::fs::metadata("/dev/stdin").ok().filter(|meta| meta.is_file()).map_or(0, |meta| meta.len());
+                restore_stream(&client, tokio::io::stdin(), total, &options).await?;
             }
-            let data_bytes = sent.load(std::sync::atomic::Ordering::Relaxed);
-            reporter.done("restored", &Stats { data_bytes, requests: 1, seconds: started.elapsed().as_secs_f64(), ..Stats::default() });
+            for file in files {
+                let opened = tokio::fs::File::open(file).await.with_context(|| format!("opening {}", file.display()))?;
+                let total = opened.metadata().await?.len();
+                restore_stream(&client, opened, total, &options).await.with_context(|| format!("restoring {}", file.display()))?;
+            }
         }
         Command::Checkpoint(command) => checkpoint_command(command, client).await?,
+        Command::Vm(command) => vm_commands::run(command, &trust).await?,
     }
     Ok(())
 }
@@ -586,6 +559,81 @@ async fn ensure_checkpoint(client: &ImageClient, id: &str) -> Result<()> {
     }
     client.create_checkpoint(Some(id)).await?;
     Ok(())
+}
+
+/// How `restore` applies its streams.
+struct RestoreOptions {
+    force: bool,
+    zero_tail: bool,
+    progress: ProgressMode,
+}
+
+/// Applies one sparse stream read from `source` (`total` bytes, 0 when
+/// unknown); prints the summary and the checkpoint the image reached.
+async fn restore_stream(
+    client: &ImageClient,
+    source: impl tokio::io::AsyncRead + Send + Sync + 'static,
+    total: u64,
+    options: &RestoreOptions,
+) -> Result<()> {
+    let reporter = Reporter::new(options.progress);
+    let callback = reporter.callback();
+    let started = std::time::Instant::now();
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = sent.clone();
+    let stream = tokio_util::io::ReaderStream::with_capacity(source, 1 << 20).inspect_ok(move |chunk| {
+        let done = counted.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed) + chunk.len() as u64;
+        if let Some(callback) = &callback {
+            callback(Progress { done, total: total.max(done) });
+        }
+    });
+    let restored = match client.restore(stream, options.force, options.zero_tail).await {
+        Ok(restored) => restored,
+        // A stream cannot be read twice: nothing to start over from.
+        Err(error) if error.lost_writes() => {
+            return Err(anyhow::Error::new(error)
+                .context("the server may have lost writes (its storage daemon restarted): run the restore again from the start"));
+        }
+        Err(error) if error.is_size_mismatch() && !options.zero_tail => {
+            return Err(anyhow::Error::new(error)
+                .context("the stream's image and this one differ in size (--zero-tail applies a smaller one and zeroes the rest)"));
+        }
+        Err(error) => return Err(error.into()),
+    };
+    println!("{}", printable_json(serde_json::to_string(&restored)?));
+    if let Some(checkpoint) = &restored.checkpoint {
+        eprintln!("the image is now at checkpoint {}", printable(checkpoint));
+    }
+    let data_bytes = sent.load(std::sync::atomic::Ordering::Relaxed);
+    reporter.done("restored", &Stats { data_bytes, requests: 1, seconds: started.elapsed().as_secs_f64(), ..Stats::default() });
+    Ok(())
+}
+
+/// Writes a sparse stream to `writer` as it arrives, reporting progress
+/// against the data size its `meta` frame announces.
+async fn save_stream(
+    stream: impl futures::Stream<Item = blockgate_client::Result<bytes::Bytes>>,
+    writer: &mut (impl tokio::io::AsyncWrite + Unpin),
+    reporter: &Reporter,
+) -> Result<Stats> {
+    let progress = reporter.callback();
+    let started = std::time::Instant::now();
+    let mut stream = std::pin::pin!(stream);
+    let (mut head, mut written) = (Vec::new(), 0u64);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        if head.len() < META_PEEK {
+            head.extend_from_slice(&chunk[..chunk.len().min(META_PEEK - head.len())]);
+        }
+        writer.write_all(&chunk).await.context("writing the stream")?;
+        written += chunk.len() as u64;
+        if let Some(progress) = &progress {
+            let total = announced_data_size(&head).unwrap_or(0).max(written);
+            progress(Progress { done: written, total });
+        }
+    }
+    writer.flush().await.context("writing the stream")?;
+    Ok(Stats { data_bytes: written, requests: 1, seconds: started.elapsed().as_secs_f64(), ..Stats::default() })
 }
 
 /// JSON text fit for a terminal: serde_json escapes C0 controls in
