@@ -73,7 +73,7 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub client_ca: Option<PathBuf>,
     /// Serve `GET /metrics` (Prometheus, plain HTTP) on this TCP address
-    /// too; the control socket always serves it.
+    /// too; the control socket and --control-listen always serve it.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_listen: Option<String>,
     /// Requests that may read one ticket at once (503 past it).
