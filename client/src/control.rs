@@ -72,7 +72,7 @@ impl ControlClient {
         answer(response, path).await
     }
 
-    /// `POST path` with a JSON body: the status (200 or 201) and the
+    /// `POST path` with a JSON body: the success status (such as 201) and the
     /// answer's JSON, `null` when it has no body.
     pub async fn post_json(&self, path: &str, body: &Value) -> Result<(StatusCode, Value)> {
         let response = send(&self.http, self.http.post(self.url(path)?).json(body)).await?;

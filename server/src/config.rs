@@ -78,7 +78,7 @@ pub struct Args {
     #[arg(long, value_name = "URI", num_args = 0..=1, default_missing_value = "qemu:///system")]
     pub libvirt: Option<String>,
     /// Serve `GET /metrics` (Prometheus, plain HTTP) on this TCP address
-    /// too; the control socket always serves it.
+    /// too; the control socket and --control-listen always serve it.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_listen: Option<String>,
     /// Requests that may read one ticket at once (503 past it).

@@ -1,5 +1,7 @@
 //! The control API (imageio-compatible), served on the `--control-socket`
-//! unix socket in plain HTTP: an orchestrator adds tickets (`PUT`), reads
+//! unix socket in plain HTTP and, with `--control-listen`, over TLS to
+//! clients with a certificate of `--client-ca` (the same router; the TLS
+//! listener admits no one else): an orchestrator adds tickets (`PUT`), reads
 //! their status (`GET`), extends them (`PATCH {"timeout": N}`) and removes
 //! them (`DELETE`, which cancels what runs on them). Opening a ticket's
 //! `url` (an NBD URI, or `file:///PATH` exported by our own qemu-nbd)

@@ -1,5 +1,6 @@
-//! The listeners and their connections: the TLS listener (HTTP/1.1 or
-//! HTTP/2 by ALPN) and the plain unix sockets (local data listener, control
+//! The listeners and their connections: the TLS listeners (HTTP/1.1 or
+//! HTTP/2 by ALPN: the data API, and the control API for clients with a
+//! certificate) and the plain unix sockets (local data listener, control
 //! API), each with its router and its own connection budget
 //! ([`crate::http::connections`]), so a flood on one never starves another.
 //! Connections idle for the header timeout are closed, and a full budget

@@ -161,7 +161,8 @@ impl Drop for Server {
     }
 }
 
-fn free_port() -> u16 {
+/// A TCP port of 127.0.0.1 that nothing listens on now.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 

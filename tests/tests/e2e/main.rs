@@ -22,5 +22,6 @@ mod openapi;
 mod operations;
 mod protocols;
 mod readme;
+mod remote_control;
 mod security;
 mod tickets;
