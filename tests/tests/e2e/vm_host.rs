@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::unistd::{Pid, geteuid};
 
 use crate::common::create_image;
 
@@ -37,7 +37,10 @@ pub fn virsh(args: &[&str]) -> Result<String, String> {
 /// fails rather than being skipped.
 pub fn require_libvirtd() {
     if let Err(said) = virsh(&["version"]) {
-        panic!("libvirtd is not running: run tests/libvirt/start (as root; tests/run does) [{said}]");
+        if geteuid().is_root() {
+            panic!("libvirtd is not running: run tests/libvirt/start (tests/run does) [{said}]");
+        }
+        panic!("libvirtd does not answer: run tests/libvirt/start, and the VM tests as root (qemu:///system is root's) [{said}]");
     }
 }
 
