@@ -1,5 +1,5 @@
 //! End-to-end tests: the built `blockgate-server` binary, a real qemu-nbd and qemu-storage-daemon,
-//! and clients (reqwest, curl) doing what users do.
+//! and clients (reqwest, curl) doing what users do; libvirt domains for the VM-backup tests.
 
 mod attack;
 mod attack2;
@@ -12,6 +12,7 @@ mod cli_hostile;
 mod cli_safety;
 mod common;
 mod data;
+mod domains;
 mod durability;
 mod errors;
 mod faults;
@@ -25,3 +26,4 @@ mod readme;
 mod remote_control;
 mod security;
 mod tickets;
+mod vm_host;
