@@ -26,4 +26,5 @@ mod readme;
 mod remote_control;
 mod security;
 mod tickets;
+mod vm_backups;
 mod vm_host;

@@ -1,7 +1,7 @@
 //! A libvirt host for the VM-backup tests: the libvirtd that
 //! `tests/libvirt/start` runs (`tests/run` starts it), and `Domain`, a
-//! transient TCG guest with no OS (it idles in firmware) on qcow2 or raw
-//! virtio disks in a temporary directory. Tests write into its disks from
+//! TCG guest with no OS (it idles in firmware) on qcow2 or raw virtio
+//! disks in a temporary directory, transient or persistent. Tests write into its disks from
 //! outside the guest (HMP qemu-io), stop it, or kill its qemu. Dropping it
 //! destroys it and its checkpoints' metadata; it is started with
 //! `--autodestroy` on a virsh session the test holds, so libvirt destroys
@@ -44,14 +44,15 @@ pub fn require_libvirtd() {
     }
 }
 
-/// A running transient domain and its disk images.
+/// A running domain and its disk images.
 pub struct Domain {
     name: String,
     dir: tempfile::TempDir,
     disks: Vec<(String, PathBuf)>,
-    /// The virsh session that created the domain with `--autodestroy`:
-    /// closing its stdin ends the session, and libvirt destroys the domain.
-    session: Child,
+    /// The virsh session that created a transient domain with
+    /// `--autodestroy`: closing its stdin ends the session, and libvirt
+    /// destroys the domain. None for a persistent domain.
+    session: Option<Child>,
     session_stdin: Option<ChildStdin>,
 }
 
@@ -60,6 +61,54 @@ impl Domain {
     /// starts a domain named `PREFIX-PID-N` on them, running once this
     /// returns.
     pub fn start(prefix: &str, disks: &[(&str, &str, u64)]) -> Domain {
+        let (mut domain, xml_path) = Self::prepare(prefix, disks);
+        // virsh reads commands from its stdin; `echo` marks when `create`
+        // is done, whether it worked or not (its errors come before).
+        let said_path = domain.dir.path().join("virsh-session.log");
+        let said = std::fs::File::create(&said_path).expect("create the virsh session's log");
+        let mut session = Command::new("virsh")
+            .args(["-c", LIBVIRT])
+            .stdin(Stdio::piped())
+            .stdout(said.try_clone().expect("the virsh session's log, twice"))
+            .stderr(said)
+            .spawn()
+            .expect("start virsh (tests/libvirt/start installs libvirt-clients)");
+        let mut session_stdin = session.stdin.take().expect("virsh's stdin");
+        writeln!(session_stdin, "create --autodestroy {}\necho created", xml_path.display()).expect("send virsh the create command");
+        domain.session = Some(session);
+        domain.session_stdin = Some(session_stdin);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let said = loop {
+            let said = std::fs::read_to_string(&said_path).unwrap_or_default();
+            let ended = domain.session.as_mut().expect("a session").try_wait().expect("virsh's status").is_some();
+            if said.lines().any(|line| line == "created") || ended || Instant::now() > deadline {
+                break said;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(domain.is_running(), "the domain {} did not start: {said}", domain.name);
+        domain
+    }
+
+    /// Like [`Domain::start`], but a persistent domain (`virsh define`),
+    /// which outlives its qemu: after a crash it is shut off, keeps its
+    /// checkpoints, and starts again with [`Domain::start_again`]. Dropping
+    /// it undefines it.
+    pub fn start_persistent(prefix: &str, disks: &[(&str, &str, u64)]) -> Domain {
+        let (domain, xml_path) = Self::prepare(prefix, disks);
+        virsh(&["define", &xml_path.to_string_lossy()]).unwrap_or_else(|said| panic!("{said}"));
+        domain.start_again();
+        domain
+    }
+
+    /// Starts a persistent domain that is shut off.
+    pub fn start_again(&self) {
+        virsh(&["start", &self.name]).unwrap_or_else(|said| panic!("{said}"));
+        assert!(self.is_running(), "the domain {} did not start", self.name);
+    }
+
+    /// Names the domain, makes its disks and writes its XML.
+    fn prepare(prefix: &str, disks: &[(&str, &str, u64)]) -> (Domain, PathBuf) {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         require_libvirtd();
         let name = format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
@@ -93,32 +142,7 @@ impl Domain {
         );
         let xml_path = dir.path().join("domain.xml");
         std::fs::write(&xml_path, xml).expect("write the domain XML");
-
-        // virsh reads commands from its stdin; `echo` marks when `create`
-        // is done, whether it worked or not (its errors come before).
-        let said_path = dir.path().join("virsh-session.log");
-        let said = std::fs::File::create(&said_path).expect("create the virsh session's log");
-        let mut session = Command::new("virsh")
-            .args(["-c", LIBVIRT])
-            .stdin(Stdio::piped())
-            .stdout(said.try_clone().expect("the virsh session's log, twice"))
-            .stderr(said)
-            .spawn()
-            .expect("start virsh (tests/libvirt/start installs libvirt-clients)");
-        let mut session_stdin = session.stdin.take().expect("virsh's stdin");
-        writeln!(session_stdin, "create --autodestroy {}\necho created", xml_path.display()).expect("send virsh the create command");
-        let mut domain = Domain { name, dir, disks: paths, session, session_stdin: Some(session_stdin) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let said = loop {
-            let said = std::fs::read_to_string(&said_path).unwrap_or_default();
-            let ended = domain.session.try_wait().expect("virsh's status").is_some();
-            if said.lines().any(|line| line == "created") || ended || Instant::now() > deadline {
-                break said;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        assert!(domain.is_running(), "the domain {} did not start: {said}", domain.name);
-        domain
+        (Domain { name, dir, disks: paths, session: None, session_stdin: None }, xml_path)
     }
 
     pub fn name(&self) -> &str {
@@ -201,7 +225,10 @@ impl Drop for Domain {
         }
         let _ = virsh(&["destroy", &self.name]);
         drop(self.session_stdin.take());
-        let _ = self.session.wait();
+        match self.session.as_mut() {
+            Some(session) => drop(session.wait()),
+            None => drop(virsh(&["undefine", &self.name])),
+        }
         if !std::thread::panicking() {
             let deadline = Instant::now() + Duration::from_secs(10);
             while virsh(&["domstate", &self.name]).is_ok() {
