@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result, bail};
 use blockgate_client::ControlArgs;
 use blockgate_client::{ImageClient, Scope, Trust, printable};
+use blockgate_protocol::checkpoint::check_id;
 use clap::Subcommand;
 use serde::{Deserialize, Serialize};
 
@@ -182,9 +183,26 @@ fn text(value: &serde_json::Value) -> String {
     printable(value.as_str().map_or_else(|| value.to_string(), str::to_string).as_str()).into_owned()
 }
 
-/// Pulls every disk into `out`; then writes `backup.json` if all were
+/// Refuses a backup description whose names could not be file names in
+/// `--out` as they are: a disk is a target such as `vda`, a checkpoint or
+/// backup id is 1-64 of `[A-Za-z0-9._-]` not starting with `.`. A server
+/// that says otherwise (`../../etc/x`) is not followed.
+fn check_names(backup: &Backup) -> Result<()> {
+    for id in [Some(&backup.id), backup.since.as_ref(), backup.checkpoint.as_ref()].into_iter().flatten() {
+        check_id(id).map_err(|error| anyhow::anyhow!("the server named the backup {:?}: {error}", printable(id)))?;
+    }
+    for disk in &backup.disks {
+        if disk.name.is_empty() || disk.name.len() > 32 || !disk.name.bytes().all(|byte| byte.is_ascii_alphanumeric()) {
+            bail!("the server named a disk {:?}, which is not a disk target such as vda", printable(&disk.name));
+        }
+    }
+    Ok(())
+}
+
+/// Pulls every disk into `out`; then writes `CHECKPOINT.json` if all were
 /// saved, or fails naming the disks that were not.
 async fn pull_disks(backup: &Backup, out: &Path, trust: &Trust, progress: &ProgressArg) -> Result<serde_json::Value> {
+    check_names(backup)?;
     let label = backup.checkpoint.clone().unwrap_or_else(|| backup.id.clone());
     let mut saved = Vec::new();
     let mut failed = Vec::new();
@@ -227,4 +245,22 @@ async fn pull_disk(backup: &Backup, disk: &BackupDisk, file: &Path, trust: &Trus
     partial.commit()?;
     reporter.done(&format!("saved disk {} to {}:", disk.name, file.display()), &stats);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backup(disk: &str, checkpoint: &str) -> Backup {
+        let disks = vec![BackupDisk { name: disk.into(), size: 1, incremental: false, url: "https://h/images/t".into() }];
+        Backup { id: "b1".into(), vm: "vm".into(), since: None, checkpoint: Some(checkpoint.into()), disks }
+    }
+
+    #[test]
+    fn names_from_the_server_become_file_names_only_when_they_are_plain() {
+        assert!(check_names(&backup("vda", "cp1")).is_ok());
+        for (disk, checkpoint) in [("../x", "cp1"), ("vda", "../../etc/cron.d/x"), ("", "cp1"), ("vda", ".hidden"), ("v/a", "cp1")] {
+            assert!(check_names(&backup(disk, checkpoint)).is_err(), "{disk} {checkpoint}");
+        }
+    }
 }
