@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::common::*;
+use crate::vm_host::Domain;
 
 const END: &str = "<!-- readme-test: end -->";
 
@@ -139,4 +140,30 @@ async fn the_readme_control_socket_example_runs() {
     let stdout = run_block(examples, dir.path(), Some(&server));
     assert!(stdout.contains("\"transfer_id\"") || stdout.contains("\"active\""), "the status is shown: {stdout}");
     assert!(stdout.contains("\"checkpoints\":true"), "OPTIONS over the local socket: {stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_vm_backup_walkthrough_runs() {
+    let blocks = section_blocks("vms");
+    let [start, full, incremental] = &blocks[..] else { panic!("expected server, full and incremental blocks: {blocks:?}") };
+    let domain = Domain::start("readme", &[("vda", "qcow2", 64 * MIB), ("vdb", "raw", 16 * MIB)]);
+    let named = |block: &str| block.replace("vm1", domain.name());
+    domain.write(0, 0x11, 0, 4 * MIB);
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_documented(start, dir.path()).await;
+    let listed = run_block(&named(full), dir.path(), Some(&server));
+    assert!(listed.contains(domain.name()) && listed.contains("vda:qcow2") && listed.contains("vdb:raw"), "{listed}");
+    domain.write(0, 0x22, 8 * MIB, MIB);
+    let stdout = run_block(&named(incremental), dir.path(), Some(&server));
+    assert!(stdout.contains("vda.tue.sparse") && stdout.contains("tue.json"), "the files are listed: {stdout}");
+    assert!(stdout.lines().any(|line| line.starts_with("tue ") && line.contains(" mon ")), "tue follows mon: {stdout}");
+    assert!(stdout.contains("\"checkpoint\":\"tue\""), "the restore reached tue: {stdout}");
+    domain.destroy();
+    let compare = std::process::Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "qcow2", "-F", "qcow2"])
+        .arg(dir.path().join("restored-vda.qcow2"))
+        .arg(domain.disk_path(0))
+        .output()
+        .unwrap();
+    assert!(compare.status.success(), "the restored disk differs: {}", String::from_utf8_lossy(&compare.stdout));
 }
