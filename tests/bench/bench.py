@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 
+from vm import vm_measures
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BIN = os.path.join(ROOT, "target", "release")
 GIB = 1 << 30
@@ -80,12 +82,18 @@ class Workloads:
         self.upload_owned = os.path.join(work, "upload-owned.raw")
 
     def make(self):
+        self.make_dense()
+        self.make_others()
+
+    def make_dense(self):
         if not os.path.exists(self.dense):
             print("bench: making dense (2 GiB random)...", file=sys.stderr)
             with open(self.dense + ".tmp", "wb") as f:
                 for _ in range(2 * GIB // (64 * MIB)):
                     f.write(os.urandom(64 * MIB))
             os.rename(self.dense + ".tmp", self.dense)
+
+    def make_others(self):
         for path in (self.upload, self.upload_owned):
             with open(path, "wb") as f:
                 f.truncate(2 * GIB)
@@ -295,14 +303,28 @@ def main():
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--work", default=os.path.join(ROOT, "target", "bench-work"))
     parser.add_argument("--only-checkpoints", action="store_true", help="only the qemu-storage-daemon and checkpoint measures")
+    parser.add_argument("--only-vm", action="store_true", help="only the running-VM backup measures (libvirt)")
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
     workloads = Workloads(args.work)
-    workloads.make()
+    table = Table()
+    if args.only_vm:
+        workloads.make_dense()
+        vm_measures(table, args.runs, args.work, workloads.dense, BIN)
+    else:
+        workloads.make()
+        run_all(table, workloads, args)
+
+    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
+    print(f"\nblockgate benchmark, medians of {args.runs} runs, {os.cpu_count()} cores ({cpu}), loopback, warm page cache\n")
+    table.print()
+
+
+def run_all(table, workloads, args):
+    """Every measure but --only-vm's, with the services they need."""
     tmp = tempfile.mkdtemp(prefix="bg-bench-", dir="/tmp")
     services = Services(tmp, workloads)
     services.start()
-    table = Table()
     out = os.path.join(args.work, "out.raw")
     try:
         checkpoint_measures(table, services, args.runs)
@@ -313,10 +335,8 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
         if os.path.exists(out):
             os.unlink(out)
-
-    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
-    print(f"\nblockgate benchmark, medians of {args.runs} runs, {os.cpu_count()} cores ({cpu}), loopback, warm page cache\n")
-    table.print()
+    if not args.only_checkpoints:
+        vm_measures(table, args.runs, args.work, workloads.dense, BIN)
 
 
 def https(services):
