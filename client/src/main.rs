@@ -323,6 +323,9 @@ async fn main() -> ExitCode {
         signal = interrupted() => Err(anyhow::Error::new(Interrupted(signal))),
         outcome = run(cli) => outcome,
     };
+    if outcome.as_ref().is_err_and(|error| error.downcast_ref::<Interrupted>().is_some()) {
+        vm_commands::end_interrupted().await;
+    }
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

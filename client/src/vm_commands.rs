@@ -3,14 +3,15 @@
 //! and `checkpoints` print what the server reports; `backup` starts one
 //! backup of a VM (one instant across its disks), pulls every disk as a
 //! sparse stream into a file of its own, ends the backup whatever
-//! happened, and fails naming each disk it could not save. A file is
+//! happened (a Ctrl-C included: [`end_interrupted`]), and fails naming
+//! each disk it could not save. A file is
 //! named only once it is complete; `CHECKPOINT.json` beside them records
 //! what was saved, so a restore applies the files in their chain's order.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, bail};
-use blockgate_client::ControlArgs;
+use blockgate_client::{ControlArgs, ControlClient};
 use blockgate_client::{ImageClient, Scope, Trust, printable};
 use blockgate_protocol::checkpoint::check_id;
 use clap::Subcommand;
@@ -108,6 +109,21 @@ struct SavedDisk {
     file: String,
 }
 
+/// The backup this process started and has not ended: where to DELETE it.
+static STARTED: std::sync::Mutex<Option<(ControlClient, String)>> = std::sync::Mutex::new(None);
+
+/// Ends the backup an interrupted `vm backup` left running (within 10 s),
+/// so its job does not hold the VM's scratch space until it expires.
+pub async fn end_interrupted() {
+    let started = STARTED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+    let Some((control, path)) = started else { return };
+    match tokio::time::timeout(std::time::Duration::from_secs(10), control.delete(&path)).await {
+        Ok(Ok(())) => eprintln!("blockgate: ended the backup on the server"),
+        Ok(Err(error)) => eprintln!("blockgate: could not end the backup ({error}); the server ends it when its tickets expire"),
+        Err(_) => eprintln!("blockgate: the server did not end the backup within 10 s; it ends it when its tickets expire"),
+    }
+}
+
 /// A VM name in a URL path: percent-encoded.
 fn vm_path(vm: &str) -> String {
     percent_encoding::utf8_percent_encode(vm, percent_encoding::NON_ALPHANUMERIC).to_string()
@@ -167,9 +183,12 @@ pub async fn run(command: &VmCommand, trust: &Trust) -> Result<()> {
                 printable(backup.since.as_deref().unwrap_or("- (full)")),
                 printable(backup.checkpoint.as_deref().unwrap_or("-"))
             );
+            let backup_path = format!("/vms/{}/backups/{}", vm_path(vm), backup.id);
+            *STARTED.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((control.clone(), backup_path.clone()));
             let saved = pull_disks(&backup, out, trust, progress).await;
             // Ended whatever happened: its job holds scratch space on the host.
-            let ended = control.delete(&format!("/vms/{}/backups/{}", vm_path(vm), backup.id)).await;
+            let ended = control.delete(&backup_path).await;
+            STARTED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
             let saved = saved?;
             ended.context("ending the backup on the server")?;
             println!("{}", printable_json(serde_json::to_string_pretty(&saved)?));

@@ -77,6 +77,13 @@ pub struct Args {
     /// the VM routes answer 503.
     #[arg(long, value_name = "URI", num_args = 0..=1, default_missing_value = "qemu:///system")]
     pub libvirt: Option<String>,
+    /// Where VM backup jobs keep their scratch files and NBD sockets, a
+    /// directory per job [default: STATE_DIR/vm-backups]. The VMs' qemu
+    /// must be able to reach it: each job's directory is given to the owner
+    /// of the VM's disk (qemu's user), but the directories above it must
+    /// let that user through.
+    #[arg(long, value_name = "DIR")]
+    pub vm_scratch_dir: Option<PathBuf>,
     /// Serve `GET /metrics` (Prometheus, plain HTTP) on this TCP address
     /// too; the control socket and --control-listen always serve it.
     #[arg(long, value_name = "HOST:PORT")]

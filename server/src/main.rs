@@ -179,7 +179,7 @@ async fn run(args: Args) -> Result<()> {
 /// left; or off, saying how to turn them on.
 async fn vm_backups(args: &Args, port: u16) -> VmBackups {
     let host = match &args.libvirt {
-        Some(uri) => Ok(VmHost::new(uri.clone(), &args.state_dir())),
+        Some(uri) => Ok(VmHost::new(uri.clone(), args.vm_scratch_dir.clone().unwrap_or_else(|| args.state_dir().join("vm-backups")))),
         None => Err("VM backups are off: start the server with --libvirt [URI]".to_string()),
     };
     let backups = VmBackups::new(host, data_url(&args.listen, port));

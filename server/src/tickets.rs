@@ -221,6 +221,13 @@ impl Ticket {
         self.state().expires = later(Instant::now(), Duration::from_secs(timeout));
     }
 
+    /// When the ticket expires, on the wall clock, if nothing uses it
+    /// before then (each request pushes it back).
+    pub fn expires_at(&self) -> std::time::SystemTime {
+        let left = self.state().expires.saturating_duration_since(Instant::now());
+        std::time::SystemTime::now() + left
+    }
+
     /// The status of a control ticket.
     pub fn status(&self) -> Option<TicketStatus> {
         let spec = self.spec.clone()?;

@@ -4,9 +4,11 @@
 //! ticket per disk on the job's NBD export, labeled with the job's
 //! `since` and `checkpoint` so that its sparse streams carry them and a
 //! restore chain-checks them. One backup per VM at a time. A backup ends
-//! when it is deleted, when its time is up or a ticket of it is gone, or
-//! when its job stops running (the VM stopped): [`watch`] looks every
-//! second and ends it, tickets and files included.
+//! when it is deleted, when a ticket of it expires (its `timeout` with no
+//! request, as for any ticket) or is deleted, or when its job stops
+//! running (the VM stopped): [`watch`] looks every second and ends it,
+//! tickets and files included. A backup is started on a task of its own,
+//! so a client that hangs up mid-request leaves no job unaccounted for.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -71,7 +73,6 @@ struct BackupView {
 struct Backup {
     job: Job,
     ticket_ids: Vec<String>,
-    expires: SystemTime,
     view: BackupView,
 }
 
@@ -143,17 +144,15 @@ impl VmBackups {
     }
 }
 
-/// Ends backups whose time is up, whose tickets are gone, or whose job no
-/// longer runs, once a second, for as long as the server runs.
+/// Ends backups whose tickets expired or are gone, or whose job no longer
+/// runs, once a second, for as long as the server runs.
 pub async fn watch(backups: Arc<VmBackups>, tickets: Arc<Tickets>) {
     let Ok(host) = &backups.host else { return };
     let mut interval = tokio::time::interval(Duration::from_secs(1));
     loop {
         interval.tick().await;
         for backup in backups.running() {
-            let why = if SystemTime::now() > backup.expires {
-                Some("its time is up")
-            } else if backup.ticket_ids.iter().any(|id| tickets.find(id).is_none()) {
+            let why = if backup.ticket_ids.iter().any(|id| tickets.find(id).is_none()) {
                 Some("a ticket of it expired or was removed")
             } else {
                 match host.is_running(&backup.job).await {
@@ -259,10 +258,9 @@ pub async fn create_backup(State(state): State<ControlState>, Path(vm): Path<Str
         .await
         .map_err(|_| ApiError::PayloadTooLarge(format!("body is larger than {MAX_TICKET_BODY} bytes")))?;
     let request = parse_request(&body)?;
-    let backups = state.vms.clone();
-    let host = backups.host()?;
+    state.vms.host()?;
     {
-        let mut slots = backups.slots.lock();
+        let mut slots = state.vms.slots.lock();
         match slots.get(&vm) {
             Some(Slot::Running(backup)) => {
                 return Err(ApiError::Conflict(format!("VM {vm:?} already has a backup running ({}); delete it first", backup.job.id)));
@@ -271,24 +269,35 @@ pub async fn create_backup(State(state): State<ControlState>, Path(vm): Path<Str
             None => slots.insert(vm.clone(), Slot::Starting),
         };
     }
-    let started = start_backup(&state, host, &vm, request).await;
-    let mut slots = backups.slots.lock();
-    match started {
-        Ok(backup) => {
-            let view = backup.view.clone();
-            slots.insert(vm, Slot::Running(backup));
-            Ok((StatusCode::CREATED, Json(view)).into_response())
+    // On a task of its own: a client that hangs up must not drop a job
+    // half-begun, nor leave the slot taken.
+    let started = tokio::spawn({
+        let (state, vm) = (state.clone(), vm.clone());
+        async move {
+            let started = start_backup(&state, &vm, request).await;
+            let mut slots = state.vms.slots.lock();
+            match started {
+                Ok(backup) => {
+                    let view = backup.view.clone();
+                    slots.insert(vm, Slot::Running(backup));
+                    Ok(view)
+                }
+                Err(error) => {
+                    slots.remove(&vm);
+                    Err(error)
+                }
+            }
         }
-        Err(error) => {
-            slots.remove(&vm);
-            Err(error)
-        }
-    }
+    })
+    .await
+    .map_err(|error| ApiError::Internal(format!("starting the backup: {error}")))??;
+    Ok((StatusCode::CREATED, Json(started)).into_response())
 }
 
 /// Begins the job, then opens one ticket per disk; a failure ends what
 /// was made.
-async fn start_backup(state: &ControlState, host: &VmHost, vm: &str, request: BackupRequest) -> ApiResult<Arc<Backup>> {
+async fn start_backup(state: &ControlState, vm: &str, request: BackupRequest) -> ApiResult<Arc<Backup>> {
+    let host = state.vms.host()?;
     let id = random_hex(8)?;
     let checkpoint = match request.checkpoint {
         Some(checkpoint) => checkpoint,
@@ -333,7 +342,7 @@ async fn start_backup(state: &ControlState, host: &VmHost, vm: &str, request: Ba
         expires: rfc3339(expires),
         disks,
     };
-    Ok(Arc::new(Backup { job, ticket_ids, expires, view }))
+    Ok(Arc::new(Backup { job, ticket_ids, view }))
 }
 
 /// A read-only ticket on one disk of the job's export.

@@ -330,3 +330,34 @@ async fn without_libvirt_the_vm_routes_say_how_to_turn_them_on() {
     assert_eq!(code, 503, "{said}");
     assert!(said.contains("--libvirt"), "{said}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_of_a_vm_backup_ends_it_on_the_server_and_leaves_no_file() {
+    let domain = Domain::start("interrupted", &[("vda", "qcow2", 1024 * MIB)]);
+    let vm = domain.name().to_string();
+    domain.write(0, 0x6b, 0, 768 * MIB);
+    let dir = tempfile::tempdir().unwrap();
+    let (server, control) = vm_server(dir.path()).await;
+    let out = dir.path().join("backups");
+    let cli = Command::new(binary("blockgate"))
+        .arg("--cacert")
+        .arg(server.ca())
+        .args(["vm", "backup", "--control-socket", control.socket.to_str().unwrap(), &vm, "--out", out.to_str().unwrap()])
+        .args(["--progress", "none"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupted once the backup runs and its stream is being written.
+    wait_until("the CLI writes the stream", async || {
+        std::fs::read_dir(&out)
+            .is_ok_and(|entries| entries.flatten().any(|entry| entry.file_name().to_string_lossy().contains(".partial-")))
+    })
+    .await;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(cli.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let output = tokio::task::spawn_blocking(move || cli.wait_with_output()).await.unwrap().unwrap();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{said}");
+    assert!(said.contains("ended the backup"), "{said}");
+    assert_eq!(leftovers(&server, &vm), (0, false), "the server still runs the backup");
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0, "a file was left in --out");
+}

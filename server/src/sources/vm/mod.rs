@@ -184,9 +184,10 @@ pub struct VmHost {
 }
 
 impl VmHost {
-    /// libvirt at `uri`; jobs keep their files under `state_dir`.
-    pub fn new(uri: String, state_dir: &Path) -> VmHost {
-        VmHost { uri, connection: tokio::sync::Mutex::new(None), jobs_dir: state_dir.join("vm-backups") }
+    /// libvirt at `uri`; each job keeps its files in a directory of its
+    /// own under `jobs_dir`.
+    pub fn new(uri: String, jobs_dir: PathBuf) -> VmHost {
+        VmHost { uri, connection: tokio::sync::Mutex::new(None), jobs_dir }
     }
 
     /// The libvirt URI.
@@ -420,6 +421,22 @@ fn abort_if_running(connection: &Connection, vm: &str, socket: &Path) -> ApiResu
     Ok(())
 }
 
+/// Gives the job's directory (0700: its scratch files hold guest data) to
+/// the user that owns the VM's disk, which is the user qemu runs as when
+/// libvirt manages ownership (`libvirt-qemu` on a stock host): qemu
+/// writes the scratch files and the socket there. Only root can, and
+/// only needs to when that user is another one.
+fn share_with_qemu(directory: &Path, disk: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(disk) else { return };
+    let ours = nix::unistd::geteuid();
+    if ours.is_root() && meta.uid() != ours.as_raw() {
+        if let Err(error) = std::os::unix::fs::chown(directory, Some(meta.uid()), Some(meta.gid())) {
+            tracing::warn!(directory = %directory.display(), %error, "could not give the backup's directory to qemu's user");
+        }
+    }
+}
+
 /// Checks the request against the domain, then begins the job.
 fn begin_job(connection: &Connection, mut job: Job, request: JobRequest) -> ApiResult<Job> {
     let domain = lookup(connection, &job.vm)?;
@@ -481,7 +498,16 @@ fn begin_job(connection: &Connection, mut job: Job, request: JobRequest) -> ApiR
     job.since = request.since.clone().filter(|_| any_incremental);
     job.checkpoint = (!bitmap_disks.is_empty()).then(|| request.checkpoint.clone());
 
+    // sun_path holds 108 bytes with its NUL: a longer socket path would
+    // only fail inside qemu, with a vaguer message.
+    if job.socket().as_os_str().len() >= 108 {
+        return Err(ApiError::Internal(format!(
+            "the backup's NBD socket {} is longer than a unix socket path may be; use a shorter --vm-scratch-dir",
+            job.socket().display()
+        )));
+    }
     std::fs::create_dir_all(&job.directory).map_err(|error| ApiError::Internal(format!("{}: {error}", job.directory.display())))?;
+    share_with_qemu(&job.directory, &chosen[0].file);
     let mark = serde_json::to_vec(&JobMark { vm: job.vm.clone(), id: job.id.clone() }).expect("serializable");
     std::fs::write(job.directory.join(JOB_FILE), mark)
         .map_err(|error| ApiError::Internal(format!("{}: {error}", job.directory.display())))?;
