@@ -5,6 +5,7 @@ mod attack;
 mod attack2;
 mod attack3;
 mod attack_qcow2;
+mod attack_vm;
 mod backup;
 mod checkpoints;
 mod cli;
