@@ -656,9 +656,13 @@ const META_PEEK: usize = 64 << 10;
 /// The `data-size` a stream's `meta` frame announces, once `head` holds
 /// it: what a backup's progress counts towards (frame headers aside).
 fn announced_data_size(head: &[u8]) -> Option<u64> {
+    announced_meta(head)?["data-size"].as_u64()
+}
+
+/// The `meta` frame at the start of a sparse stream, if `head` holds it.
+fn announced_meta(head: &[u8]) -> Option<serde_json::Value> {
     let length = usize::from_str_radix(std::str::from_utf8(head.get(22..38)?).ok()?, 16).ok()?;
-    let meta: serde_json::Value = serde_json::from_slice(head.get(40..40usize.checked_add(length)?)?).ok()?;
-    meta["data-size"].as_u64()
+    serde_json::from_slice(head.get(40..40usize.checked_add(length)?)?).ok()
 }
 
 /// Closes the local image whatever happened, then returns the outcome.

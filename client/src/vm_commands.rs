@@ -17,7 +17,7 @@ use blockgate_protocol::checkpoint::check_id;
 use clap::Subcommand;
 use serde::{Deserialize, Serialize};
 
-use crate::{PartialFile, ProgressArg, Reporter, printable_json, save_stream};
+use crate::{META_PEEK, PartialFile, ProgressArg, Reporter, announced_meta, printable_json, save_stream};
 
 #[derive(Subcommand)]
 pub enum VmCommand {
@@ -185,7 +185,7 @@ pub async fn run(command: &VmCommand, trust: &Trust) -> Result<()> {
             );
             let backup_path = format!("/vms/{}/backups/{}", vm_path(vm), backup.id);
             *STARTED.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((control.clone(), backup_path.clone()));
-            let saved = pull_disks(&backup, out, trust, progress).await;
+            let saved = pull_disks(&backup, disks, out, trust, progress).await;
             // Ended whatever happened: its job holds scratch space on the host.
             let ended = control.delete(&backup_path).await;
             STARTED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
@@ -206,7 +206,7 @@ fn text(value: &serde_json::Value) -> String {
 /// `--out` as they are: a disk is a target such as `vda`, a checkpoint or
 /// backup id is 1-64 of `[A-Za-z0-9._-]` not starting with `.`. A server
 /// that says otherwise (`../../etc/x`) is not followed.
-fn check_names(backup: &Backup) -> Result<()> {
+fn check_names(backup: &Backup, requested: &[String]) -> Result<()> {
     for id in [Some(&backup.id), backup.since.as_ref(), backup.checkpoint.as_ref()].into_iter().flatten() {
         check_id(id).map_err(|error| anyhow::anyhow!("the server named the backup {:?}: {error}", printable(id)))?;
     }
@@ -215,13 +215,45 @@ fn check_names(backup: &Backup) -> Result<()> {
             bail!("the server named a disk {:?}, which is not a disk target such as vda", printable(&disk.name));
         }
     }
+    let missing: Vec<&str> =
+        requested.iter().filter(|name| !backup.disks.iter().any(|disk| &disk.name == *name)).map(String::as_str).collect();
+    if !missing.is_empty() {
+        bail!("the server's backup lacks disk(s) {}", printable(&missing.join(", ")));
+    }
+    if backup.disks.is_empty() {
+        bail!("the server's backup has no disk");
+    }
+    Ok(())
+}
+
+/// Refuses a saved stream whose `meta` frame does not say what the
+/// backup says of its disk: a full or an incremental since the backup's
+/// `since`, reaching its `checkpoint`.
+fn check_labels(file: &Path, backup: &Backup, disk: &BackupDisk) -> Result<()> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    std::fs::File::open(file)?.take(META_PEEK as u64).read_to_end(&mut head)?;
+    let meta = announced_meta(&head).context("the stream starts with no meta frame")?;
+    let since = backup.since.as_deref().filter(|_| disk.incremental);
+    let labels = (meta["incremental"].as_bool().unwrap_or(false), meta["since"].as_str(), meta["checkpoint"].as_str());
+    if labels != (disk.incremental, since, backup.checkpoint.as_deref()) {
+        bail!(
+            "the stream says incremental {}, since {:?}, checkpoint {:?}; the backup said incremental {}, since {:?}, checkpoint {:?}",
+            labels.0,
+            labels.1.map(printable),
+            labels.2.map(printable),
+            disk.incremental,
+            since,
+            backup.checkpoint
+        );
+    }
     Ok(())
 }
 
 /// Pulls every disk into `out`; then writes `CHECKPOINT.json` if all were
 /// saved, or fails naming the disks that were not.
-async fn pull_disks(backup: &Backup, out: &Path, trust: &Trust, progress: &ProgressArg) -> Result<serde_json::Value> {
-    check_names(backup)?;
+async fn pull_disks(backup: &Backup, requested: &[String], out: &Path, trust: &Trust, progress: &ProgressArg) -> Result<serde_json::Value> {
+    check_names(backup, requested)?;
     let label = backup.checkpoint.clone().unwrap_or_else(|| backup.id.clone());
     let mut saved = Vec::new();
     let mut failed = Vec::new();
@@ -261,6 +293,7 @@ async fn pull_disk(backup: &Backup, disk: &BackupDisk, file: &Path, trust: &Trus
         tokio::fs::File::create(&partial.temporary).await.with_context(|| format!("creating {}", partial.temporary.display()))?;
     let stats = save_stream(stream, &mut output, &reporter).await?;
     output.sync_all().await.context("syncing the stream file")?;
+    check_labels(&partial.temporary, backup, disk)?;
     partial.commit()?;
     reporter.done(&format!("saved disk {} to {}:", disk.name, file.display()), &stats);
     Ok(())
@@ -277,9 +310,10 @@ mod tests {
 
     #[test]
     fn names_from_the_server_become_file_names_only_when_they_are_plain() {
-        assert!(check_names(&backup("vda", "cp1")).is_ok());
+        assert!(check_names(&backup("vda", "cp1"), &[]).is_ok());
         for (disk, checkpoint) in [("../x", "cp1"), ("vda", "../../etc/cron.d/x"), ("", "cp1"), ("vda", ".hidden"), ("v/a", "cp1")] {
-            assert!(check_names(&backup(disk, checkpoint)).is_err(), "{disk} {checkpoint}");
+            assert!(check_names(&backup(disk, checkpoint), &[]).is_err(), "{disk} {checkpoint}");
         }
+        assert!(check_names(&backup("vda", "cp1"), &["vdb".to_string()]).is_err());
     }
 }

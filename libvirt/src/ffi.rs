@@ -24,7 +24,7 @@ struct Api {
     _libvirt_qemu: Option<libloading::Library>,
     connect_open: unsafe extern "C" fn(*const c_char) -> Handle,
     connect_close: unsafe extern "C" fn(Handle) -> c_int,
-    connect_is_alive: unsafe extern "C" fn(Handle) -> c_int,
+    connect_lib_version: unsafe extern "C" fn(Handle, *mut std::ffi::c_ulong) -> c_int,
     list_all_domains: unsafe extern "C" fn(Handle, *mut *mut Handle, c_uint) -> c_int,
     lookup_by_name: unsafe extern "C" fn(Handle, *const c_char) -> Handle,
     domain_free: unsafe extern "C" fn(Handle) -> c_int,
@@ -96,7 +96,7 @@ impl Api {
             Ok(Api {
                 connect_open: symbol(&libvirt, "virConnectOpen")?,
                 connect_close: symbol(&libvirt, "virConnectClose")?,
-                connect_is_alive: symbol(&libvirt, "virConnectIsAlive")?,
+                connect_lib_version: symbol(&libvirt, "virConnectGetLibVersion")?,
                 list_all_domains: symbol(&libvirt, "virConnectListAllDomains")?,
                 lookup_by_name: symbol(&libvirt, "virDomainLookupByName")?,
                 domain_free: symbol(&libvirt, "virDomainFree")?,
@@ -208,10 +208,13 @@ impl Connection {
         NonNull::new(handle).map(|handle| Connection { handle, api }).ok_or_else(|| last_error(api))
     }
 
-    /// True while the connection to libvirtd works.
-    pub fn is_alive(&self) -> bool {
-        // SAFETY: a live handle.
-        unsafe { (self.api.connect_is_alive)(self.handle.as_ptr()) == 1 }
+    /// True if libvirtd answers on this connection now: one round trip
+    /// (`virConnectIsAlive` cannot tell without an event loop, and a
+    /// libvirtd restart breaks the connection silently).
+    pub fn answers(&self) -> bool {
+        let mut version: std::ffi::c_ulong = 0;
+        // SAFETY: a live handle and an out pointer.
+        unsafe { (self.api.connect_lib_version)(self.handle.as_ptr(), &mut version) == 0 }
     }
 
     /// Every domain libvirt knows (running or not).

@@ -91,6 +91,11 @@ pub struct Meta {
     /// (blockgate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<String>,
+    /// The disk a running VM's stream was taken from, `VM-UUID/TARGET`
+    /// (blockgate): disks of one VM share checkpoint names, so a restore
+    /// also checks that an incremental is of the disk its full was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
 }
 
 /// A checksum as the checksum route and the trailer carry it.
@@ -470,6 +475,7 @@ mod tests {
             generator: Some("test".into()),
             since: plan.incremental.then(|| "cp1".into()),
             checkpoint: Some("cp2".into()),
+            disk: None,
         };
         let mut out = json_frame(Kind::Meta, &meta).to_vec();
         let mut hasher = BlockHasher::new(DEFAULT_BLOCK_SIZE);

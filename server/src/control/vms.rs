@@ -151,6 +151,7 @@ pub async fn watch(backups: Arc<VmBackups>, tickets: Arc<Tickets>) {
     let mut interval = tokio::time::interval(Duration::from_secs(1));
     loop {
         interval.tick().await;
+        host.end_unended().await;
         for backup in backups.running() {
             let why = if backup.ticket_ids.iter().any(|id| tickets.find(id).is_none()) {
                 Some("a ticket of it expired or was removed")
@@ -201,8 +202,11 @@ fn parse_request(body: &[u8]) -> ApiResult<BackupRequest> {
     } else {
         serde_json::from_slice(body).map_err(|error| ApiError::BadRequest(format!("backup request: {error}")))?
     };
-    for name in &request.disks {
+    for (index, name) in request.disks.iter().enumerate() {
         check_disk_name(name)?;
+        if request.disks[..index].contains(name) {
+            return Err(ApiError::BadRequest(format!("field \"disks\": disk {name:?} is named twice")));
+        }
     }
     for (field, id) in [("since", &request.since), ("checkpoint", &request.checkpoint)] {
         if let Some(id) = id {
@@ -247,6 +251,14 @@ pub async fn delete_checkpoint(
     check_vm_name(&vm)?;
     check_id(&id)?;
     let metadata_only = flag(&params, "metadata_only", false)?;
+    if let Some(Slot::Running(backup)) = state.vms.slots.lock().get(&vm) {
+        if [&backup.job.since, &backup.job.checkpoint].into_iter().flatten().any(|used| used == &id) {
+            return Err(ApiError::Conflict(format!(
+                "checkpoint {id:?} belongs to the running backup {} of VM {vm:?}; delete the backup first",
+                backup.job.id
+            )));
+        }
+    }
     state.vms.host()?.delete_checkpoint(&vm, &id, metadata_only).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -360,7 +372,11 @@ async fn open_disk_ticket(job: &Job, disk: &JobDisk, timeout: u64, limits: Limit
         format: None,
         checkpoints: false,
     };
-    let point = BackupPoint { since: job.since.clone().filter(|_| disk.incremental), checkpoint: job.checkpoint.clone() };
+    let point = BackupPoint {
+        since: job.since.clone().filter(|_| disk.incremental),
+        checkpoint: job.checkpoint.clone(),
+        disk: format!("{}/{}", job.uuid, disk.name),
+    };
     let backend = Backend::open(&image, settings.clone())
         .await
         .map_err(|error| ApiError::Libvirt(format!("cannot open the export of disk {:?}: {error:#}", disk.name)))?
@@ -371,9 +387,10 @@ async fn open_disk_ticket(job: &Job, disk: &JobDisk, timeout: u64, limits: Limit
         url: address.to_string(),
         ops: vec!["read".into()],
         timeout,
-        // A backup's disks are pulled one after another: no ticket may
-        // lapse while the others are read.
-        inactivity_timeout: timeout,
+        // Only `timeout` ends it, pushed back by each request and by a
+        // PATCH: a backup's disks are pulled one after another, and no
+        // ticket may lapse while the others are read.
+        inactivity_timeout: MAX_TIMEOUT,
         sparse: false,
         dirty: false,
         transfer_id: None,
@@ -448,6 +465,7 @@ mod tests {
             (br#"{"timeout":0}"#, "timeout"),
             (br#"{"timeout":18446744073709551615}"#, "timeout"),
             (br#"{"disk":["vda"]}"#, "unknown field"),
+            (br#"{"disks":["vda","vda"]}"#, "twice"),
             (br#"{"quiesce":"yes"}"#, "backup request"),
         ] {
             let error = parse_request(body).unwrap_err().to_string();

@@ -78,6 +78,8 @@ pub struct BackupPoint {
     pub since: Option<String>,
     /// The checkpoint made with the job; none when no disk can hold one.
     pub checkpoint: Option<String>,
+    /// Which disk of which VM: `VM-UUID/TARGET`.
+    pub disk: String,
 }
 
 /// A frozen view's export and bitmap, removed when its backend goes.

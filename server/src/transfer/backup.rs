@@ -34,6 +34,8 @@ pub struct Scope {
     pub since: Option<String>,
     /// The checkpoint the stream reaches.
     pub checkpoint: Option<String>,
+    /// The VM disk the stream is of (`VM-UUID/TARGET`).
+    pub disk: Option<String>,
 }
 
 /// A range the stream carries as one frame.
@@ -112,6 +114,7 @@ pub async fn backup_body(backend: Arc<Backend>, scope: Scope) -> Result<Body, Ap
         generator: Some(format!("blockgate {}", env!("CARGO_PKG_VERSION"))),
         since: scope.since,
         checkpoint: scope.checkpoint,
+        disk: scope.disk,
     };
     let steps = frame_ranges(backend.clone(), incremental)
         .map_ok(|frame| {

@@ -55,6 +55,7 @@ pub async fn restore(backend: Arc<Backend>, body: Body, settings: RestoreSetting
     let mut input_done = false;
     let mut received = 0u64;
     let mut checkpoint = None;
+    let mut disk = None;
     let mut tail = None;
     loop {
         let event = match decoder.decode(&mut buffer) {
@@ -81,8 +82,8 @@ pub async fn restore(backend: Arc<Backend>, body: Body, settings: RestoreSetting
         };
         let applied = match event {
             Event::Meta(meta) => {
-                let verdict = check_meta(&meta, backend.size(), zero_tail, force)
-                    .and_then(|()| restore_record::admit(&backend, meta.since.as_deref(), meta.checkpoint.as_deref(), force));
+                let verdict =
+                    check_meta(&meta, backend.size(), zero_tail, force).and_then(|()| restore_record::admit(&backend, &meta, force));
                 if let Err(refused) = verdict {
                     discard_rest(frames);
                     return Err(refused);
@@ -91,6 +92,7 @@ pub async fn restore(backend: Arc<Backend>, body: Body, settings: RestoreSetting
                     tail = Some(meta.virtual_size..backend.size());
                 }
                 checkpoint = meta.checkpoint;
+                disk = meta.disk;
                 // Zeros are skipped on a target that reads as zeros, unless
                 // it lost writes (lost data reads as zeros too, and only
                 // writing those ranges again makes a flush succeed), or it
@@ -139,7 +141,7 @@ pub async fn restore(backend: Arc<Backend>, body: Body, settings: RestoreSetting
                     backend.flush().await?;
                 }
                 if let Some(checkpoint) = &checkpoint {
-                    restore_record::set(&backend, checkpoint)?;
+                    restore_record::set(&backend, checkpoint, disk.as_deref())?;
                 }
                 drop(hold);
                 return Ok(Restored { summary, checkpoint, zero_tail: tail.map(|tail| tail.end - tail.start) });

@@ -26,6 +26,8 @@ use std::sync::LazyLock;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use blockgate_protocol::sparse::Meta;
+
 use crate::clock::now_rfc3339;
 use crate::error::{ApiError, ApiResult};
 use crate::sources::backend::Backend;
@@ -49,6 +51,10 @@ struct Reached {
     /// blockgate's back, changes the target without clearing its record.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     links: Vec<(String, u128)>,
+    /// The VM disk the chain's streams are of (`VM-UUID/TARGET`), when
+    /// they carry one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    disk: Option<String>,
 }
 
 /// The modification times of the files the target links to.
@@ -74,20 +80,22 @@ fn load(backend: &Backend) -> ApiResult<Option<Reached>> {
     state_file::load::<Reached>(&record_path(backend)).map_err(failed)
 }
 
-fn save(backend: &Backend, checkpoint: &str, interrupted: Option<&str>) -> ApiResult<()> {
+fn save(backend: &Backend, checkpoint: &str, interrupted: Option<&str>, disk: Option<&str>) -> ApiResult<()> {
     let reached = Reached {
         target: backend.target().to_string(),
         checkpoint: checkpoint.to_string(),
         restored: now_rfc3339(),
         interrupted: interrupted.map(str::to_string),
         links: link_times(backend),
+        disk: disk.map(str::to_string),
     };
     state_file::save(&record_path(backend), &reached).map_err(failed)
 }
 
-/// Records that the target now holds the image at `checkpoint`.
-pub fn set(backend: &Backend, checkpoint: &str) -> ApiResult<()> {
-    save(backend, checkpoint, None)
+/// Records that the target now holds the image at `checkpoint` (of VM
+/// disk `disk`, for a running VM's streams).
+pub fn set(backend: &Backend, checkpoint: &str, disk: Option<&str>) -> ApiResult<()> {
+    save(backend, checkpoint, None, disk)
 }
 
 /// What runs into each target, process-wide.
@@ -174,7 +182,8 @@ fn forget(backend: &Backend) -> ApiResult<()> {
 /// server dies, the same incremental, and only it, may be applied again.
 /// Anything else clears the record until the restore ends. The caller
 /// holds the target's restore [`Claim`].
-pub fn admit(backend: &Backend, since: Option<&str>, checkpoint: Option<&str>, force: bool) -> ApiResult<()> {
+pub fn admit(backend: &Backend, meta: &Meta, force: bool) -> ApiResult<()> {
+    let (since, checkpoint, disk) = (meta.since.as_deref(), meta.checkpoint.as_deref(), meta.disk.as_deref());
     for (key, id) in [("since", since), ("checkpoint", checkpoint)] {
         if let Some(id) = id {
             check_id(id).map_err(|error| ApiError::BadRequest(format!("meta frame, key {key:?}: {error}")))?;
@@ -183,12 +192,19 @@ pub fn admit(backend: &Backend, since: Option<&str>, checkpoint: Option<&str>, f
     if let Some(since) = since {
         let reached = load(backend)?;
         let links_changed = reached.as_ref().is_some_and(|reached| reached.links != link_times(backend));
+        let other_disk = reached.as_ref().is_some_and(|reached| reached.disk.as_deref() != disk);
         let continues = !links_changed
+            && !other_disk
             && reached.as_ref().is_some_and(|reached| {
                 reached.checkpoint == since && reached.interrupted.as_deref().is_none_or(|to| Some(to) == checkpoint)
             });
         if !continues && !force {
             let at = match &reached {
+                Some(reached) if other_disk => format!(
+                    "the target holds a backup of {}, and this stream is of {}",
+                    reached.disk.as_deref().map_or("an image".to_string(), |disk| format!("VM disk {disk}")),
+                    disk.map_or("an image".to_string(), |disk| format!("VM disk {disk}"))
+                ),
                 Some(reached) if links_changed => format!(
                     "a file the target reads through (its backing or data file) changed since checkpoint {:?} was recorded",
                     reached.checkpoint
@@ -206,7 +222,7 @@ pub fn admit(backend: &Backend, since: Option<&str>, checkpoint: Option<&str>, f
             )));
         }
         if let (true, Some(checkpoint)) = (continues, checkpoint) {
-            return save(backend, since, Some(checkpoint));
+            return save(backend, since, Some(checkpoint), disk);
         }
     }
     forget(backend)

@@ -142,6 +142,7 @@ async fn sparse_get(
         bitmap: if legacy { ticket.backend.bitmap().map(str::to_string) } else { None },
         since: map.since,
         checkpoint: map.checkpoint,
+        disk: ticket.backend.backup_point().map(|point| point.disk.clone()),
     };
     let body = cancelable(backup_body(backend, scope), &ticket).await?;
     let mut response = Response::new(guard_body(body, operation, None, connection));

@@ -34,8 +34,9 @@ pub struct DiskInfo {
     pub file: String,
     /// `qcow2` or `raw`.
     pub format: String,
-    /// Size in bytes, as the guest sees it.
-    pub size: u64,
+    /// Size in bytes, as the guest sees it; null when libvirt cannot tell
+    /// (the file of a VM that is off is gone).
+    pub size: Option<u64>,
     /// True if the disk can hold checkpoints (qcow2).
     pub checkpoints: bool,
 }
@@ -102,6 +103,8 @@ pub struct Job {
     pub id: String,
     /// The domain's name.
     pub vm: String,
+    /// The domain's UUID.
+    pub uuid: String,
     /// The checkpoint incremental disks start from.
     pub since: Option<String>,
     /// The checkpoint made with the job, if any disk can hold one.
@@ -181,13 +184,18 @@ pub struct VmHost {
     uri: String,
     connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
     jobs_dir: PathBuf,
+    /// Jobs whose abort did not reach libvirt (it was down): their files
+    /// stay, and [`VmHost::end_unended`] tries again.
+    unended: parking_lot::Mutex<Vec<Job>>,
 }
 
 impl VmHost {
     /// libvirt at `uri`; each job keeps its files in a directory of its
     /// own under `jobs_dir`.
     pub fn new(uri: String, jobs_dir: PathBuf) -> VmHost {
-        VmHost { uri, connection: tokio::sync::Mutex::new(None), jobs_dir }
+        // libvirt needs absolute paths for the socket and scratch files.
+        let jobs_dir = std::path::absolute(&jobs_dir).unwrap_or(jobs_dir);
+        VmHost { uri, connection: tokio::sync::Mutex::new(None), jobs_dir, unended: parking_lot::Mutex::new(Vec::new()) }
     }
 
     /// The libvirt URI.
@@ -195,28 +203,27 @@ impl VmHost {
         &self.uri
     }
 
-    /// Runs `call` with a live connection, off the async workers.
+    /// Runs `call` off the async workers with a connection that answers,
+    /// opening a new one when the last one does not (libvirtd restarted).
+    /// Calls run one at a time.
     async fn with_connection<T: Send + 'static>(&self, call: impl FnOnce(&Connection) -> ApiResult<T> + Send + 'static) -> ApiResult<T> {
-        let connection = {
-            let mut current = self.connection.lock().await;
-            match current.as_ref() {
-                Some(connection) if connection.is_alive() => connection.clone(),
-                _ => {
-                    let uri = self.uri.clone();
-                    let opened = tokio::task::spawn_blocking(move || Connection::open(&uri))
-                        .await
-                        .map_err(|error| ApiError::Internal(error.to_string()))?
-                        .map_err(|error| match error.code {
-                            code::UNAVAILABLE => api_error(error),
-                            _ => ApiError::Unavailable(format!("cannot reach libvirt at {}: {}", self.uri, error.message)),
-                        })?;
-                    let opened = Arc::new(opened);
-                    *current = Some(opened.clone());
-                    opened
-                }
-            }
-        };
-        tokio::task::spawn_blocking(move || call(&connection)).await.map_err(|error| ApiError::Internal(error.to_string()))?
+        let mut current = self.connection.lock().await;
+        let (existing, uri) = (current.clone(), self.uri.clone());
+        let (connection, result) = tokio::task::spawn_blocking(move || {
+            let connection = match existing.filter(|connection| connection.answers()) {
+                Some(connection) => connection,
+                None => Arc::new(Connection::open(&uri).map_err(|error| match error.code {
+                    code::UNAVAILABLE => api_error(error),
+                    _ => ApiError::Unavailable(format!("cannot reach libvirt at {uri}: {}", error.message)),
+                })?),
+            };
+            let result = call(&connection);
+            Ok::<_, ApiError>((connection, result))
+        })
+        .await
+        .map_err(|error| ApiError::Internal(error.to_string()))??;
+        *current = Some(connection);
+        result
     }
 
     /// Every domain libvirt knows, with its disks.
@@ -272,7 +279,15 @@ impl VmHost {
     /// nothing is left: no job, no checkpoint, no directory.
     pub async fn begin(&self, vm: &str, id: &str, request: JobRequest) -> ApiResult<Job> {
         let directory = self.jobs_dir.join(id);
-        let job = Job { id: id.to_string(), vm: vm.to_string(), since: None, checkpoint: None, disks: Vec::new(), directory };
+        let job = Job {
+            id: id.to_string(),
+            vm: vm.to_string(),
+            uuid: String::new(),
+            since: None,
+            checkpoint: None,
+            disks: Vec::new(),
+            directory,
+        };
         let started = {
             let job = job.clone();
             self.with_connection(move |connection| begin_job(connection, job, request)).await
@@ -295,35 +310,58 @@ impl VmHost {
         .await
     }
 
-    /// Ends `job`: aborts it if it still runs, removes its directory.
+    /// Ends `job`: aborts it if it still runs, then removes its directory.
+    /// When libvirt cannot be asked, the job and its files are kept and
+    /// ended later ([`VmHost::end_unended`]), never forgotten.
     pub async fn end(&self, job: &Job) {
         let (vm, socket) = (job.vm.clone(), job.socket());
-        let ended = self.with_connection(move |connection| abort_if_running(connection, &vm, &socket)).await;
-        if let Err(error) = ended {
-            tracing::warn!(vm = %job.vm, backup = %job.id, %error, "could not end the backup job");
+        match self.with_connection(move |connection| abort_if_running(connection, &vm, &socket)).await {
+            Ok(()) => {
+                remove_directory(&job.directory).await;
+                tracing::info!(vm = %job.vm, backup = %job.id, "backup job ended");
+            }
+            Err(error) => {
+                tracing::warn!(vm = %job.vm, backup = %job.id, %error, "could not end the backup job; trying again every second");
+                self.unended.lock().push(job.clone());
+            }
         }
-        remove_directory(&job.directory).await;
-        tracing::info!(vm = %job.vm, backup = %job.id, "backup job ended");
     }
 
-    /// Ends the jobs a previous run of the server left behind (their
-    /// directories are under the state directory) and removes their files.
+    /// Tries again to end the jobs libvirt could not be asked to end.
+    pub async fn end_unended(&self) {
+        let jobs = std::mem::take(&mut *self.unended.lock());
+        for job in jobs {
+            self.end(&job).await;
+        }
+    }
+
+    /// Ends the jobs a previous run of the server left behind and removes
+    /// their files: the directories under the jobs directory that hold a
+    /// job record. Anything else there (another program's files, a
+    /// symlink) is left alone.
     pub async fn end_leftovers(&self) {
         let Ok(entries) = std::fs::read_dir(&self.jobs_dir) else { return };
         for entry in entries.flatten() {
             let directory = entry.path();
-            let mark = std::fs::read(directory.join(JOB_FILE)).ok().and_then(|bytes| serde_json::from_slice::<JobMark>(&bytes).ok());
-            match mark {
-                Some(mark) => {
-                    let (vm, socket) = (mark.vm.clone(), directory.join("nbd.sock"));
-                    if let Err(error) = self.with_connection(move |connection| abort_if_running(connection, &vm, &socket)).await {
-                        tracing::warn!(vm = %mark.vm, backup = %mark.id, %error, "could not end a backup job left by an earlier run");
-                    }
-                    tracing::info!(vm = %mark.vm, backup = %mark.id, "ended a backup job left by an earlier run");
-                }
-                None => tracing::warn!(directory = %directory.display(), "removing a backup directory without a job record"),
+            if !entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                continue;
             }
-            remove_directory(&directory).await;
+            let mark = std::fs::read(directory.join(JOB_FILE)).ok().and_then(|bytes| serde_json::from_slice::<JobMark>(&bytes).ok());
+            let Some(mark) = mark else {
+                tracing::warn!(directory = %directory.display(), "leaving alone a directory without a job record among the backup jobs");
+                continue;
+            };
+            let job = Job {
+                id: mark.id,
+                vm: mark.vm,
+                uuid: String::new(),
+                since: None,
+                checkpoint: None,
+                disks: Vec::new(),
+                directory: directory.clone(),
+            };
+            tracing::info!(vm = %job.vm, backup = %job.id, "ending a backup job left by an earlier run");
+            self.end(&job).await;
         }
     }
 }
@@ -351,10 +389,10 @@ fn describe(domain: &Domain) -> ApiResult<VmInfo> {
     let disks = disks_of(domain)?
         .into_iter()
         .map(|disk| {
-            let size = domain.disk_size(&disk.name).map_err(api_error)?;
-            Ok(DiskInfo { checkpoints: disk.has_checkpoints(), name: disk.name, file: disk.file, format: disk.format, size })
+            let size = domain.disk_size(&disk.name).ok();
+            DiskInfo { checkpoints: disk.has_checkpoints(), name: disk.name, file: disk.file, format: disk.format, size }
         })
-        .collect::<ApiResult<Vec<_>>>()?;
+        .collect();
     Ok(VmInfo {
         name: domain.name(),
         uuid: domain.uuid().map_err(api_error)?,
@@ -401,7 +439,7 @@ fn checkpoints_of(domain: &Domain) -> ApiResult<Vec<CheckpointInfo>> {
 
 /// True if `domain` runs a backup job exporting on `socket`.
 fn runs_job(domain: &Domain, socket: &Path) -> bool {
-    domain.backup_xml().is_ok_and(|xml| xml.contains(&*socket.to_string_lossy()))
+    domain.backup_xml().is_ok_and(|xml| xml::backup_socket(&xml).is_some_and(|exported| Path::new(&exported) == socket))
 }
 
 fn abort_if_running(connection: &Connection, vm: &str, socket: &Path) -> ApiResult<()> {
@@ -440,6 +478,7 @@ fn share_with_qemu(directory: &Path, disk: &str) {
 /// Checks the request against the domain, then begins the job.
 fn begin_job(connection: &Connection, mut job: Job, request: JobRequest) -> ApiResult<Job> {
     let domain = lookup(connection, &job.vm)?;
+    job.uuid = domain.uuid().map_err(api_error)?;
     if !is_running(&domain)? {
         return Err(ApiError::Conflict(format!(
             "VM {:?} is not running, so it has no backup job; back up its disk files as images (an --image or a file:// ticket, with their checkpoints)",

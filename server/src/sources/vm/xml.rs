@@ -45,8 +45,27 @@ fn child<'a>(node: roxmltree::Node<'a, 'a>, name: &str) -> Option<roxmltree::Nod
     node.children().find(|child| child.has_tag_name(name))
 }
 
-/// The disks (`<disk device='disk'>`, files and block devices) of a
-/// domain's XML; CD-ROMs, floppies and network disks are not backed up.
+/// What a disk's `<source>` names: a file or block device's path, a
+/// network disk as `PROTOCOL:NAME` (or its host's socket), a storage-pool
+/// volume as `POOL/VOLUME`.
+fn source_text(source: roxmltree::Node<'_, '_>) -> Option<String> {
+    if let Some(path) = source.attribute("file").or_else(|| source.attribute("dev")) {
+        return Some(path.to_string());
+    }
+    if let Some(protocol) = source.attribute("protocol") {
+        let host = child(source, "host").and_then(|host| host.attribute("socket").or_else(|| host.attribute("name")));
+        let name = source.attribute("name").or(host).unwrap_or_default();
+        return Some(format!("{protocol}:{name}"));
+    }
+    match (source.attribute("pool"), source.attribute("volume")) {
+        (Some(pool), Some(volume)) => Some(format!("{pool}/{volume}")),
+        _ => None,
+    }
+}
+
+/// The disks (`<disk device='disk'>` with a source: files, block devices,
+/// network disks, pool volumes) of a domain's XML; CD-ROMs and floppies
+/// are not backed up.
 pub fn domain_disks(xml: &str) -> Result<Vec<DomainDisk>, String> {
     let document = parse(xml)?;
     let Some(devices) = child(document.root_element(), "devices") else { return Ok(Vec::new()) };
@@ -55,12 +74,18 @@ pub fn domain_disks(xml: &str) -> Result<Vec<DomainDisk>, String> {
         .filter(|disk| disk.has_tag_name("disk") && disk.attribute("device").unwrap_or("disk") == "disk")
         .filter_map(|disk| {
             let name = child(disk, "target")?.attribute("dev")?.to_string();
-            let source = child(disk, "source")?;
-            let file = source.attribute("file").or_else(|| source.attribute("dev"))?.to_string();
+            let file = source_text(child(disk, "source")?)?;
             let format = child(disk, "driver").and_then(|driver| driver.attribute("type")).unwrap_or("raw").to_string();
             Some(DomainDisk { name, file, format })
         })
         .collect())
+}
+
+/// The unix socket a running backup job exports on, from its XML.
+pub fn backup_socket(xml: &str) -> Option<String> {
+    let document = parse(xml).ok()?;
+    let server = child(document.root_element(), "server")?;
+    server.attribute("socket").map(str::to_string)
 }
 
 /// A checkpoint's XML.
@@ -150,16 +175,19 @@ mod tests {
         <disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='/dev/vg/lv'/><target dev='vdb' bus='virtio'/></disk>\
         <disk type='file' device='cdrom'><source file='/iso/x.iso'/><target dev='sda'/></disk>\
         <disk type='network' device='disk'><source protocol='nbd' name='x'/><target dev='vdc'/></disk>\
+        <disk type='volume' device='disk'><driver type='qcow2'/><source pool='p' volume='v'/><target dev='vdd'/></disk>\
         </devices></domain>";
 
     #[test]
-    fn a_domains_disks_are_its_file_and_block_disks() {
+    fn a_domains_disks_are_every_disk_with_a_source() {
         let disks = domain_disks(DOMAIN).unwrap();
         assert_eq!(
             disks,
             vec![
                 DomainDisk { name: "vda".into(), file: "/images/a.qcow2".into(), format: "qcow2".into() },
                 DomainDisk { name: "vdb".into(), file: "/dev/vg/lv".into(), format: "raw".into() },
+                DomainDisk { name: "vdc".into(), file: "nbd:x".into(), format: "raw".into() },
+                DomainDisk { name: "vdd".into(), file: "p/v".into(), format: "qcow2".into() },
             ]
         );
         assert!(disks[0].has_checkpoints() && !disks[1].has_checkpoints());
@@ -190,6 +218,7 @@ mod tests {
         assert_eq!(server.attribute("socket"), Some("/s/a'b<c>.sock"));
         let incremental = document.descendants().find(|node| node.has_tag_name("incremental")).unwrap();
         assert_eq!(incremental.text(), Some("cp&1"));
+        assert_eq!(backup_socket(&xml).as_deref(), Some("/s/a'b<c>.sock"));
         let checkpoint_xml = new_checkpoint("cp2", &["vda"], &["vdb"]);
         let parsed = checkpoint(&checkpoint_xml).unwrap();
         assert_eq!(parsed.disks, vec![("vda".to_string(), "cp2".to_string())]);
