@@ -21,58 +21,10 @@ use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
 use crate::common::*;
+use crate::vm_api::*;
 use crate::vm_host::*;
 
 // ---------------------------------------------------------------- helpers
-
-async fn vm_server(dir: &Path) -> (Server, Control) {
-    start_with_control(dir, &["--libvirt"]).await
-}
-
-/// `POST /vms/{vm}/backups`: status and JSON body (or the error line).
-fn begin(control: &Control, vm: &str, body: Value) -> (u16, Value) {
-    let url = control.url(&format!("/vms/{vm}/backups"));
-    let (code, text) = control.curl(&["-X", "POST", "-H", "Content-Type: application/json", "-d", &body.to_string(), &url]);
-    (code, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-}
-
-fn get_json(control: &Control, path: &str) -> (u16, Value) {
-    let (code, text) = control.curl(&[&control.url(path)]);
-    (code, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-}
-
-fn delete(control: &Control, path: &str) -> (u16, String) {
-    control.curl(&["-X", "DELETE", &control.url(path)])
-}
-
-fn end_backup(control: &Control, vm: &str, backup: &Value) {
-    if let Some(id) = backup["id"].as_str() {
-        delete(control, &format!("/vms/{vm}/backups/{id}"));
-    }
-}
-
-/// Job directories in the state directory, and whether libvirt runs a
-/// backup job for the domain.
-fn leftovers(state_dir: &Path, vm: &str) -> (usize, bool) {
-    let directories = std::fs::read_dir(state_dir.join("vm-backups")).map(|entries| entries.count()).unwrap_or(0);
-    let job = virsh(&["domjobinfo", vm]).is_ok_and(|info| info.contains("Backup"));
-    (directories, job)
-}
-
-fn checkpoint_ids(control: &Control, vm: &str) -> Vec<String> {
-    let (code, list) = get_json(control, &format!("/vms/{vm}/checkpoints"));
-    assert_eq!(code, 200, "{list}");
-    list.as_array().unwrap().iter().map(|checkpoint| checkpoint["id"].as_str().unwrap().to_string()).collect()
-}
-
-fn blockgate(ca: &Path, args: &[&str]) -> Output {
-    Command::new(binary("blockgate")).arg("--cacert").arg(ca).args(args).output().expect("run blockgate")
-}
-
-fn ok(output: Output) -> Output {
-    assert!(output.status.success(), "blockgate failed: {}", String::from_utf8_lossy(&output.stderr));
-    output
-}
 
 /// Polls `check` every 100 ms for `seconds`; false if it never held.
 async fn within(seconds: u64, mut check: impl AsyncFnMut() -> bool) -> bool {
@@ -546,18 +498,7 @@ struct FakeServer {
 impl FakeServer {
     async fn start(backup: impl Fn(u16) -> Value + Send + Sync + 'static, stream: Vec<u8>) -> FakeServer {
         let dir = tempfile::tempdir().unwrap();
-        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-        let ca = dir.path().join("ca.pem");
-        std::fs::write(&ca, certified.cert.pem()).unwrap();
-        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(certified.key_pair.serialize_der().into());
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![certified.cert.der().clone()], key)
-            .unwrap();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let (acceptor, ca) = self_signed_acceptor(dir.path());
         let data_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = data_listener.local_addr().unwrap().port();
         let stream = Bytes::from(stream);

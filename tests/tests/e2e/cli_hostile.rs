@@ -39,18 +39,7 @@ impl Fake {
     /// `answer` answers itself.
     async fn start(size: u64, answer: impl Fn(&Method, &str, &Bytes) -> Option<Response> + Send + Sync + 'static) -> Fake {
         let dir = tempfile::tempdir().unwrap();
-        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-        let ca = dir.path().join("ca.pem");
-        std::fs::write(&ca, certified.cert.pem()).unwrap();
-        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(certified.key_pair.serialize_der().into());
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![certified.cert.der().clone()], key)
-            .unwrap();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let (acceptor, ca) = self_signed_acceptor(dir.path());
         let seen = Arc::new(Mutex::new(Vec::new()));
         let answer: Override = Arc::new(answer);
         let log = seen.clone();

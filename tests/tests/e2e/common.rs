@@ -459,3 +459,20 @@ pub fn slow_store(dir: &Path, write_delay: u32, flush_delay: u32, zero_delay: u3
     );
     (nbdkit, file)
 }
+
+/// A TLS acceptor for a fake server on localhost (HTTP/1.1), with a
+/// self-signed certificate whose PEM is written to `dir/ca.pem`.
+pub fn self_signed_acceptor(dir: &Path) -> (tokio_rustls::TlsAcceptor, PathBuf) {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, certified.cert.pem()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(certified.key_pair.serialize_der().into());
+    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key)
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    (tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)), ca)
+}

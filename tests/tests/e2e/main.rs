@@ -27,5 +27,6 @@ mod readme;
 mod remote_control;
 mod security;
 mod tickets;
+mod vm_api;
 mod vm_backups;
 mod vm_host;

@@ -6,58 +6,13 @@
 //! and every refusal leaves no job, checkpoint, scratch file or ticket.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::common::*;
+use crate::vm_api::*;
 use crate::vm_host::*;
-
-/// A server with a control socket and VM backups on.
-async fn vm_server(dir: &Path) -> (Server, Control) {
-    start_with_control(dir, &["--libvirt"]).await
-}
-
-/// `POST /vms/{vm}/backups`: status and JSON body (or the error line).
-fn begin(control: &Control, vm: &str, body: Value) -> (u16, Value) {
-    let url = control.url(&format!("/vms/{vm}/backups"));
-    let (code, text) = control.curl(&["-X", "POST", "-H", "Content-Type: application/json", "-d", &body.to_string(), &url]);
-    (code, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-}
-
-fn get_json(control: &Control, path: &str) -> (u16, Value) {
-    let (code, text) = control.curl(&[&control.url(path)]);
-    (code, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-}
-
-fn delete(control: &Control, path: &str) -> (u16, String) {
-    control.curl(&["-X", "DELETE", &control.url(path)])
-}
-
-/// The CLI, with the server's CA.
-fn blockgate(server: &Server, args: &[&str]) -> Output {
-    Command::new(binary("blockgate")).arg("--cacert").arg(server.ca()).args(args).output().expect("run blockgate")
-}
-
-fn ok(output: Output) -> Output {
-    assert!(output.status.success(), "blockgate failed: {}", String::from_utf8_lossy(&output.stderr));
-    output
-}
-
-/// The ids of a VM's checkpoints.
-fn checkpoint_ids(control: &Control, vm: &str) -> Vec<String> {
-    let (code, list) = get_json(control, &format!("/vms/{vm}/checkpoints"));
-    assert_eq!(code, 200, "{list}");
-    list.as_array().unwrap().iter().map(|checkpoint| checkpoint["id"].as_str().unwrap().to_string()).collect()
-}
-
-/// What is left of backups on the host: job directories in the state
-/// directory, and a job libvirt runs for the domain.
-fn leftovers(server: &Server, vm: &str) -> (usize, bool) {
-    let directories = std::fs::read_dir(server.state_dir.join("vm-backups")).map(|entries| entries.count()).unwrap_or(0);
-    let job = virsh(&["domjobinfo", vm]).is_ok_and(|info| info.contains("Backup"));
-    (directories, job)
-}
 
 /// The sparse stream of a disk's url.
 async fn pull(server: &Server, url: &str) -> Vec<u8> {
@@ -95,7 +50,7 @@ async fn a_full_and_two_incrementals_of_a_running_vm_restore_to_its_disks() {
     domain.write(0, 0x11, 0, 4 * MIB);
     domain.write(1, 0x22, MIB, 2 * MIB);
     ok(blockgate(
-        &server,
+        &server.ca(),
         &["vm", "backup", "--control-socket", &socket, &vm, "--out", &out_text, "--checkpoint", "c1", "--progress", "none"],
     ));
 
@@ -125,11 +80,11 @@ async fn a_full_and_two_incrementals_of_a_running_vm_restore_to_its_disks() {
     assert_eq!(meta(&std::fs::read(&c2_files[0]).unwrap())["data-size"], MIB);
     let id = backup["id"].as_str().unwrap();
     assert_eq!(delete(&control, &format!("/vms/{vm}/backups/{id}")).0, 204);
-    assert_eq!(leftovers(&server, &vm), (0, false));
+    assert_eq!(leftovers(&server.state_dir, &vm), (0, false));
 
     domain.write(0, 0x66, 32 * MIB, 2 * MIB);
     ok(blockgate(
-        &server,
+        &server.ca(),
         &[
             "vm",
             "backup",
@@ -155,12 +110,12 @@ async fn a_full_and_two_incrementals_of_a_running_vm_restore_to_its_disks() {
         let files: Vec<String> =
             ["c1", "c2", "c3"].iter().map(|label| out.join(format!("{disk}.{label}.sparse")).display().to_string()).collect();
         // Out of order: the second incremental on the full backup alone.
-        ok(blockgate(&target, &["restore", &url, &files[0], "--progress", "none"]));
-        let refused = blockgate(&target, &["restore", &url, &files[2], "--progress", "none"]);
+        ok(blockgate(&target.ca(), &["restore", &url, &files[0], "--progress", "none"]));
+        let refused = blockgate(&target.ca(), &["restore", &url, &files[2], "--progress", "none"]);
         assert!(!refused.status.success());
         let said = String::from_utf8_lossy(&refused.stderr);
         assert!(said.contains("409") && said.contains("\"c2\""), "{said}");
-        ok(blockgate(&target, &["restore", &url, &files[1], &files[2], "--progress", "none"]));
+        ok(blockgate(&target.ca(), &["restore", &url, &files[1], &files[2], "--progress", "none"]));
         same_content(&restored[index], domain.disk_path(index), "qcow2");
     }
 }
@@ -216,7 +171,7 @@ async fn refused_backups_leave_no_job_checkpoint_scratch_or_ticket() {
     assert!(said.as_str().unwrap().contains("guest agent"), "{said}");
     let (code, said) = begin(&control, &vm, json!({"disks": ["../etc"]}));
     assert_eq!(code, 400, "{said}");
-    assert_eq!(leftovers(&server, &vm), (0, false));
+    assert_eq!(leftovers(&server.state_dir, &vm), (0, false));
     assert!(checkpoint_ids(&control, &vm).is_empty());
     assert_eq!(server.client().get(server.url("/info/")).send().await.unwrap().status(), 200);
 
@@ -227,9 +182,9 @@ async fn refused_backups_leave_no_job_checkpoint_scratch_or_ticket() {
     assert!(said.as_str().unwrap().contains(first["id"].as_str().unwrap()), "the 409 names the running backup: {said}");
     let (code, status) = get_json(&control, &format!("/vms/{vm}/backups/{}", first["id"].as_str().unwrap()));
     assert_eq!((code, status["state"].as_str()), (200, Some("running")), "{status}");
-    assert_eq!(leftovers(&server, &vm), (1, true));
+    assert_eq!(leftovers(&server.state_dir, &vm), (1, true));
     assert_eq!(delete(&control, &format!("/vms/{vm}/backups/{}", first["id"].as_str().unwrap())).0, 204);
-    assert_eq!(leftovers(&server, &vm), (0, false));
+    assert_eq!(leftovers(&server.state_dir, &vm), (0, false));
     let ticket = first["disks"][0]["url"].as_str().unwrap();
     assert_eq!(server.client().get(ticket).send().await.unwrap().status(), 403, "a deleted backup's ticket is gone");
     assert_eq!(checkpoint_ids(&control, &vm), ["c1"]);
@@ -263,7 +218,7 @@ async fn a_vm_destroyed_mid_transfer_fails_the_transfer_and_ends_the_backup() {
         get_json(&control, &format!("/vms/{vm}/backups/{}", backup["id"].as_str().unwrap())).0 == 404
     })
     .await;
-    assert_eq!(leftovers(&server, &vm).0, 0);
+    assert_eq!(leftovers(&server.state_dir, &vm).0, 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -278,7 +233,7 @@ async fn a_restarted_server_ends_the_job_it_left_behind() {
     drop(server);
     assert!(virsh(&["domjobinfo", &vm]).unwrap().contains("Backup"), "the killed server's job still runs");
     let (server, control) = vm_server(dir.path()).await;
-    assert_eq!(leftovers(&server, &vm), (0, false));
+    assert_eq!(leftovers(&server.state_dir, &vm), (0, false));
     let (code, again) = begin(&control, &vm, json!({}));
     assert_eq!(code, 201, "{again}");
 }
@@ -304,7 +259,7 @@ async fn a_checkpoint_broken_by_a_killed_qemu_asks_for_a_full_backup() {
     assert_eq!(code, 409, "{said}");
     assert!(said.as_str().unwrap().contains("take a full backup"), "{said}");
     assert_eq!(checkpoint_ids(&control, &vm), ["c1"], "a refused backup makes no checkpoint");
-    assert_eq!(leftovers(&server, &vm), (0, false));
+    assert_eq!(leftovers(&server.state_dir, &vm), (0, false));
 
     // A full backup starts a new chain; the broken record goes with
     // metadata_only=y (a plain delete says so).
@@ -358,6 +313,6 @@ async fn ctrl_c_of_a_vm_backup_ends_it_on_the_server_and_leaves_no_file() {
     let said = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(130), "{said}");
     assert!(said.contains("ended the backup"), "{said}");
-    assert_eq!(leftovers(&server, &vm), (0, false), "the server still runs the backup");
+    assert_eq!(leftovers(&server.state_dir, &vm), (0, false), "the server still runs the backup");
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0, "a file was left in --out");
 }
