@@ -27,8 +27,9 @@ pub struct Args {
     #[arg(long, value_name = "FILE.toml")]
     pub config: Option<PathBuf>,
     /// Address of the TLS listener: HOST:PORT, where HOST is an IP address
-    /// or a name (every address it resolves to is bound).
-    #[arg(long, default_value = "[::]:54322", value_name = "HOST:PORT")]
+    /// or a name (every address it resolves to is bound). The default is
+    /// this host only; `[::]:54322` listens on every interface.
+    #[arg(long, default_value = "localhost:54322", value_name = "HOST:PORT")]
     pub listen: String,
     /// PEM certificate chain; without it a self-signed CA and certificate
     /// are made (and reused) in the state directory.

@@ -17,6 +17,7 @@ mod domains;
 mod durability;
 mod errors;
 mod faults;
+mod first_run;
 mod host_files;
 mod lifecycle;
 mod load;
