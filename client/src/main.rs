@@ -304,7 +304,16 @@ enum CheckpointCommand {
 async fn main() -> ExitCode {
     // Private by default: the local qemu-nbd's socket, and what it creates.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) if !error.use_stderr() => error.exit(),
+        Err(error) => {
+            // clap's own words, with the prefix of every other error.
+            let text = error.render().to_string();
+            eprint!("blockgate: {}", text.strip_prefix("error: ").map_or(text.clone(), |rest| format!("error: {rest}")));
+            return ExitCode::from(2);
+        }
+    };
     // Retries are always announced (a transfer that waits must say why);
     // -v adds every other warning.
     let filter = if cli.global.verbose { "warn".to_string() } else { format!("off,{RETRY_LOG}=warn") };
@@ -329,7 +338,7 @@ async fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("blockgate: error: {}", printable(&chain(error.as_ref())));
+            eprintln!("blockgate: error: {}", in_cli_words(&printable(&chain(error.as_ref()))));
             if error.downcast_ref::<Interrupted>().is_some() {
                 ExitCode::from(130)
             } else if error.downcast_ref::<ClientError>().is_some_and(ClientError::is_size_mismatch) {
@@ -637,6 +646,12 @@ async fn save_stream(
     }
     writer.flush().await.context("writing the stream")?;
     Ok(Stats { data_bytes: written, requests: 1, seconds: started.elapsed().as_secs_f64(), ..Stats::default() })
+}
+
+/// The server's advice in the CLI's words: the query parameters it names
+/// are the flags that set them.
+fn in_cli_words(message: &str) -> String {
+    message.replace("add force=y", "use --force").replace("add zero_tail=y", "use --zero-tail")
 }
 
 /// JSON text fit for a terminal: serde_json escapes C0 controls in

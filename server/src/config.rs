@@ -16,7 +16,7 @@ use clap::Parser;
     name = "blockgate-server",
     version,
     args_override_self = true,
-    about = "HTTPS disk-image transfer server backed by qemu-nbd (imageio-compatible)",
+    about = "HTTPS disk-image transfer server over NBD: qemu-storage-daemon for local images, or any NBD server (imageio-compatible)",
     after_help = "Example:\n  blockgate-server --image demo=./demo.qcow2,size=1G\n  curl --cacert ~/.local/state/blockgate/ca.pem https://localhost:54322/images/demo -o demo.raw"
 )]
 pub struct Args {
@@ -38,13 +38,14 @@ pub struct Args {
     /// PEM private key of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Directory for generated certificates
+    /// Directory for the generated certificates, checkpoint and restore
+    /// records, and VM backup jobs' files
     /// [default: $XDG_STATE_HOME/blockgate, else ~/.local/state/blockgate].
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// An image to serve: ID=SOURCE[,ro][,bitmap=NAME|,dirty][,size=SIZE][,sparse][,format=raw|qcow2].
     /// `dirty` uses the one dirty bitmap the image has.
-    /// SOURCE is a file path (served through a qemu-nbd child) or an NBD URI
+    /// SOURCE is a file path (served through a qemu-storage-daemon child) or an NBD URI
     /// (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH,
     /// nbd:unix:PATH[:exportname=NAME]). Repeatable.
     #[arg(long = "image", value_name = "ID=SOURCE[,OPTION]...", value_parser = parse_image_spec)]
@@ -268,7 +269,7 @@ fn config_flags(text: &str) -> Result<Vec<String>, String> {
 /// Where an image's data comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageSource {
-    /// A local file the server exports through its own qemu-nbd child.
+    /// A local file the server exports through its own qemu-storage-daemon child.
     File(PathBuf),
     /// An NBD export that is already running.
     Nbd(Address),

@@ -57,3 +57,30 @@ async fn without_listen_the_server_serves_this_host_only() {
         assert!(!matches!(connected, Ok(Ok(_))), "{target} accepted a connection while the server ran on the default listener");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_errors_speak_the_clis_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["disk=./disk.qcow2,size=1M".to_string()]).await;
+    let stream = dir.path().join("inc.sparse");
+    std::fs::write(&stream, incremental(MIB, "c1", "c2", 0, &[7u8; 4096])).unwrap();
+    let cli = |args: &[&str]| Command::new(binary("blockgate")).arg("--cacert").arg(server.ca()).args(args).output().unwrap();
+    let refused = cli(&["restore", &server.image_url("disk"), stream.to_str().unwrap(), "--progress", "none"]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{said}");
+    assert!(said.contains("use --force") && !said.contains("force=y"), "the server's query parameter, not the CLI's flag: {said}");
+    for args in [&["frobnicate"][..], &["restore"], &["download", "--connections", "0", "https://h/images/x", "f"]] {
+        let output = cli(args);
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {said}");
+        assert!(said.starts_with("blockgate: error: "), "{args:?}: {said}");
+    }
+}
+
+#[test]
+fn the_servers_help_says_what_serves_images_and_what_the_state_directory_holds() {
+    let help = String::from_utf8(Command::new(binary("blockgate-server")).arg("--help").output().unwrap().stdout).unwrap();
+    assert!(help.contains("qemu-storage-daemon child") && !help.contains("qemu-nbd child"), "{help}");
+    assert!(help.contains("checkpoint and restore") && help.contains("records"), "{help}");
+    assert!(help.contains("[default: localhost:54322]"), "{help}");
+}
