@@ -298,6 +298,35 @@ pub struct ImageSpec {
     /// Checkpoints may be made and deleted (`--image` tickets, and tickets
     /// with the `write` or `checkpoint` op).
     pub checkpoints: bool,
+    /// Made from a control ticket (else from `--image`): errors name its
+    /// fields, not the flag's options.
+    pub from_ticket: bool,
+}
+
+/// An option of an image spec, as an error names it.
+#[derive(Debug, Clone, Copy)]
+pub enum SpecOption {
+    /// Read-only.
+    ReadOnly,
+    /// Use the image's one dirty bitmap.
+    Dirty,
+    /// A dirty bitmap by name.
+    Bitmap,
+}
+
+impl ImageSpec {
+    /// How an error names `option`: a ticket's field, or an `--image`
+    /// option.
+    pub fn option_name(&self, option: SpecOption) -> &'static str {
+        match (self.from_ticket, option) {
+            (true, SpecOption::ReadOnly) => r#""ops": ["read"]"#,
+            (true, SpecOption::Dirty) => r#""dirty": true"#,
+            (true, SpecOption::Bitmap) => r#""bitmap": "NAME""#,
+            (false, SpecOption::ReadOnly) => ",ro",
+            (false, SpecOption::Dirty) => ",dirty",
+            (false, SpecOption::Bitmap) => ",bitmap=NAME",
+        }
+    }
 }
 
 /// Parses `ID=SOURCE[,OPTION]...`.
@@ -323,6 +352,7 @@ pub fn parse_image_spec(text: &str) -> Result<ImageSpec, String> {
         sparse: false,
         format: None,
         checkpoints: true,
+        from_ticket: false,
     };
     for option in parts {
         match option.split_once('=') {

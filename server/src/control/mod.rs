@@ -140,6 +140,7 @@ pub async fn open_ticket(spec: TicketSpec, limits: Limits, backend: BackendSetti
         sparse: spec.sparse,
         format: Some(spec.format),
         checkpoints: spec.may_checkpoint(),
+        from_ticket: true,
     };
     let backend = Backend::open(&image, backend)
         .await

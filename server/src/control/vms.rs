@@ -371,6 +371,7 @@ async fn open_disk_ticket(job: &Job, disk: &JobDisk, timeout: u64, limits: Limit
         sparse: false,
         format: None,
         checkpoints: false,
+        from_ticket: true,
     };
     let point = BackupPoint {
         since: job.since.clone().filter(|_| disk.incremental),

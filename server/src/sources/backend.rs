@@ -23,7 +23,7 @@ use blockgate_nbd::{
 };
 use bytes::Bytes;
 
-use crate::config::{ImageFormat, ImageSource, ImageSpec};
+use crate::config::{ImageFormat, ImageSource, ImageSpec, SpecOption};
 use crate::error::{ApiError, ApiResult};
 use crate::metrics::metrics;
 use crate::sources::checkpoints::{self, Checkpoints};
@@ -151,12 +151,13 @@ fn no_bitmap() -> ApiError {
     ApiError::NotFound("the ticket has no dirty bitmap; context=dirty needs one (or since=CHECKPOINT)".into())
 }
 
-/// The one bitmap of a `dirty` image, or why there is not exactly one.
-fn only_bitmap(mut names: Vec<String>, image: &str) -> Result<String> {
+/// The one bitmap of a `dirty` image, or why there is not exactly one;
+/// `how_to_add` says how this kind of image gets one.
+fn only_bitmap(mut names: Vec<String>, image: &str, spec: &ImageSpec, how_to_add: &str) -> Result<String> {
     match names.len() {
         1 => Ok(names.remove(0)),
-        0 => bail!("{image} has no dirty bitmap; add one (qemu-img bitmap --add) or drop dirty"),
-        _ => bail!("{image} has several dirty bitmaps ({}); name one with bitmap=NAME", names.join(", ")),
+        0 => bail!("{image} has no dirty bitmap; {how_to_add}, or drop {}", spec.option_name(SpecOption::Dirty)),
+        _ => bail!("{image} has several dirty bitmaps ({}); name one with {}", names.join(", "), spec.option_name(SpecOption::Bitmap)),
     }
 }
 
@@ -209,9 +210,15 @@ impl Backend {
             ImageSource::Nbd(address) => {
                 let mut bitmap = spec.bitmap.clone();
                 if spec.dirty && bitmap.is_none() {
-                    bitmap = Some(only_bitmap(Self::listed_bitmaps(address, &settings).await?, &address.to_string())?);
+                    let listed = Self::listed_bitmaps(address, &settings).await?;
+                    let how_to_add = "its NBD server must export one (qemu-nbd -B NAME)";
+                    bitmap = Some(only_bitmap(listed, &format!("the NBD export {address}"), spec, how_to_add)?);
                 }
-                let mut backend = Self::connect(address.clone(), bitmap.clone(), spec.read_only, settings).await?;
+                let mut backend = Self::connect(address.clone(), bitmap.clone(), settings).await?;
+                if backend.read_only && !spec.read_only {
+                    backend.stop().await;
+                    bail!("the NBD export {address} is read-only; serve it read-only ({})", spec.option_name(SpecOption::ReadOnly));
+                }
                 backend.bitmap = bitmap;
                 backend.target = address.to_string();
                 backend.identity = uri_identity(address);
@@ -246,7 +253,7 @@ impl Backend {
         let bitmap = match (&spec.bitmap, spec.dirty) {
             (Some(name), _) if !info.bitmaps.contains(name) => bail!("{image} has no dirty bitmap {name:?}"),
             (Some(name), _) => Some(name.clone()),
-            (None, true) => Some(only_bitmap(info.bitmaps, &image)?),
+            (None, true) => Some(only_bitmap(info.bitmaps, &image, spec, "add one (qemu-img bitmap --add)")?),
             (None, false) => None,
         };
         if let Some(name) = bitmap.as_ref().filter(|name| info.inconsistent_bitmaps.contains(name)) {
@@ -266,7 +273,7 @@ impl Backend {
         let owned = OwnedImage::start(owned_settings).await?;
         let owned = Arc::new(owned);
         let address = Address::unix(owned.nbd_socket(), MAIN_EXPORT);
-        match Self::connect(address, None, spec.read_only, settings).await {
+        match Self::connect(address, None, settings).await {
             Ok(backend) => Ok(Backend { bitmap, owned: Some(owned), checkpoints, target: image, identity, linked_files, ..backend }),
             Err(error) => {
                 owned.stop().await;
@@ -286,7 +293,7 @@ impl Backend {
 
     /// Negotiates the first connection and learns the export's size,
     /// flags and contexts (`bitmap`'s among them).
-    async fn connect(address: Address, bitmap: Option<String>, read_only: bool, settings: BackendSettings) -> Result<Backend> {
+    async fn connect(address: Address, bitmap: Option<String>, settings: BackendSettings) -> Result<Backend> {
         let dirty_context = bitmap.as_ref().map(|name| format!("{DIRTY_BITMAP_PREFIX}{name}"));
         let mut wanted = vec![BASE_ALLOCATION.to_string(), ALLOCATION_DEPTH.to_string()];
         wanted.extend(dirty_context.clone());
@@ -299,9 +306,6 @@ impl Backend {
             }
         }
         let export_read_only = first.is_read_only();
-        if export_read_only && !read_only {
-            bail!("the NBD export {address} is read-only; add ,ro to the image spec");
-        }
         let size = first.size();
         let mut slots: Vec<_> = (1..settings.connections).map(|_| tokio::sync::Mutex::new(None)).collect();
         slots.insert(0, tokio::sync::Mutex::new(Some(Slot { client: first, daemon_exits: 0 })));
@@ -345,7 +349,7 @@ impl Backend {
         };
         let view = View { owned: owned.clone(), name: name.clone() };
         let address = Address::unix(owned.nbd_socket(), name.as_str());
-        let backend = Self::connect(address, Some(name), true, self.settings.clone())
+        let backend = Self::connect(address, Some(name), self.settings.clone())
             .await
             .map_err(|error| ApiError::Daemon(format!("opening a frozen view: {error:#}")))?;
         Ok(Arc::new(Backend { _view: Some(view), ..backend }))

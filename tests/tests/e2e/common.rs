@@ -294,7 +294,7 @@ pub async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
 }
 
 /// The child once its unix socket accepts connections (5 s at most).
-fn serving(mut child: Child, socket: &Path, what: &str) -> Child {
+pub fn serving(mut child: Child, socket: &Path, what: &str) -> Child {
     for _ in 0..500 {
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
             return child;

@@ -84,3 +84,28 @@ fn the_servers_help_says_what_serves_images_and_what_the_state_directory_holds()
     assert!(help.contains("checkpoint and restore") && help.contains("records"), "{help}");
     assert!(help.contains("[default: localhost:54322]"), "{help}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ticket_errors_name_ticket_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    std::fs::write(&image, vec![0u8; MIB as usize]).unwrap();
+    let socket = dir.path().join("ro.sock");
+    let read_only = Command::new("qemu-nbd").args(["-t", "-r", "-f", "raw", "-k"]).arg(&socket).arg(&image).spawn().unwrap();
+    let _read_only = QemuNbd { child: serving(read_only, &socket, "qemu-nbd -r"), socket: socket.clone() };
+    let (_server, control) = start_with_control(dir.path(), &[]).await;
+    let add = |body: serde_json::Value| control.curl(&["-X", "PUT", "-d", &body.to_string(), &control.url("/tickets/t1")]);
+    let uri = QemuNbd::uri_of(&socket);
+    let ticket = |extra: serde_json::Value| {
+        let mut ticket = serde_json::json!({"uuid": "t1", "size": MIB, "url": uri, "ops": ["read", "write"], "timeout": 60});
+        ticket.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        ticket
+    };
+    let (code, said) = add(ticket(serde_json::json!({})));
+    assert_eq!(code, 400, "{said}");
+    assert!(said.contains(r#""ops": ["read"]"#) && !said.contains(",ro"), "a read-only export's refusal names the ticket field: {said}");
+    let (code, said) = add(ticket(serde_json::json!({"ops": ["read"], "dirty": true})));
+    assert_eq!(code, 400, "{said}");
+    assert!(said.contains("qemu-nbd -B") && !said.contains("qemu-img bitmap"), "an NBD export gets its bitmap from its server: {said}");
+    assert!(said.contains(r#""dirty": true"#), "{said}");
+}
