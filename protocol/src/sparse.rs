@@ -168,8 +168,40 @@ pub struct Summary {
     pub data_size: u64,
     /// Bytes of zeros.
     pub zero_size: u64,
-    /// A trailer checksum was present and matched.
-    pub verified: bool,
+    /// What became of the stream's checksum (older servers did not say:
+    /// read as none).
+    #[serde(default)]
+    pub checksum: ChecksumCheck,
+    /// True when the trailer's checksum matched, false when it could not
+    /// be checked (another algorithm or block size); absent when the
+    /// stream carries none (an incremental never does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<bool>,
+}
+
+/// What became of a stream's trailer checksum.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChecksumCheck {
+    /// It matched the data applied.
+    Verified,
+    /// Another algorithm or block size than the server computes: not
+    /// checked.
+    Unchecked,
+    /// The stream carries no checksum (incrementals never do).
+    #[default]
+    None,
+}
+
+impl Summary {
+    fn new(frames: u64, data_size: u64, zero_size: u64, checksum: ChecksumCheck) -> Summary {
+        let verified = match checksum {
+            ChecksumCheck::Verified => Some(true),
+            ChecksumCheck::Unchecked => Some(false),
+            ChecksumCheck::None => None,
+        };
+        Summary { frames, data_size, zero_size, checksum, verified }
+    }
 }
 
 /// A rejected stream: which frame, where, and why.
@@ -397,7 +429,7 @@ impl Decoder {
         if !meta.incremental && self.position != meta.virtual_size {
             return Err(self.error(format!("a full stream must tile the image, but it ends at {} of {}", self.position, meta.virtual_size)));
         }
-        let mut verified = false;
+        let mut checksum = ChecksumCheck::None;
         if let Some(trailer) = trailer {
             let trailer: Trailer = serde_json::from_slice(trailer).map_err(|error| self.error(format!("invalid trailer JSON: {error}")))?;
             let read = (self.frames, self.data_size, self.zero_size);
@@ -408,17 +440,18 @@ impl Decoder {
                 )));
             }
             if let (Some(expected), Some(hasher)) = (trailer.checksum, self.hasher.take()) {
+                checksum = ChecksumCheck::Unchecked;
                 if expected.algorithm == ALGORITHM && expected.block_size == hasher.block_size() {
                     let actual = hasher.finish();
                     if !expected.checksum.eq_ignore_ascii_case(&actual) {
                         return Err(self.error(format!("checksum {actual} differs from the trailer's {}", expected.checksum)));
                     }
-                    verified = true;
+                    checksum = ChecksumCheck::Verified;
                 }
             }
         }
         self.state = State::Done;
-        Ok(Event::End(Summary { frames: self.frames, data_size: self.data_size, zero_size: self.zero_size, verified }))
+        Ok(Event::End(Summary::new(self.frames, self.data_size, self.zero_size, checksum)))
     }
 }
 
@@ -581,7 +614,7 @@ mod tests {
     fn the_documented_example_decodes() {
         let plan = Plan { virtual_size: 8192, incremental: false, frames: vec![(Kind::Data, 0, 4096), (Kind::Zero, 4096, 4096)] };
         let (_, result) = decode(&encode(&plan, false), 7, 8192);
-        assert_eq!(result.unwrap(), Summary { frames: 2, data_size: 4096, zero_size: 4096, verified: false });
+        assert_eq!(result.unwrap(), Summary::new(2, 4096, 4096, ChecksumCheck::None));
     }
 
     #[test]
@@ -603,7 +636,8 @@ mod tests {
         let size = DATA_SEGMENT * 2 + 5;
         let plan = Plan { virtual_size: size, incremental: false, frames: vec![(Kind::Data, 0, size)] };
         let (events, result) = decode(&encode(&plan, true), 1 << 20, size);
-        assert!(result.unwrap().verified);
+        let summary = result.unwrap();
+        assert_eq!((summary.checksum, summary.verified), (ChecksumCheck::Verified, Some(true)));
         let lengths: Vec<usize> =
             events.iter().filter_map(|e| if let Event::Data { data, .. } = e { Some(data.len()) } else { None }).collect();
         assert_eq!(lengths, vec![DATA_SEGMENT as usize, DATA_SEGMENT as usize, 5]);
@@ -616,7 +650,8 @@ mod tests {
             let (events, result) = decode(&input, chunk, plan.virtual_size);
             let summary = result.unwrap();
             prop_assert_eq!(summary.frames, plan.frames.len() as u64);
-            prop_assert_eq!(summary.verified, trailer && !plan.incremental);
+            prop_assert_eq!(summary.verified == Some(true), trailer && !plan.incremental);
+            prop_assert_eq!(summary.checksum == ChecksumCheck::None, !(trailer && !plan.incremental));
             let image = applied_image(&events, plan.virtual_size);
             for &(kind, start, length) in &plan.frames {
                 for offset in start..start + length {

@@ -16,18 +16,19 @@ pub mod vms;
 use std::path::{Path as FilePath, PathBuf};
 use std::sync::Arc;
 
+use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
-use axum::{Json, Router};
 use blockgate_nbd::{Address, qemu};
 use blockgate_protocol::ticket::{MAX_TICKET_BODY, TicketSpec, parse_ticket, parse_timeout};
 
 use crate::config::{ImageSource, ImageSpec};
 use crate::error::{ApiError, ApiResult};
 use crate::http::access_log;
+use crate::http::json_line::JsonLine;
 use crate::http::routes::{not_found, refuse_control_characters, refuse_method};
 use crate::sources::backend::{Backend, BackendSettings};
 use crate::tickets::{Limits, Ticket, Tickets};
@@ -180,7 +181,7 @@ async fn add(State(state): State<ControlState>, Path(id): Path<String>, body: Bo
 async fn status(State(state): State<ControlState>, Path(id): Path<String>) -> ApiResult<Response> {
     let status = state.tickets.find(&id).and_then(|ticket| ticket.status());
     match status {
-        Some(status) => Ok(Json(status).into_response()),
+        Some(status) => Ok(JsonLine(status).into_response()),
         None => Err(ApiError::NotFound(format!("no such ticket {id:?}"))),
     }
 }

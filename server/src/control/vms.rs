@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -27,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use super::ControlState;
 use crate::config::{ImageSource, ImageSpec};
 use crate::error::{ApiError, ApiResult};
+use crate::http::json_line::JsonLine;
 use crate::http::routes::query::{Params, flag};
 use crate::sources::backend::{Backend, BackendSettings, BackupPoint};
 use crate::sources::checkpoints::check_id;
@@ -233,13 +233,13 @@ fn rfc3339(time: SystemTime) -> String {
 
 /// `GET /vms`.
 pub async fn list(State(state): State<ControlState>) -> ApiResult<Response> {
-    Ok(Json(state.vms.host()?.list().await?).into_response())
+    Ok(JsonLine(state.vms.host()?.list().await?).into_response())
 }
 
 /// `GET /vms/{vm}/checkpoints`.
 pub async fn checkpoints(State(state): State<ControlState>, Path(vm): Path<String>) -> ApiResult<Response> {
     check_vm_name(&vm)?;
-    Ok(Json(state.vms.host()?.checkpoints(&vm).await?).into_response())
+    Ok(JsonLine(state.vms.host()?.checkpoints(&vm).await?).into_response())
 }
 
 /// `DELETE /vms/{vm}/checkpoints/{id}[?metadata_only=y]`.
@@ -303,7 +303,7 @@ pub async fn create_backup(State(state): State<ControlState>, Path(vm): Path<Str
     })
     .await
     .map_err(|error| ApiError::Internal(format!("starting the backup: {error}")))??;
-    Ok((StatusCode::CREATED, Json(started)).into_response())
+    Ok((StatusCode::CREATED, JsonLine(started)).into_response())
 }
 
 /// Begins the job, then opens one ticket per disk; a failure ends what
@@ -427,7 +427,7 @@ pub async fn backup_status(State(state): State<ControlState>, Path((vm, id)): Pa
     body["state"] = serde_json::Value::from(if running { "running" } else { "ended" });
     body["scratch_bytes"] = serde_json::Value::from(scratch_bytes);
     body["transfers"] = serde_json::Value::from(transfers);
-    Ok(Json(body).into_response())
+    Ok(JsonLine(body).into_response())
 }
 
 /// Bytes allocated by the job's scratch files.

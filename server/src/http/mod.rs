@@ -16,6 +16,7 @@
 
 pub mod access_log;
 pub mod connections;
+pub mod json_line;
 pub mod routes;
 pub mod tls;
 

@@ -109,3 +109,32 @@ async fn ticket_errors_name_ticket_fields() {
     assert!(said.contains("qemu-nbd -B") && !said.contains("qemu-img bitmap"), "an NBD export gets its bitmap from its server: {said}");
     assert!(said.contains(r#""dirty": true"#), "{said}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_answers_end_with_a_newline() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, control) = start_with_control(dir.path(), &["--image", "disk=./disk.qcow2,size=1M"]).await;
+    let client = server.client();
+    for (method, path) in [
+        (reqwest::Method::GET, "/info/"),
+        (reqwest::Method::OPTIONS, "/images/disk"),
+        (reqwest::Method::OPTIONS, "/images/*"),
+        (reqwest::Method::GET, "/images/disk/extents"),
+        (reqwest::Method::GET, "/images/disk/checkpoints"),
+        (reqwest::Method::POST, "/images/disk/checkpoints"),
+        (reqwest::Method::GET, "/images/disk/checksum"),
+        (reqwest::Method::GET, "/images/disk/checksum/algorithms"),
+    ] {
+        let response = client.request(method.clone(), server.url(path)).send().await.unwrap();
+        assert!(response.status().is_success(), "{method} {path}: {}", response.status());
+        let body = response.text().await.unwrap();
+        assert!(body.ends_with('\n') && serde_json::from_str::<serde_json::Value>(&body).is_ok(), "{method} {path}: {body:?}");
+    }
+    let (code, body) = control.curl(&[&control.url("/tickets/disk")]);
+    assert_eq!(code, 404, "{body}");
+    let image = dir.path().join("other.qcow2");
+    create_image(&image, "qcow2", "1M");
+    assert_eq!(control.add(&qcow2_ticket("t1", &image, &["read"], MIB)).await, 200);
+    let (_, body) = control.curl(&[&control.url("/tickets/t1")]);
+    assert!(body.ends_with('\n') && serde_json::from_str::<serde_json::Value>(&body).is_ok(), "ticket status: {body:?}");
+}

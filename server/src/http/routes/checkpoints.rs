@@ -4,7 +4,6 @@
 //! `checkpoint` op. An image that cannot hold checkpoints (raw, an NBD
 //! URI, opened read-only) answers 409 saying why.
 
-use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -12,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::AppState;
 use crate::error::{ApiError, ApiResult};
+use crate::http::json_line::JsonLine;
 use crate::sources::checkpoints::{check_id, parse_create};
 use crate::tickets::Access;
 use crate::transfer::cancelable;
@@ -24,7 +24,7 @@ pub async fn list(State(state): State<AppState>, Path(id): Path<String>) -> ApiR
     let ticket = operation.ticket();
     let (checkpoints, owned) = ticket.backend.checkpoints()?;
     let list = cancelable(checkpoints.list(owned.monitor()), ticket).await?;
-    Ok(Json(list).into_response())
+    Ok(JsonLine(list).into_response())
 }
 
 pub async fn create(State(state): State<AppState>, Path(id): Path<String>, body: Body) -> ApiResult<Response> {
@@ -37,7 +37,7 @@ pub async fn create(State(state): State<AppState>, Path(id): Path<String>, body:
     };
     let checkpoint_id = parse_create(&body)?;
     let created = cancelable(checkpoints.create(owned.monitor(), checkpoint_id), ticket).await?;
-    Ok((StatusCode::CREATED, Json(created)).into_response())
+    Ok((StatusCode::CREATED, JsonLine(created)).into_response())
 }
 
 pub async fn delete(State(state): State<AppState>, Path((id, checkpoint)): Path<(String, String)>) -> ApiResult<Response> {

@@ -4,7 +4,6 @@
 //! blocks are hashed on every core while the next ones are read
 //! ([`ParallelHasher`]).
 
-use axum::Json;
 use axum::extract::{Path, Query, State};
 use blockgate_protocol::ByteRange;
 use blockgate_protocol::blkhash::{Algorithm, DEFAULT_BLOCK_SIZE, check_block_size};
@@ -15,11 +14,12 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::query::{Params, number};
 use crate::error::{ApiError, ApiResult};
+use crate::http::json_line::JsonLine;
 use crate::tickets::Access;
 use crate::transfer::hashing::ParallelHasher;
 use crate::transfer::{cancelable, read_pieces};
 
-pub async fn get(State(state): State<AppState>, Path(id): Path<String>, Query(params): Query<Params>) -> ApiResult<Json<Checksum>> {
+pub async fn get(State(state): State<AppState>, Path(id): Path<String>, Query(params): Query<Params>) -> ApiResult<JsonLine<Checksum>> {
     let operation = state.tickets.begin(&id, Access::Read)?;
     let ticket = operation.ticket();
     let algorithm = match params.get("algorithm") {
@@ -39,11 +39,11 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>, Query(pa
         hasher.finish().await
     };
     let checksum = cancelable(hashing, ticket).await?;
-    Ok(Json(Checksum { algorithm: algorithm.name().to_string(), block_size, checksum }))
+    Ok(JsonLine(Checksum { algorithm: algorithm.name().to_string(), block_size, checksum }))
 }
 
-pub async fn algorithms(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn algorithms(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<JsonLine<Value>> {
     state.tickets.get(&id)?.check()?;
     let names: Vec<&str> = Algorithm::ALL.iter().map(|algorithm| algorithm.name()).collect();
-    Ok(Json(json!({ "algorithms": names })))
+    Ok(JsonLine(json!({ "algorithms": names })))
 }

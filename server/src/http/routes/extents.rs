@@ -64,6 +64,6 @@ fn json_array<T: Serialize + Send + 'static>(items: impl Stream<Item = Result<T,
         Ok::<_, std::io::Error>(Bytes::from(text))
     });
     let open = stream::once(async { Ok(Bytes::from_static(b"[")) });
-    let close = stream::once(async { Ok(Bytes::from_static(b"]")) });
+    let close = stream::once(async { Ok(Bytes::from_static(b"]\n")) });
     Body::from_stream(open.chain(elements).chain(close))
 }

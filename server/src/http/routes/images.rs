@@ -6,11 +6,11 @@
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
 use blockgate_protocol::sparse;
 use blockgate_protocol::{ByteRange, ImageOptions, MAX_PATCH_BODY, PatchRequest, parse_content_range, parse_patch, parse_range};
 
@@ -18,6 +18,7 @@ use super::AppState;
 use super::dirty::{self, MapRequest};
 use super::query::{Params, flag};
 use crate::error::{ApiError, ApiResult};
+use crate::http::json_line::JsonLine;
 use crate::tickets::{Access, Operation, Ticket};
 use crate::transfer::ConnectionCut;
 use crate::transfer::backup::{Scope, backup_body};
@@ -51,7 +52,7 @@ pub async fn options(State(state): State<AppState>, Path(id): Path<String>) -> A
         checkpoints: Some(ticket.backend.supports_checkpoints()),
     };
     let allow = if ticket.writable { ALLOW_WRITABLE } else { ALLOW_READ_ONLY };
-    Ok(([(header::ALLOW, allow)], Json(body)).into_response())
+    Ok(([(header::ALLOW, allow)], JsonLine(body)).into_response())
 }
 
 fn server_options(state: &AppState) -> Response {
@@ -65,7 +66,7 @@ fn server_options(state: &AppState) -> Response {
         sparse_stream: Some(true),
         checkpoints: None,
     };
-    ([(header::ALLOW, "OPTIONS")], Json(body)).into_response()
+    ([(header::ALLOW, "OPTIONS")], JsonLine(body)).into_response()
 }
 
 pub async fn head(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
@@ -190,7 +191,7 @@ pub async fn put(
     if format == Format::Sparse {
         let settings = RestoreSettings { may_deallocate: ticket.sparse, flush, force, zero_tail, body_timeout: state.body_timeout };
         let restored = cancelable(restore(ticket.backend.clone(), body, settings, hold), &ticket).await?;
-        return Ok(Json(restored).into_response());
+        return Ok(JsonLine(restored).into_response());
     }
     let size = ticket.backend.size();
     let limit = expected.unwrap_or(size - start);

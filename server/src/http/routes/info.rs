@@ -1,8 +1,8 @@
 //! `GET /info/`: the server version, no ticket needed.
 
-use axum::Json;
+use crate::http::json_line::JsonLine;
 use blockgate_protocol::ServerInfo;
 
-pub async fn get() -> Json<ServerInfo> {
-    Json(ServerInfo { version: env!("CARGO_PKG_VERSION").to_string() })
+pub async fn get() -> JsonLine<ServerInfo> {
+    JsonLine(ServerInfo { version: env!("CARGO_PKG_VERSION").to_string() })
 }
