@@ -1,8 +1,10 @@
-//! `openapi/openapi.yaml` and the running server describe the same API:
-//! every path and method of the spec is served (neither 404 nor 405), and
-//! every other method on those paths is a 405 with `Allow`.
+//! `openapi/openapi.yaml` and `openapi/control.yaml` and the running
+//! server describe the same APIs: every path and method of a spec is
+//! served (neither 404 nor 405), and every other method on those paths is
+//! a 405 whose `Allow` lists exactly the documented ones.
 
 use std::collections::BTreeMap;
+use std::process::Command;
 
 use reqwest::{Method, StatusCode};
 use serde_yaml::Value;
@@ -12,7 +14,10 @@ use crate::common::*;
 const METHODS: [&str; 6] = ["GET", "PUT", "PATCH", "POST", "DELETE", "OPTIONS"];
 
 fn spec_routes() -> BTreeMap<String, Vec<String>> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../openapi/openapi.yaml");
+    routes_of(concat!(env!("CARGO_MANIFEST_DIR"), "/../openapi/openapi.yaml"))
+}
+
+fn routes_of(path: &str) -> BTreeMap<String, Vec<String>> {
     let spec: Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let mut routes = BTreeMap::new();
     for (path, item) in spec["paths"].as_mapping().unwrap() {
@@ -52,6 +57,44 @@ async fn the_spec_and_the_router_agree() {
             for documented in methods {
                 assert!(allow.contains(documented.as_str()), "{path}: Allow {allow:?} lacks {documented}");
             }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_spec_and_the_control_router_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, control) = start_with_control(dir.path(), &[]).await;
+    let routes = routes_of(concat!(env!("CARGO_MANIFEST_DIR"), "/../openapi/control.yaml"));
+    assert!(routes.len() >= 8, "{routes:?}");
+    for (path, methods) in &routes {
+        let url = control.url(&path.replace("{id}", "x1").replace("{vm}", "vm1"));
+        for method in methods {
+            let (code, said) = control.curl(&["-X", method, "-d", "{}", &url]);
+            assert!(code != 405 && !said.contains("no route"), "{method} {path} is in control.yaml but answers {code} {said}");
+        }
+        for method in METHODS.iter().filter(|m| !methods.contains(&m.to_string())) {
+            let output = Command::new("curl")
+                .args(["-sS", "-o", "/dev/null", "-D", "-", "--unix-socket"])
+                .arg(&control.socket)
+                .args(["-X", method, &url])
+                .output()
+                .unwrap();
+            let head = String::from_utf8_lossy(&output.stdout).to_lowercase();
+            assert!(head.starts_with("http/1.1 405"), "{method} {path} is not in control.yaml: {head}");
+            let allow: Vec<String> = head
+                .lines()
+                .find_map(|line| line.strip_prefix("allow: "))
+                .unwrap_or_else(|| panic!("{method} {path}: 405 without Allow: {head}"))
+                .trim()
+                .split(',')
+                .map(|method| method.trim().to_uppercase())
+                .collect();
+            let mut documented = methods.clone();
+            documented.sort();
+            let mut allowed = allow.clone();
+            allowed.sort();
+            assert_eq!(allowed, documented, "{method} {path}: Allow {allow:?}");
         }
     }
 }

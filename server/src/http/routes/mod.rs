@@ -116,5 +116,7 @@ pub fn route_pattern(routes: &[(&'static str, &[&str])], path: &str) -> Option<&
 fn route_matches(pattern: &str, path: &str) -> bool {
     let pattern: Vec<_> = pattern.split('/').collect();
     let path: Vec<_> = path.split('/').collect();
-    pattern.len() == path.len() && pattern.iter().zip(&path).all(|(p, s)| p.starts_with('{') || p == s)
+    // A `{parameter}` stands for one non-empty segment: `/tickets/` is
+    // not `/tickets/{id}` with an empty id.
+    pattern.len() == path.len() && pattern.iter().zip(&path).all(|(p, s)| (p.starts_with('{') && !s.is_empty()) || p == s)
 }
