@@ -27,6 +27,16 @@ pub enum ClientError {
     /// The request did not complete.
     #[error(transparent)]
     Transport(#[from] reqwest::Error),
+    /// The server's certificate was not trusted: no retry helps.
+    #[error(
+        "{url}: the server's certificate is not trusted ({reason}); pass the CA that signed it with --cacert FILE (a blockgate server logs its CA's path when it starts: ca.pem in its state directory)"
+    )]
+    Untrusted {
+        /// Request URL.
+        url: String,
+        /// What the TLS library said.
+        reason: String,
+    },
     /// A body had fewer or more bytes than asked for.
     #[error("short read: {got} of {expected} bytes at offset {offset}")]
     ShortRead {

@@ -68,7 +68,7 @@ pub(crate) fn pem_certificates(pem: &[u8], path: &Path) -> Result<Vec<Vec<u8>>> 
 pub(crate) async fn send(http: &reqwest::Client, request: reqwest::RequestBuilder) -> Result<Response> {
     let request = request.build()?;
     let (method, url) = (request.method().to_string(), request.url().to_string());
-    let response = http.execute(request).await?;
+    let response = http.execute(request).await.map_err(|error| untrusted(error, &url))?;
     if response.status().is_success() {
         return Ok(response);
     }
@@ -82,6 +82,23 @@ pub(crate) async fn send(http: &reqwest::Client, request: reqwest::RequestBuilde
         message = "the server gave no reason".into();
     }
     Err(ClientError::Status { method, url, status, message })
+}
+
+/// A transport error, or [`ClientError::Untrusted`] when TLS refused the
+/// server's certificate (rustls's error, somewhere in the chain).
+fn untrusted(error: reqwest::Error, url: &str) -> ClientError {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    while let Some(cause) = next {
+        if let Some(rustls::Error::InvalidCertificate(reason)) = cause.downcast_ref::<rustls::Error>() {
+            return ClientError::Untrusted { url: url.to_string(), reason: format!("{reason:?}") };
+        }
+        // An io::Error's source() skips the error it wraps: look inside.
+        next = match cause.downcast_ref::<std::io::Error>() {
+            Some(io) => io.get_ref().map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => cause.source(),
+        };
+    }
+    ClientError::Transport(error)
 }
 
 /// Up to `limit` bytes of a body; true as well if it had more.

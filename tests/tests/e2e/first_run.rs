@@ -138,3 +138,22 @@ async fn json_answers_end_with_a_newline() {
     let (_, body) = control.curl(&[&control.url("/tickets/t1")]);
     assert!(body.ends_with('\n') && serde_json::from_str::<serde_json::Value>(&body).is_ok(), "ticket status: {body:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_certificate_fails_at_once_and_says_to_pass_cacert() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["disk=./disk.qcow2,size=1M".to_string()]).await;
+    for args in [&["info"][..], &["download", "--progress", "none"]] {
+        let started = std::time::Instant::now();
+        let mut command = Command::new(binary("blockgate"));
+        command.args(args).arg(server.image_url("disk"));
+        if args[0] == "download" {
+            command.arg(dir.path().join("copy.raw"));
+        }
+        let output = command.output().unwrap();
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{said}");
+        assert!(said.contains("--cacert") && !said.contains("retrying"), "{said}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{args:?} took {:?}: {said}", started.elapsed());
+    }
+}
