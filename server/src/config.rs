@@ -125,6 +125,10 @@ pub struct Args {
     /// fails (502) and its connection is replaced.
     #[arg(long, default_value_t = 60, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub nbd_timeout: u64,
+    /// Checkpoints one image may have (a 409 past it: delete the oldest
+    /// first). Each is a qcow2 bitmap that every write updates.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub max_checkpoints: u32,
     /// NBD connections per image; each one carries many requests at once.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub nbd_connections: u32,

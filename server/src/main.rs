@@ -101,6 +101,7 @@ async fn run(args: Args) -> Result<()> {
         request_timeout: Duration::from_secs(args.nbd_timeout),
         state_dir: args.state_dir().into(),
         allowed_links: allowed_links(&allow_dirs, &args.images),
+        max_checkpoints: args.max_checkpoints as usize,
     };
 
     let tickets = Arc::new(Tickets::new(Duration::from_secs(args.cancel_timeout)));

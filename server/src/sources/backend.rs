@@ -52,6 +52,8 @@ pub struct BackendSettings {
     pub state_dir: Arc<std::path::Path>,
     /// Where the backing and data files a qcow2 names may lie.
     pub allowed_links: Arc<blockgate_nbd::qcow2::LinkPolicy>,
+    /// The most checkpoints one image may have.
+    pub max_checkpoints: usize,
 }
 
 /// Which dirty map a request reads.
@@ -264,7 +266,7 @@ impl Backend {
         let node_read_only = spec.read_only && !(format == ImageFormat::Qcow2 && spec.checkpoints);
         let checkpoints = match format {
             ImageFormat::Raw => Err("the image is raw, which cannot hold persistent bitmaps; checkpoints need qcow2".to_string()),
-            ImageFormat::Qcow2 => Ok(Checkpoints::open(&path, &settings.state_dir)?),
+            ImageFormat::Qcow2 => Ok(Checkpoints::open(&path, &settings.state_dir, settings.max_checkpoints)?),
         };
         let identity = pins.identity().unwrap_or_else(|| image.clone());
         let linked_files = pins.linked_files();

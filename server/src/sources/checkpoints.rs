@@ -26,8 +26,9 @@ use crate::error::{ApiError, ApiResult};
 use crate::sources::owned::Monitor;
 use crate::state_file;
 
-/// Checkpoints one image may have.
-pub const LIMIT: usize = 16;
+/// Checkpoints one image may have unless `--max-checkpoints` says
+/// otherwise.
+pub const DEFAULT_LIMIT: usize = 16;
 /// Prefix of the bitmaps and exports blockgate makes for itself; no
 /// checkpoint id can start with it (ids never start with `.`).
 const RESERVED_PREFIX: &str = ".blockgate.";
@@ -92,15 +93,17 @@ pub struct Checkpoints {
     record_path: PathBuf,
     /// The records; the lock also makes checkpoint changes one at a time.
     records: tokio::sync::Mutex<Vec<Record>>,
+    /// The most checkpoints the image may have.
+    limit: usize,
 }
 
 impl Checkpoints {
     /// Loads the records of `image` from the state directory.
-    pub fn open(image: &Path, state_dir: &Path) -> anyhow::Result<Checkpoints> {
+    pub fn open(image: &Path, state_dir: &Path, limit: usize) -> anyhow::Result<Checkpoints> {
         let key = image.display().to_string();
         let record_path = state_file::path_for(state_dir, "checkpoints", &key);
         let records = state_file::load::<RecordFile>(&record_path)?.map(|file| file.checkpoints).unwrap_or_default();
-        Ok(Checkpoints { image: image.to_path_buf(), record_path, records: tokio::sync::Mutex::new(records) })
+        Ok(Checkpoints { image: image.to_path_buf(), record_path, records: tokio::sync::Mutex::new(records), limit })
     }
 
     fn save(&self, records: &[Record]) -> ApiResult<()> {
@@ -134,7 +137,7 @@ impl Checkpoints {
             Some(id) => id,
             None => new_id(&records),
         };
-        let record = admit(&records, &id)?;
+        let record = admit(&records, &id, self.limit)?;
         let add = json!({"node": StorageDaemon::NODE, "name": id, "persistent": true});
         monitor.execute("block-dirty-bitmap-add", add).await.map_err(|error| refused_bitmap(&id, error))?;
         self.commit(monitor, &mut records, record.clone()).await?;
@@ -207,7 +210,7 @@ impl Checkpoints {
             Some((next, Some(_))) => {
                 return Err(ApiError::BadRequest(format!("checkpoint {next:?} is not newer than since={since:?}")));
             }
-            Some((next, None)) => Some(admit(&records, next)?),
+            Some((next, None)) => Some(admit(&records, next, self.limit)?),
         };
         let view = next_view_name();
         let mut actions = Vec::new();
@@ -310,14 +313,14 @@ fn next_view_name() -> String {
 
 /// The record of a new checkpoint `id`, if the id is valid, new, and the
 /// image has room for it.
-fn admit(records: &[Record], id: &str) -> ApiResult<Record> {
+fn admit(records: &[Record], id: &str, limit: usize) -> ApiResult<Record> {
     check_id(id)?;
     if records.iter().any(|record| record.id == id) {
         return Err(ApiError::Conflict(format!("checkpoint {id:?} already exists")));
     }
-    if records.len() >= LIMIT {
+    if records.len() >= limit {
         return Err(ApiError::Conflict(format!(
-            "the image already has {LIMIT} checkpoints, the most it may have; delete the oldest ones first"
+            "the image already has {limit} checkpoints, the most it may have (--max-checkpoints); delete the oldest ones first"
         )));
     }
     Ok(Record { id: id.to_string(), created: crate::clock::now_rfc3339(), parent: records.last().map(|record| record.id.clone()) })
@@ -381,13 +384,14 @@ mod tests {
     #[test]
     fn new_records_chain_to_the_newest_and_respect_the_limit() {
         let mut records = Vec::new();
-        for n in 0..LIMIT {
-            let record = admit(&records, &format!("cp{n}")).unwrap();
+        for n in 0..DEFAULT_LIMIT {
+            let record = admit(&records, &format!("cp{n}"), DEFAULT_LIMIT).unwrap();
             assert_eq!(record.parent, n.checked_sub(1).map(|p| format!("cp{p}")));
             records.push(record);
         }
-        assert!(matches!(admit(&records[..3], "cp1"), Err(ApiError::Conflict(_))));
-        let full = admit(&records, "another").unwrap_err().to_string();
+        assert!(matches!(admit(&records[..3], "cp1", DEFAULT_LIMIT), Err(ApiError::Conflict(_))));
+        let full = admit(&records, "another", DEFAULT_LIMIT).unwrap_err().to_string();
+        assert!(admit(&records, "another", DEFAULT_LIMIT + 1).is_ok(), "a higher limit admits more");
         assert!(full.contains("16 checkpoints"), "{full}");
         let generated = new_id(&records);
         assert!(check_id(&generated).is_ok() && generated.starts_with("cp-"), "{generated}");

@@ -157,3 +157,22 @@ async fn an_untrusted_certificate_fails_at_once_and_says_to_pass_cacert() {
         assert!(started.elapsed() < Duration::from_secs(2), "{args:?} took {:?}: {said}", started.elapsed());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_checkpoints_caps_an_image_and_deleting_the_oldest_makes_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::try_start(dir.path(), &["disk=./disk.qcow2,size=1M".to_string()], &["--max-checkpoints", "2"]).await.unwrap();
+    let client = server.client();
+    let create = async |id: &str| {
+        let response = client.post(server.url("/images/disk/checkpoints")).json(&serde_json::json!({"id": id})).send().await.unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    };
+    assert_eq!(create("mon").await.0, 201);
+    assert_eq!(create("tue").await.0, 201);
+    let (code, said) = create("wed").await;
+    assert_eq!(code, 409, "{said}");
+    assert!(said.contains("--max-checkpoints") && said.contains("oldest"), "{said}");
+    let deleted = client.delete(server.url("/images/disk/checkpoints/mon")).send().await.unwrap();
+    assert_eq!(deleted.status(), 204);
+    assert_eq!(create("wed").await.0, 201, "rotation: the oldest deleted, a new one fits");
+}
