@@ -118,6 +118,11 @@ pub struct Args {
     /// Seconds a request body may stall before the request fails.
     #[arg(long, default_value_t = 60, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub body_timeout: u64,
+    /// Seconds between SIGTERM and the listeners closing, during which
+    /// `/healthz` answers 503 while requests are still served, so a load
+    /// balancer stops sending work before connections are refused.
+    #[arg(long, default_value_t = 0, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub shutdown_delay: u64,
     /// Seconds a ticket DELETE waits for running operations (else 409).
     #[arg(long, default_value_t = 30, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(0..=86400))]
     pub cancel_timeout: u64,

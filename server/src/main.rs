@@ -164,7 +164,16 @@ async fn run(args: Args) -> Result<()> {
     let vm_watcher = tokio::spawn(vms::watch(vm_backups.clone(), tickets.clone()));
     let connection_limits =
         ConnectionLimits { header_timeout: Duration::from_secs(args.header_timeout), send_timeout: Duration::from_secs(args.send_timeout) };
-    http::serve(endpoints, connection_limits, shutdown_signal()).await;
+    let shutdown_delay = Duration::from_secs(args.shutdown_delay);
+    let shutdown = async move {
+        shutdown_signal().await;
+        http::health::begin_shutdown();
+        if !shutdown_delay.is_zero() {
+            tracing::info!("draining: /healthz answers 503 for {shutdown_delay:?} before the listeners close");
+            tokio::time::sleep(shutdown_delay).await;
+        }
+    };
+    http::serve(endpoints, connection_limits, shutdown).await;
     reaper.abort();
     vm_watcher.abort();
     vm_backups.end_all(&tickets).await;

@@ -58,6 +58,7 @@ const ROUTES: &[(&str, &[&str])] = &[
     ("/tickets/{id}", &["GET", "PUT", "PATCH", "DELETE"]),
     ("/tickets/", &["DELETE"]),
     ("/metrics", &["GET"]),
+    ("/healthz", &["GET"]),
     ("/vms", &["GET"]),
     ("/vms/{vm}/checkpoints", &["GET"]),
     ("/vms/{vm}/checkpoints/{id}", &["DELETE"]),
@@ -71,6 +72,7 @@ pub fn router(state: ControlState) -> Router {
         .route("/tickets/{id}", put(add).get(status).patch(extend).delete(remove))
         .route("/tickets/", delete(remove_all))
         .route("/metrics", get(metrics))
+        .route("/healthz", get(crate::http::health::healthz))
         .route("/vms", get(vms::list))
         .route("/vms/{vm}/checkpoints", get(vms::checkpoints))
         .route("/vms/{vm}/checkpoints/{id}", delete(vms::delete_checkpoint))

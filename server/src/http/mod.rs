@@ -16,6 +16,7 @@
 
 pub mod access_log;
 pub mod connections;
+pub mod health;
 pub mod json_line;
 pub mod routes;
 pub mod tls;
@@ -147,6 +148,7 @@ pub async fn serve(endpoints: Vec<Endpoint>, limits: ConnectionLimits, shutdown:
         });
     }
     stop.cancel();
+    health::begin_shutdown();
     tracing::info!("shutting down: no new connections, waiting for running requests");
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
         tracing::warn!("requests still running after {SHUTDOWN_GRACE:?}; dropping them");
@@ -158,11 +160,15 @@ impl Serving {
     /// is cut off.
     async fn connection(self, connection: Accepted, watcher: hyper_util::server::graceful::Watcher, slot: Slot) {
         let cut = ConnectionCut::default();
+        let peer = Peer(match &connection {
+            Accepted::Tcp(_, address) => address.to_string().into(),
+            Accepted::Unix(_) => "local".into(),
+        });
         let service = hyper::service::service_fn({
-            let (cut, router, slot) = (cut.clone(), self.router, Arc::new(slot));
+            let (cut, router, slot, peer) = (cut.clone(), self.router, Arc::new(slot), peer.clone());
             let send_timeout = self.limits.send_timeout;
             move |request| {
-                let sending = Sending { busy: slot.activity.begin(), cut: cut.clone(), timeout: send_timeout };
+                let sending = Sending { busy: slot.activity.begin(), cut: cut.clone(), timeout: send_timeout, peer: peer.clone() };
                 respond(router.clone(), sending, request)
             }
         });
@@ -172,8 +178,8 @@ impl Serving {
                 let tcp = CuttableTcp { inner: tcp, cut: cut.clone() };
                 let mut tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
-                    Ok(Err(error)) => return tracing::debug!(%peer, %error, "TLS handshake failed"),
-                    Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                    Ok(Err(error)) => return handshake_failed(peer, &error.to_string()),
+                    Err(_) => return handshake_failed(peer, "timed out"),
                 };
                 tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
                 Box::pin(watcher.watch(builder.serve_connection(TokioIo::new(tls), service).into_owned()))
@@ -190,18 +196,35 @@ impl Serving {
     }
 }
 
+/// The client a request came from, as the logs name it: `IP:PORT`, or
+/// `local` on a unix socket. In every request's extensions.
+#[derive(Debug, Clone)]
+pub struct Peer(pub Arc<str>);
+
+/// Counts and logs (at warn, rate-limited) a failed TLS handshake: a
+/// client that does not trust the certificate, a scanner, ticket guessing
+/// over plain TCP.
+fn handshake_failed(peer: std::net::SocketAddr, reason: &str) {
+    crate::metrics::metrics().tls_handshake_failures.inc();
+    if let Some(suppressed) = access_log::HANDSHAKE_WARNINGS.admit() {
+        tracing::warn!(client = %peer, reason, suppressed, "TLS handshake failed");
+    }
+}
+
 /// What a response needs on its way out: its connection kept busy, the
-/// connection's [`ConnectionCut`], and the send timeout.
+/// connection's [`ConnectionCut`], the send timeout, and the client.
 struct Sending {
     busy: Busy,
     cut: ConnectionCut,
     timeout: Duration,
+    peer: Peer,
 }
 
 /// Routes one request, with its connection's [`ConnectionCut`] at hand,
 /// and sends the response as an [`Outgoing`] body.
 async fn respond(router: Router, sending: Sending, mut request: Request<Incoming>) -> Result<axum::response::Response, Infallible> {
     request.extensions_mut().insert(sending.cut.clone());
+    request.extensions_mut().insert(sending.peer.clone());
     let http1 = request.version() < Version::HTTP_2;
     let response = router.oneshot(request).await?;
     Ok(response.map(|body| Body::new(Outgoing::new(body, sending, http1))))

@@ -220,7 +220,7 @@ async fn supervise(
             delay = (delay * 2).min(MAX_DELAY);
             match restart(&mut daemon, &settings, &monitor).await {
                 Ok(()) => {
-                    crate::metrics::metrics().nbd_restarts.inc();
+                    crate::metrics::metrics().count_restart(&image.to_string());
                     tracing::info!(%image, "qemu-storage-daemon restarted; checkpoints made before the crash need a new full backup");
                     break;
                 }

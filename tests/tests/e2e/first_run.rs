@@ -176,3 +176,74 @@ async fn max_checkpoints_caps_an_image_and_deleting_the_oldest_makes_room() {
     assert_eq!(deleted.status(), 204);
     assert_eq!(create("wed").await.0, 201, "rotation: the oldest deleted, a new one fits");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_answers_ok_and_503_while_the_server_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, control) = start_with_control(dir.path(), &["--shutdown-delay", "3"]).await;
+    let healthz = async |client: &reqwest::Client| {
+        let response = client.get(server.url("/healthz")).send().await.unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    };
+    assert_eq!(healthz(&server.client()).await, (200, "ok\n".to_string()));
+    assert_eq!(control.curl(&[&control.url("/healthz")]), (200, "ok\n".to_string()));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(server.pid() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A new client (a load balancer's probe) while the server drains.
+    assert_eq!(healthz(&server.client()).await, (503, "shutting down\n".to_string()));
+    assert_eq!(control.curl(&[&control.url("/healthz")]).0, 503);
+    assert!(server.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_lines_name_the_client_and_the_http_version_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["disk=./disk.qcow2,size=1M".to_string()]).await;
+    for client in [server.client_builder().http1_only().build().unwrap(), server.client()] {
+        assert_eq!(client.get(server.url("/info/")).send().await.unwrap().status(), 200);
+    }
+    let log = std::fs::read_to_string(dir.path().join(format!("server-{}.log", server.port))).unwrap();
+    let lines: Vec<&str> = log.lines().filter(|line| line.contains("route=\"/info/\"") && line.contains("status=200")).collect();
+    // The last two: the start-up probe asked for /info/ too.
+    assert!(lines.len() >= 2, "{log}");
+    for (line, version) in lines[lines.len() - 2..].iter().zip(["HTTP/1.1", "HTTP/2.0"]) {
+        assert!(line.contains("client=127.0.0.1:") && line.contains(&format!("version={version}")), "{line}");
+        assert_eq!(line.matches("route=").count(), 1, "a field repeated: {line}");
+        assert_eq!(line.matches(" id=").count(), 1, "a field repeated: {line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ticket_guessing_and_failed_handshakes_show_at_warn_with_the_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, control) = start_with_control(dir.path(), &[]).await;
+    let client = server.client();
+    for guess in 0..40 {
+        let response = client.get(server.image_url(&format!("guess{guess}"))).send().await.unwrap();
+        assert_eq!(response.status(), 403);
+    }
+    for _ in 0..3 {
+        let mut plain = tokio::net::TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut plain, b"GET /images/x HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut plain, &mut answer).await;
+    }
+    let log = std::fs::read_to_string(dir.path().join(format!("server-{}.log", server.port))).unwrap();
+    let refusals: Vec<&str> = log.lines().filter(|line| line.contains("WARN") && line.contains("refused for its ticket")).collect();
+    assert_eq!(refusals.len(), 20, "at most 20 a minute: {log}");
+    assert!(refusals.iter().all(|line| line.contains("client=127.0.0.1:")), "{refusals:?}");
+    assert!(refusals.iter().all(|line| !line.contains("guess")), "ticket ids stay out of the log: {refusals:?}");
+    let handshakes: Vec<&str> = log.lines().filter(|line| line.contains("WARN") && line.contains("TLS handshake failed")).collect();
+    assert_eq!(handshakes.len(), 3, "{log}");
+    assert!(handshakes.iter().all(|line| line.contains("client=127.0.0.1:")), "{handshakes:?}");
+    let (_, metrics) = control.curl(&[&control.url("/metrics")]);
+    for expected in [
+        "blockgate_tls_handshake_failures_total 3",
+        "blockgate_build_info{version=",
+        "blockgate_process_cpu_seconds",
+        "blockgate_process_resident_memory_bytes",
+        "blockgate_process_open_fds",
+    ] {
+        assert!(metrics.contains(expected), "{expected} missing:\n{metrics}");
+    }
+}

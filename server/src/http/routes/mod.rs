@@ -44,6 +44,7 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/images/{ticket}/checksum", &["GET"]),
     ("/images/{ticket}/checksum/algorithms", &["GET"]),
     ("/info/", &["GET"]),
+    ("/healthz", &["GET"]),
 ];
 
 /// The data API router.
@@ -56,6 +57,7 @@ pub fn router(state: AppState) -> Router {
         .route("/images/{ticket}/checksum", get(checksum::get))
         .route("/images/{ticket}/checksum/algorithms", get(checksum::algorithms))
         .route("/info/", get(info::get))
+        .route("/healthz", get(crate::http::health::healthz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(cors::cors))
