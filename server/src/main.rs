@@ -73,7 +73,9 @@ async fn run(args: Args) -> Result<()> {
             (files.cert, files.key)
         }
     };
-    let tls = tls::server_config(&cert, &key)?;
+    let certificate = tls::Certificate::load(&cert, &key)?;
+    tokio::spawn(reload_on_sighup(certificate.clone()));
+    let tls = tls::server_config(certificate.clone())?;
     let addresses = resolve_listen("--listen", &args.listen).await?;
     let mut tcp_listeners = Vec::new();
     for address in &addresses {
@@ -81,7 +83,7 @@ async fn run(args: Args) -> Result<()> {
     }
     let mut control_listeners = Vec::new();
     if let (Some(listen), Some(client_ca)) = (&args.control_listen, &args.client_ca) {
-        let control_tls = tls::client_certificate_config(&cert, &key, client_ca)?;
+        let control_tls = tls::client_certificate_config(certificate.clone(), client_ca)?;
         for address in resolve_listen("--control-listen", listen).await? {
             let tcp = TcpListener::bind(address).await.with_context(|| format!("--control-listen {address}"))?;
             control_listeners.push((Listener::Tls(tcp, control_tls.clone()), address));
@@ -314,6 +316,21 @@ async fn reap_expired(tickets: Arc<Tickets>) {
 async fn stop_all(tickets: &Tickets) {
     for ticket in tickets.drain() {
         ticket.backend.stop().await;
+    }
+}
+
+/// Reads the TLS certificate and key again at every SIGHUP (certificate
+/// rotation without dropping transfers); a failed reload keeps the ones
+/// in use and says why.
+async fn reload_on_sighup(certificate: Arc<tls::Certificate>) {
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        return tracing::warn!("no SIGHUP handler: the TLS certificate cannot be reloaded");
+    };
+    while hangups.recv().await.is_some() {
+        match certificate.reload() {
+            Ok(()) => tracing::info!("SIGHUP: reloaded the TLS certificate and key"),
+            Err(error) => tracing::warn!("SIGHUP: reloading the TLS certificate failed, the old one stays in use: {error:#}"),
+        }
     }
 }
 

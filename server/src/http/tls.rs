@@ -5,7 +5,9 @@
 //! The data listener asks no client for a certificate (its credential is
 //! the ticket); the control listener (`--control-listen`) admits only a
 //! client whose certificate chains to a CA of `--client-ca`, and fails the
-//! handshake of any other.
+//! handshake of any other. Both present one [`Certificate`], which SIGHUP
+//! reloads from its files: new handshakes get the new one, running
+//! connections keep theirs, and a reload that fails keeps the old one.
 
 use std::fs;
 use std::io::Write;
@@ -17,8 +19,9 @@ use anyhow::{Context, Result};
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
 
 /// Files of the generated certificate set.
@@ -88,26 +91,68 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     Ok(())
 }
 
-/// A rustls server configuration from PEM files: TLS 1.2+, ALPN h2 and
-/// http/1.1, no client certificate asked for.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>> {
-    config(cert, key, provider(), WebPkiClientVerifier::no_client_auth())
+/// The server's certificate chain and key, read from PEM files, and read
+/// again by [`Certificate::reload`].
+#[derive(Debug)]
+pub struct Certificate {
+    cert: PathBuf,
+    key: PathBuf,
+    provider: Arc<CryptoProvider>,
+    current: parking_lot::RwLock<Arc<CertifiedKey>>,
+}
+
+impl Certificate {
+    /// Reads `cert` (the chain) and `key`, which must belong together.
+    pub fn load(cert: &Path, key: &Path) -> Result<Arc<Certificate>> {
+        let provider = provider();
+        let current = parking_lot::RwLock::new(Arc::new(certified_key(cert, key, &provider)?));
+        Ok(Arc::new(Certificate { cert: cert.to_path_buf(), key: key.to_path_buf(), provider, current }))
+    }
+
+    /// Reads the files again; on any failure the certificate in use stays.
+    pub fn reload(&self) -> Result<()> {
+        let fresh = certified_key(&self.cert, &self.key, &self.provider)?;
+        *self.current.write() = Arc::new(fresh);
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for Certificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().clone())
+    }
+}
+
+/// A chain and its key from PEM files, checked to belong together.
+fn certified_key(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey> {
+    let chain = read_certificates(cert)?;
+    let key_der: PrivateKeyDer<'static> =
+        rustls_pemfile::private_key(&mut fs::read(key).with_context(|| format!("reading {}", key.display()))?.as_slice())
+            .with_context(|| format!("parsing {}", key.display()))?
+            .with_context(|| format!("no private key in {}", key.display()))?;
+    CertifiedKey::from_der(chain, key_der, provider)
+        .with_context(|| format!("{} and {} are not a certificate and its key", cert.display(), key.display()))
+}
+
+/// A rustls server configuration: TLS 1.2+, ALPN h2 and http/1.1, no
+/// client certificate asked for.
+pub fn server_config(certificate: Arc<Certificate>) -> Result<Arc<ServerConfig>> {
+    config(certificate, WebPkiClientVerifier::no_client_auth())
 }
 
 /// The same, for the control API over TCP: the client must present a
 /// certificate that chains to one of the CA certificates in the PEM file
 /// `client_ca`; without one, or with one of another CA, the handshake
 /// fails and no request is read.
-pub fn client_certificate_config(cert: &Path, key: &Path, client_ca: &Path) -> Result<Arc<ServerConfig>> {
+pub fn client_certificate_config(certificate: Arc<Certificate>, client_ca: &Path) -> Result<Arc<ServerConfig>> {
     let mut roots = RootCertStore::empty();
     for certificate in read_certificates(client_ca)? {
         roots.add(certificate).with_context(|| format!("--client-ca {}: a certificate is not a usable CA", client_ca.display()))?;
     }
-    let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), certificate.provider.clone())
         .build()
         .with_context(|| format!("--client-ca {}", client_ca.display()))?;
-    config(cert, key, provider, verifier)
+    config(certificate, verifier)
 }
 
 /// The certificates of a PEM file; an error when it holds none.
@@ -132,16 +177,11 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(provider)
 }
 
-fn config(cert: &Path, key: &Path, provider: Arc<CryptoProvider>, clients: Arc<dyn ClientCertVerifier>) -> Result<Arc<ServerConfig>> {
-    let chain = read_certificates(cert)?;
-    let key: PrivateKeyDer<'static> =
-        rustls_pemfile::private_key(&mut fs::read(key).with_context(|| format!("reading {}", key.display()))?.as_slice())
-            .with_context(|| format!("parsing {}", key.display()))?
-            .with_context(|| format!("no private key in {}", key.display()))?;
-    let mut config = ServerConfig::builder_with_provider(provider)
+fn config(certificate: Arc<Certificate>, clients: Arc<dyn ClientCertVerifier>) -> Result<Arc<ServerConfig>> {
+    let mut config = ServerConfig::builder_with_provider(certificate.provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_client_cert_verifier(clients)
-        .with_single_cert(chain, key)?;
+        .with_cert_resolver(certificate);
     config.ignore_client_order = true;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))

@@ -476,3 +476,38 @@ pub fn self_signed_acceptor(dir: &Path) -> (tokio_rustls::TlsAcceptor, PathBuf) 
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     (tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)), ca)
 }
+
+/// A CA's certificate and a certificate with its key that the CA signed.
+pub struct SignedPair {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Makes a CA (`NAME-ca.pem`) and a certificate for `subject` with
+/// `usage` that it signed (`NAME-cert.pem`, `NAME-key.pem`), in `dir`.
+pub fn signed_pair(dir: &Path, name: &str, subject: &str, usage: rcgen::ExtendedKeyUsagePurpose) -> SignedPair {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.distinguished_name.push(DnType::CommonName, format!("{name} CA"));
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let mut params = CertificateParams::new(vec![subject.to_string()]).unwrap();
+    params.distinguished_name.push(DnType::CommonName, format!("{name} {subject}"));
+    params.use_authority_key_identifier_extension = true;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![usage];
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let pair = SignedPair {
+        ca: dir.join(format!("{name}-ca.pem")),
+        cert: dir.join(format!("{name}-cert.pem")),
+        key: dir.join(format!("{name}-key.pem")),
+    };
+    std::fs::write(&pair.ca, ca.pem()).unwrap();
+    std::fs::write(&pair.cert, cert.pem()).unwrap();
+    std::fs::write(&pair.key, key.serialize_pem()).unwrap();
+    pair
+}

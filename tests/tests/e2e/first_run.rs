@@ -247,3 +247,61 @@ async fn ticket_guessing_and_failed_handshakes_show_at_warn_with_the_client() {
         assert!(metrics.contains(expected), "{expected} missing:\n{metrics}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_certificate_and_a_bad_one_keeps_the_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let first = signed_pair(dir.path(), "first", "localhost", rcgen::ExtendedKeyUsagePurpose::ServerAuth);
+    std::fs::copy(&first.cert, &cert).unwrap();
+    std::fs::copy(&first.key, &key).unwrap();
+    let mut image = vec![0u8; 8 * MIB as usize];
+    image[..4096].fill(7);
+    std::fs::write(dir.path().join("disk.raw"), &image).unwrap();
+    // Started here, not by Server::start, which waits for a generated CA.
+    let tls = ["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()];
+    let port = free_port();
+    let log_path = dir.path().join("reload.log");
+    let _server = KilledOnDrop(
+        Command::new(binary("blockgate-server"))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--state-dir", "state", "--image", "disk=./disk.raw"])
+            .args(tls)
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = _server.0.id();
+    let trusting = |ca: &std::path::Path| {
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap();
+        reqwest::Client::builder().use_rustls_tls().tls_built_in_root_certs(false).add_root_certificate(ca).build().unwrap()
+    };
+    let url = format!("https://localhost:{port}/images/disk");
+    let old_client = trusting(&first.ca);
+    wait_until("the server answers", async || old_client.get(&url).send().await.is_ok_and(|response| response.status() == 200)).await;
+    // A download that runs across the reload keeps its connection.
+    let mut running = old_client.get(&url).send().await.unwrap();
+    let first_chunk = running.chunk().await.unwrap().unwrap();
+
+    let second = signed_pair(dir.path(), "second", "localhost", rcgen::ExtendedKeyUsagePurpose::ServerAuth);
+    std::fs::copy(&second.cert, &cert).unwrap();
+    std::fs::copy(&second.key, &key).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGHUP).unwrap();
+    wait_until("the reload", async || std::fs::read_to_string(&log_path).unwrap_or_default().contains("reloaded the TLS certificate"))
+        .await;
+    let fresh = trusting(&second.ca);
+    assert_eq!(fresh.get(&url).send().await.unwrap().status(), 200, "the new certificate serves");
+    assert!(trusting(&first.ca).get(&url).send().await.is_err(), "the old certificate is gone for new connections");
+    let mut received = first_chunk.len();
+    while let Some(chunk) = running.chunk().await.unwrap() {
+        received += chunk.len();
+    }
+    assert_eq!(received, image.len(), "the download begun before the reload completed");
+
+    std::fs::write(&cert, b"not a certificate").unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGHUP).unwrap();
+    wait_until("the failed reload", async || std::fs::read_to_string(&log_path).unwrap_or_default().contains("the old one stays in use"))
+        .await;
+    assert_eq!(fresh.get(&url).send().await.unwrap().status(), 200, "a failed reload keeps the certificate in use");
+}

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use blockgate_client::{ClientError, ControlArgs, ControlClient, Trust, chain};
 use clap::Parser;
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
+use rcgen::ExtendedKeyUsagePurpose;
 use reqwest::StatusCode;
 
 use crate::common::*;
@@ -23,27 +23,8 @@ struct ClientFiles {
 /// A CA (its certificate in `NAME-ca.pem`) and a client certificate it
 /// signed, written to `dir`.
 fn client_pki(dir: &Path, name: &str) -> (PathBuf, ClientFiles) {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.distinguished_name.push(DnType::CommonName, format!("{name} CA"));
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-
-    let mut params = CertificateParams::new(vec![format!("{name}.example")]).unwrap();
-    params.distinguished_name.push(DnType::CommonName, format!("{name} backup server"));
-    params.use_authority_key_identifier_extension = true;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-
-    let files = ClientFiles { cert: dir.join(format!("{name}-client.pem")), key: dir.join(format!("{name}-client.key")) };
-    std::fs::write(&files.cert, cert.pem()).unwrap();
-    std::fs::write(&files.key, key.serialize_pem()).unwrap();
-    let ca_file = dir.join(format!("{name}-ca.pem"));
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    (ca_file, files)
+    let pki = signed_pair(dir, name, &format!("{name}.example"), ExtendedKeyUsagePurpose::ClientAuth);
+    (pki.ca, ClientFiles { cert: pki.cert, key: pki.key })
 }
 
 /// A server whose control listener admits clients of `client_ca`; its
@@ -191,7 +172,7 @@ async fn the_control_listener_refuses_to_start_without_a_client_ca() {
     assert!(error.contains("--client-ca is for the clients of --control-listen"), "{error}");
     let key_as_ca = ["--control-listen", &format!("127.0.0.1:{port}"), "--client-ca", client.key.to_str().unwrap()];
     let error = Server::try_start(dir.path(), &[], &key_as_ca).await.err().unwrap();
-    assert!(error.contains("no certificate in") && error.contains("good-client.key"), "{error}");
+    assert!(error.contains("no certificate in") && error.contains("good-key.pem"), "{error}");
 }
 
 /// The flags a `blockgate` command flattens in.
@@ -231,7 +212,7 @@ async fn control_args_name_the_files_that_are_wrong() {
     };
     assert_eq!(parse(&client.cert, &client.key), None);
     let said = parse(&client.cert, &client.cert).unwrap();
-    assert!(said.contains("good-client.pem holds no PEM private key"), "{said}");
+    assert!(said.contains("good-cert.pem holds no PEM private key"), "{said}");
     let said = parse(&client.key, &client.key).unwrap();
-    assert!(said.contains("good-client.key holds no PEM certificate"), "{said}");
+    assert!(said.contains("good-key.pem holds no PEM certificate"), "{said}");
 }
