@@ -196,11 +196,26 @@ mod tests {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
         let files = ensure_self_signed(dir.path()).unwrap();
-        assert!(client_certificate_config(&files.cert, &files.key, &files.ca).is_ok());
-        let error = format!("{:#}", client_certificate_config(&files.cert, &files.key, &files.key).unwrap_err());
+        let certificate = Certificate::load(&files.cert, &files.key).unwrap();
+        assert!(client_certificate_config(certificate.clone(), &files.ca).is_ok());
+        let error = format!("{:#}", client_certificate_config(certificate.clone(), &files.key).unwrap_err());
         assert!(error.contains("no certificate in") && error.contains("key.pem"), "{error}");
         let missing = dir.path().join("missing.pem");
-        let error = format!("{:#}", client_certificate_config(&files.cert, &files.key, &missing).unwrap_err());
+        let error = format!("{:#}", client_certificate_config(certificate, &missing).unwrap_err());
         assert!(error.contains("missing.pem"), "{error}");
+    }
+
+    #[test]
+    fn a_certificate_and_a_key_that_do_not_belong_together_are_refused_and_a_reload_keeps_the_old() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (ensure_self_signed(first.path()).unwrap(), ensure_self_signed(second.path()).unwrap());
+        let error = format!("{:#}", Certificate::load(&a.cert, &b.key).unwrap_err());
+        assert!(error.contains("are not a certificate and its key"), "{error}");
+        let certificate = Certificate::load(&a.cert, &a.key).unwrap();
+        let before = certificate.current.read().cert.clone();
+        std::fs::write(&a.key, b.key.to_str().unwrap()).unwrap();
+        assert!(certificate.reload().is_err());
+        assert_eq!(certificate.current.read().cert, before, "a failed reload keeps the certificate in use");
     }
 }
