@@ -68,6 +68,26 @@ impl ExportInfo {
     }
 }
 
+/// Reads a server's greeting and leaves cleanly (`NBD_OPT_ABORT`): a
+/// readiness check that the server does not take, and log, for a client
+/// that failed (qemu 7.2 warns of a connection closed before its options).
+pub async fn greet_and_leave<S>(stream: &mut S) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut greeting = [0u8; 18];
+    stream.read_exact(&mut greeting).await?;
+    if be_u64(&greeting[0..8]) != NBD_MAGIC || be_u64(&greeting[8..16]) != IHAVEOPT {
+        return Err(Error::Protocol("not a newstyle NBD server".into()));
+    }
+    let client_flags = u32::from(FLAG_FIXED_NEWSTYLE | (be_u16(&greeting[16..18]) & FLAG_NO_ZEROES));
+    stream.write_all(&client_flags.to_be_bytes()).await?;
+    send_option(stream, opt::ABORT, &[]).await?;
+    // The server acknowledges, or just closes: either is a goodbye.
+    let _ = read_option_reply(stream, opt::ABORT).await;
+    Ok(())
+}
+
 /// Negotiates `export` on a fresh connection.
 pub async fn negotiate<S>(stream: &mut S, export: &str, options: &ConnectOptions) -> Result<ExportInfo>
 where

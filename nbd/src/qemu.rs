@@ -207,6 +207,13 @@ enum Tie {
     ToThisProcess,
 }
 
+/// True if an NBD server greets on `socket`; the probe says goodbye
+/// properly, so the server logs nothing.
+async fn answers_nbd(socket: &Path) -> bool {
+    let Ok(mut stream) = tokio::net::UnixStream::connect(socket).await else { return false };
+    matches!(tokio::time::timeout(Duration::from_secs(5), crate::handshake::greet_and_leave(&mut stream)).await, Ok(Ok(())))
+}
+
 /// Spawns a qemu program (no shell, stderr logged and kept for the error
 /// message), waits until every one of `sockets` accepts connections, and
 /// makes the sockets of their directory mode 0600.
@@ -240,7 +247,7 @@ async fn launch(mut command: Command, program: &'static str, sockets: &[&Path], 
     let deadline = tokio::time::Instant::now() + START_TIMEOUT;
     for socket in sockets {
         loop {
-            if tokio::net::UnixStream::connect(socket).await.is_ok() {
+            if answers_nbd(socket).await {
                 break;
             }
             if let Some(status) = child.try_wait().map_err(|error| failed(error.to_string()))? {

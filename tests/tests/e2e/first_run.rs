@@ -305,3 +305,17 @@ async fn sighup_reloads_the_certificate_and_a_bad_one_keeps_the_old() {
         .await;
     assert_eq!(fresh.get(&url).send().await.unwrap().status(), 200, "a failed reload keeps the certificate in use");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_start_logs_no_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = ["a=./a.qcow2,size=1M".to_string(), "b=./b.raw,size=1M".to_string()];
+    let (server, control) = start_with_control(dir.path(), &["--image", &images[0], "--image", &images[1]]).await;
+    let image = dir.path().join("c.qcow2");
+    create_image(&image, "qcow2", "1M");
+    assert_eq!(control.add(&qcow2_ticket("t1", &image, &["read"], MIB)).await, 200);
+    assert_eq!(server.client().get(server.image_url("t1")).send().await.unwrap().status(), 200);
+    let log = std::fs::read_to_string(dir.path().join(format!("server-{}.log", server.port))).unwrap();
+    let warnings: Vec<&str> = log.lines().filter(|line| line.contains(" WARN ") || line.contains(" ERROR ")).collect();
+    assert!(warnings.is_empty(), "{warnings:#?}");
+}
