@@ -519,15 +519,11 @@ async fn run(cli: Cli) -> Result<()> {
             let client = client(url)?;
             let options = RestoreOptions { force: *force, zero_tail: *zero_tail, progress: progress.progress };
             if files.is_empty() {
-                // A stream in a file has a known size; from a pipe, the
-                // total grows with what was read.
-                let total = std::fs::metadata("/dev/stdin").ok().filter(|meta| meta.is_file()).map_or(0, |meta| meta.len());
-                restore_stream(&client, tokio::io::stdin(), total, &options).await?;
+                restore_stream(&client, tokio::io::stdin(), &options).await?;
             }
             for file in files {
                 let opened = tokio::fs::File::open(file).await.with_context(|| format!("opening {}", file.display()))?;
-                let total = opened.metadata().await?.len();
-                restore_stream(&client, opened, total, &options).await.with_context(|| format!("restoring {}", file.display()))?;
+                restore_stream(&client, opened, &options).await.with_context(|| format!("restoring {}", file.display()))?;
             }
         }
         Command::Checkpoint(command) => checkpoint_command(command, client).await?,
@@ -585,20 +581,14 @@ struct RestoreOptions {
 async fn restore_stream(
     client: &ImageClient,
     source: impl tokio::io::AsyncRead + Send + Sync + 'static,
-    total: u64,
     options: &RestoreOptions,
 ) -> Result<()> {
     let reporter = Reporter::new(options.progress);
-    let callback = reporter.callback();
     let started = std::time::Instant::now();
-    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let counted = sent.clone();
-    let stream = tokio_util::io::ReaderStream::with_capacity(source, 1 << 20).inspect_ok(move |chunk| {
-        let done = counted.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed) + chunk.len() as u64;
-        if let Some(callback) = &callback {
-            callback(Progress { done, total: total.max(done) });
-        }
-    });
+    let progress = Arc::new(std::sync::Mutex::new(StreamProgress::new(reporter.callback())));
+    let counted = progress.clone();
+    let stream = tokio_util::io::ReaderStream::with_capacity(source, 1 << 20)
+        .inspect_ok(move |chunk| counted.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pass(chunk));
     let restored = match client.restore(stream, options.force, options.zero_tail).await {
         Ok(restored) => restored,
         // A stream cannot be read twice: nothing to start over from.
@@ -616,7 +606,11 @@ async fn restore_stream(
     if let Some(checkpoint) = &restored.checkpoint {
         eprintln!("the image is now at checkpoint {}", printable(checkpoint));
     }
-    let data_bytes = sent.load(std::sync::atomic::Ordering::Relaxed);
+    let data_bytes = {
+        let progress = progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        progress.finish();
+        progress.passed
+    };
     reporter.done("restored", &Stats { data_bytes, requests: 1, seconds: started.elapsed().as_secs_f64(), ..Stats::default() });
     Ok(())
 }
@@ -628,25 +622,60 @@ async fn save_stream(
     writer: &mut (impl tokio::io::AsyncWrite + Unpin),
     reporter: &Reporter,
 ) -> Result<Stats> {
-    let progress = reporter.callback();
+    let mut progress = StreamProgress::new(reporter.callback());
     let started = std::time::Instant::now();
     let mut stream = std::pin::pin!(stream);
-    let (mut head, mut written) = (Vec::new(), 0u64);
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
-        if head.len() < META_PEEK {
-            head.extend_from_slice(&chunk[..chunk.len().min(META_PEEK - head.len())]);
-        }
         writer.write_all(&chunk).await.context("writing the stream")?;
-        written += chunk.len() as u64;
-        if let Some(progress) = &progress {
-            let total = announced_data_size(&head).unwrap_or(0).max(written);
-            progress(Progress { done: written, total });
-        }
+        progress.pass(&chunk);
     }
     writer.flush().await.context("writing the stream")?;
-    Ok(Stats { data_bytes: written, requests: 1, seconds: started.elapsed().as_secs_f64(), ..Stats::default() })
+    progress.finish();
+    Ok(Stats { data_bytes: progress.passed, requests: 1, seconds: started.elapsed().as_secs_f64(), ..Stats::default() })
 }
+
+/// The progress of a sparse stream passing through: in bytes of the
+/// stream, against a total its `meta` frame announces (data-size and the
+/// frames' overhead are known only as the stream goes, so the total is
+/// the data size and `done` stays within it until the end). Nothing is
+/// reported before the `meta` frame is read, so every line has its total.
+struct StreamProgress {
+    callback: Option<transfer::ProgressFn>,
+    head: Vec<u8>,
+    total: Option<u64>,
+    /// Bytes of the stream so far.
+    passed: u64,
+}
+
+impl StreamProgress {
+    fn new(callback: Option<transfer::ProgressFn>) -> StreamProgress {
+        StreamProgress { callback, head: Vec::new(), total: None, passed: 0 }
+    }
+
+    fn pass(&mut self, chunk: &[u8]) {
+        self.passed += chunk.len() as u64;
+        if self.total.is_none() && self.head.len() < META_PEEK {
+            self.head.extend_from_slice(&chunk[..chunk.len().min(META_PEEK - self.head.len())]);
+            self.total = announced_data_size(&self.head);
+        }
+        // Short of the total until the end: `finish` says done.
+        if let (Some(callback), Some(total)) = (&self.callback, self.total.filter(|total| *total > 0)) {
+            callback(Progress { done: self.passed.min(total - 1), total });
+        }
+    }
+
+    /// The last line: all done.
+    fn finish(&self) {
+        if let Some(callback) = &self.callback {
+            let total = self.total.unwrap_or(self.passed);
+            callback(Progress { done: total, total });
+        }
+    }
+}
+
+/// The least time between two `--progress json` lines.
+const JSON_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The server's advice in the CLI's words: the query parameters it names
 /// are the flags that set them.
@@ -764,7 +793,16 @@ impl Reporter {
             }));
         }
         (self.mode == ProgressMode::Json).then(|| -> transfer::ProgressFn {
-            Arc::new(|progress: Progress| eprintln!("{}", serde_json::to_string(&progress).expect("serializable")))
+            // At most four lines a second, and always the last one.
+            let last = std::sync::Mutex::new(None::<std::time::Instant>);
+            Arc::new(move |progress: Progress| {
+                let mut last = last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let due = last.is_none_or(|at| at.elapsed() >= JSON_PROGRESS_EVERY);
+                if due || progress.done == progress.total {
+                    *last = Some(std::time::Instant::now());
+                    eprintln!("{}", serde_json::to_string(&progress).expect("serializable"));
+                }
+            })
         })
     }
 

@@ -319,3 +319,54 @@ async fn a_healthy_start_logs_no_warning() {
     let warnings: Vec<&str> = log.lines().filter(|line| line.contains(" WARN ") || line.contains(" ERROR ")).collect();
     assert!(warnings.is_empty(), "{warnings:#?}");
 }
+
+/// The `{"done","total"}` lines of `--progress json` on stderr.
+fn progress_lines(stderr: &[u8]) -> Vec<(u64, u64)> {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|line| Some((line.get("done")?.as_u64()?, line.get("total")?.as_u64()?)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_progress_knows_its_total_from_the_first_line_and_comes_a_few_times_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("src.raw"), random_bytes(96 * MIB as usize, 11)).unwrap();
+    let server = Server::start(dir.path(), &["src=./src.raw".to_string(), "dst=./dst.raw,size=96M".to_string()]).await;
+    let stream = dir.path().join("full.sparse");
+    let started = std::time::Instant::now();
+    let backup = Command::new(binary("blockgate"))
+        .arg("--cacert")
+        .arg(server.ca())
+        .args(["backup", "--progress", "json", &server.image_url("src")])
+        .stdout(std::fs::File::create(&stream).unwrap())
+        .output()
+        .unwrap();
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(backup.status.success(), "{}", String::from_utf8_lossy(&backup.stderr));
+    let data_size = meta(&std::fs::read(&stream).unwrap())["data-size"].as_u64().unwrap();
+    let lines = progress_lines(&backup.stderr);
+    assert!(!lines.is_empty() && lines.iter().all(|(_, total)| *total == data_size), "every line has the total: {lines:?}");
+    assert_eq!(lines.last(), Some(&(data_size, data_size)));
+    assert!(lines.len() as f64 <= seconds * 4.0 + 2.0, "{} lines in {seconds:.1} s", lines.len());
+
+    let started = std::time::Instant::now();
+    let restore = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "cat {} | {} --cacert {} restore --progress json {}",
+            stream.display(),
+            binary("blockgate").display(),
+            server.ca().display(),
+            server.image_url("dst")
+        ))
+        .output()
+        .unwrap();
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(restore.status.success(), "{}", String::from_utf8_lossy(&restore.stderr));
+    let lines = progress_lines(&restore.stderr);
+    assert!(!lines.is_empty() && lines.iter().all(|(_, total)| *total == data_size), "a piped restore knows its total: {lines:?}");
+    assert_eq!(lines.last(), Some(&(data_size, data_size)));
+    assert!(lines.len() as f64 <= seconds * 4.0 + 2.0, "{} lines in {seconds:.1} s", lines.len());
+}
