@@ -229,7 +229,7 @@ async fn launch(mut command: Command, program: &'static str, sockets: &[&Path], 
             if tie == Tie::ToThisProcess {
                 wanted = format!("{wanted} and {} (setpriv)", crate::packages::provider("setpriv").await);
             }
-            return Err(failed(format!("starting {program} (is {wanted} installed?): {error}")));
+            return Err(failed(format!("starting {program}: {error}; install {wanted}")));
         }
     };
     let stderr_lines = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -522,7 +522,7 @@ async fn qemu_img(args: &[&str]) -> Result<Vec<u8>> {
     let output = match output_within(command, QEMU_IMG_TIMEOUT).await {
         Ok(output) => output,
         Err(error) => {
-            return Err(failed(format!("running qemu-img (is {} installed?): {error}", crate::packages::provider("qemu-img").await)));
+            return Err(failed(format!("running qemu-img: {error}; install {}", crate::packages::provider("qemu-img").await)));
         }
     };
     if !output.status.success() {
@@ -620,8 +620,8 @@ mod tests {
         let missing = dir.path().join("no-such-dir/qemu-storage-daemon");
         let error = launch(Command::new(&missing), "qemu-storage-daemon", &[&socket], dir.path(), Tie::None).await.unwrap_err();
         let wanted = crate::packages::provider("qemu-storage-daemon").await;
-        assert!(error.to_string().starts_with(&format!("starting qemu-storage-daemon (is {wanted} installed?): ")), "{error}");
-        assert!(!error.to_string().contains("is qemu-utils installed") || wanted == "qemu-utils", "{error}");
+        assert!(error.to_string().starts_with("starting qemu-storage-daemon: No such file or directory"), "{error}");
+        assert!(error.to_string().ends_with(&format!("; install {wanted}")), "{error}");
     }
 
     #[tokio::test]
