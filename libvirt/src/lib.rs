@@ -1,7 +1,7 @@
 //! The few libvirt calls blockgate needs to back up running VMs: list
 //! domains, read their XML, list and delete checkpoints, begin, inspect
 //! and abort pull-mode backup jobs, freeze and thaw guest file systems,
-//! and a QMP query. libvirt is loaded at run time ([`ffi`]'s paragraph
+//! and a QMP query. libvirt is loaded at run time (`ffi`'s paragraph
 //! says why), so [`Connection::open`] on a host without libvirt is an
 //! [`Error`] with code [`code::UNAVAILABLE`], not a failure to start.
 //! Calls block: run them off async workers.

@@ -5,7 +5,7 @@
 //! download's CPU went to those faults. A filled buffer is handed out as
 //! [`Bytes`] whose owner puts the buffer back into a small process-wide
 //! pool when the last view of it is dropped, so its pages stay mapped for
-//! the next use. The pool keeps at most [`KEPT`] buffers: memory stays
+//! the next use. The pool keeps at most `KEPT` buffers: memory stays
 //! bounded by the requests in flight.
 
 use std::sync::Mutex;

@@ -22,6 +22,7 @@ pub mod buffers;
 mod client;
 mod error;
 mod handshake;
+mod packages;
 pub mod qcow2;
 pub mod qemu;
 pub mod qmp;

@@ -72,7 +72,7 @@ fn name(bytes: &[u8], what: &str) -> Result<String, HeaderError> {
 }
 
 /// The links of a qcow2 header held in `header` (the file's first bytes,
-/// at most [`MAX_HEADER`] of them).
+/// at most `MAX_HEADER` of them).
 pub fn parse(header: &[u8]) -> Result<Links, HeaderError> {
     if !header.starts_with(MAGIC) {
         return Err(invalid("no qcow2 magic"));

@@ -229,10 +229,16 @@ async fn launch(mut command: Command, program: &'static str, sockets: &[&Path], 
     } else {
         command.spawn()
     };
-    let mut child = spawned.map_err(|error| {
-        let wanted = if tie == Tie::ToThisProcess { "qemu-utils and util-linux (setpriv)" } else { "qemu-utils" };
-        failed(format!("starting {program} (is {wanted} installed?): {error}"))
-    })?;
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(error) => {
+            let mut wanted = crate::packages::provider(program).await;
+            if tie == Tie::ToThisProcess {
+                wanted = format!("{wanted} and {} (setpriv)", crate::packages::provider("setpriv").await);
+            }
+            return Err(failed(format!("starting {program}: {error}; install {wanted}")));
+        }
+    };
     let stderr_lines = Arc::new(Mutex::new(Vec::<String>::new()));
     if let Some(stderr) = child.stderr.take() {
         let lines = stderr_lines.clone();
@@ -520,9 +526,12 @@ fn create_private(path: &Path) -> Result<()> {
 async fn qemu_img(args: &[&str]) -> Result<Vec<u8>> {
     let mut command = Command::new("qemu-img");
     command.args(args);
-    let output = output_within(command, QEMU_IMG_TIMEOUT)
-        .await
-        .map_err(|error| failed(format!("running qemu-img (is qemu-utils installed?): {error}")))?;
+    let output = match output_within(command, QEMU_IMG_TIMEOUT).await {
+        Ok(output) => output,
+        Err(error) => {
+            return Err(failed(format!("running qemu-img: {error}; install {}", crate::packages::provider("qemu-img").await)));
+        }
+    };
     if !output.status.success() {
         return Err(failed(format!("qemu-img {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim())));
     }
@@ -610,6 +619,17 @@ pub fn open_image_file(path: &Path) -> std::io::Result<std::fs::File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_missing_program_is_named_with_the_package_that_provides_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("nbd.sock");
+        let missing = dir.path().join("no-such-dir/qemu-storage-daemon");
+        let error = launch(Command::new(&missing), "qemu-storage-daemon", &[&socket], dir.path(), Tie::None).await.unwrap_err();
+        let wanted = crate::packages::provider("qemu-storage-daemon").await;
+        assert!(error.to_string().starts_with("starting qemu-storage-daemon: No such file or directory"), "{error}");
+        assert!(error.to_string().ends_with(&format!("; install {wanted}")), "{error}");
+    }
 
     #[tokio::test]
     async fn a_program_that_runs_too_long_is_killed() {

@@ -19,6 +19,9 @@ use clap::Parser;
     about = "HTTPS disk-image transfer server over NBD: qemu-storage-daemon for local images, or any NBD server (imageio-compatible)",
     after_help = "Example:\n  blockgate-server --image demo=./demo.qcow2,size=1G\n  curl --cacert ~/.local/state/blockgate/ca.pem https://localhost:54322/images/demo -o demo.raw"
 )]
+// The fields' docs are the --help text, where brackets mean "optional"
+// (`ID=SOURCE[,ro]`), not links.
+#[allow(rustdoc::broken_intra_doc_links)]
 pub struct Args {
     /// A TOML file of settings: each key is a flag's name (`listen`,
     /// `image`, `allow-dir`, `max-readers`...), repeatable flags take

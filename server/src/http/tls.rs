@@ -11,7 +11,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -43,10 +43,17 @@ impl GeneratedFiles {
 }
 
 /// Makes a CA and a leaf certificate for localhost and this host in
-/// `state_dir`, unless all three files are already there.
+/// `state_dir`, unless all three files are already there. The key is
+/// mode 0600; the certificates 0640, so that the state directory's group
+/// (the systemd unit's operators) can read the CA to trust.
 pub fn ensure_self_signed(state_dir: &Path) -> Result<GeneratedFiles> {
     let files = GeneratedFiles::in_dir(state_dir);
     if files.ca.exists() && files.cert.exists() && files.key.exists() {
+        // Earlier versions left the CA at 0600 (the server's umask).
+        if fs::metadata(&files.ca).is_ok_and(|meta| meta.permissions().mode() & 0o777 == 0o600) {
+            fs::set_permissions(&files.ca, fs::Permissions::from_mode(CERTIFICATE_MODE))
+                .with_context(|| format!("chmod {}", files.ca.display()))?;
+        }
         return Ok(files);
     }
     fs::create_dir_all(state_dir).with_context(|| format!("creating state directory {}", state_dir.display()))?;
@@ -71,11 +78,16 @@ pub fn ensure_self_signed(state_dir: &Path) -> Result<GeneratedFiles> {
     let leaf_cert = leaf_params.signed_by(&leaf_key, &ca_cert, &ca_key)?;
 
     write_file(&files.key, leaf_key.serialize_pem().as_bytes(), 0o600)?;
-    write_file(&files.cert, leaf_cert.pem().as_bytes(), 0o644)?;
-    write_file(&files.ca, ca_cert.pem().as_bytes(), 0o644)?;
+    write_file(&files.cert, leaf_cert.pem().as_bytes(), CERTIFICATE_MODE)?;
+    write_file(&files.ca, ca_cert.pem().as_bytes(), CERTIFICATE_MODE)?;
     Ok(files)
 }
 
+/// The generated certificates' mode: the group reads them.
+const CERTIFICATE_MODE: u32 = 0o640;
+
+/// Writes `path` through a temporary file with exactly `mode`, whatever
+/// the umask.
 fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     let temporary = path.with_extension("tmp");
     let mut file = fs::OpenOptions::new()
@@ -85,6 +97,7 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
         .mode(mode)
         .open(&temporary)
         .with_context(|| format!("writing {}", temporary.display()))?;
+    file.set_permissions(fs::Permissions::from_mode(mode))?;
     file.write_all(contents)?;
     file.sync_all()?;
     fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))?;
@@ -190,6 +203,24 @@ fn config(certificate: Arc<Certificate>, clients: Arc<dyn ClientCertVerifier>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_key_is_private_and_the_certificates_readable_by_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        // (The server itself runs with umask 077, which the modes ignore:
+        // tests/docker-rootfs checks them in the files the server makes.)
+        let files = ensure_self_signed(dir.path()).unwrap();
+        assert_eq!((mode(&files.key), mode(&files.cert), mode(&files.ca)), (0o600, 0o640, 0o640));
+        // A CA left at 0600 by an earlier version is opened to the group;
+        // another mode an operator chose is kept.
+        fs::set_permissions(&files.ca, fs::Permissions::from_mode(0o600)).unwrap();
+        ensure_self_signed(dir.path()).unwrap();
+        assert_eq!(mode(&files.ca), 0o640);
+        fs::set_permissions(&files.ca, fs::Permissions::from_mode(0o644)).unwrap();
+        ensure_self_signed(dir.path()).unwrap();
+        assert_eq!((mode(&files.key), mode(&files.ca)), (0o600, 0o644));
+    }
 
     #[test]
     fn a_client_ca_file_must_hold_a_certificate() {

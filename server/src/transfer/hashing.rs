@@ -3,7 +3,7 @@
 //! lanes) and each batch is hashed on the blocking pool while the caller
 //! goes on reading into the next; digests are combined in image order.
 //! Memory is two batches at most, and a batch holds at most
-//! [`BATCH_BYTES`] of blocks. Used by the checksum route and by the full
+//! `BATCH_BYTES` of blocks. Used by the checksum route and by the full
 //! sparse stream's trailer, so the two agree by construction.
 
 use std::collections::VecDeque;

@@ -65,6 +65,14 @@ fn the_systemd_unit_verifies() {
     for hardening in ["NoNewPrivileges=yes", "ProtectSystem=strict", "StateDirectory=", "RuntimeDirectory=", "PrivateTmp=yes"] {
         assert!(unit.contains(hardening), "the unit lacks {hardening}");
     }
+    // Block devices (LVs) stay servable: no private /dev, every block
+    // device allowed. The group reads the CA (0640 in a 0750 directory);
+    // a reload is SIGHUP.
+    let settings: Vec<&str> = unit.lines().map(str::trim).filter(|line| !line.starts_with('#')).collect();
+    assert!(!settings.iter().any(|line| line.starts_with("PrivateDevices=")), "PrivateDevices= hides block devices");
+    for setting in ["DevicePolicy=closed", "DeviceAllow=block-* rw", "StateDirectoryMode=0750", "ExecReload=/bin/kill -HUP $MAINPID"] {
+        assert!(settings.contains(&setting), "the unit lacks {setting}");
+    }
     // Verified with this build's binary in place of /usr/local/bin's.
     let dir = tempfile::tempdir().unwrap();
     let local = dir.path().join("blockgate.service");
