@@ -27,14 +27,12 @@ pub enum ClientError {
     /// The request did not complete.
     #[error(transparent)]
     Transport(#[from] reqwest::Error),
-    /// The server's certificate was not trusted: no retry helps.
-    #[error(
-        "{url}: the server's certificate is not trusted ({reason}); pass the CA that signed it with --cacert FILE (a blockgate server logs its CA's path when it starts: ca.pem in its state directory)"
-    )]
+    /// TLS refused the server's certificate: no retry helps.
+    #[error("{url}: {reason}")]
     Untrusted {
         /// Request URL.
         url: String,
-        /// What the TLS library said.
+        /// Why, and what to do about it.
         reason: String,
     },
     /// A body had fewer or more bytes than asked for.

@@ -90,7 +90,7 @@ fn untrusted(error: reqwest::Error, url: &str) -> ClientError {
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&error);
     while let Some(cause) = next {
         if let Some(rustls::Error::InvalidCertificate(reason)) = cause.downcast_ref::<rustls::Error>() {
-            return ClientError::Untrusted { url: url.to_string(), reason: format!("{reason:?}") };
+            return ClientError::Untrusted { url: url.to_string(), reason: refusal(reason) };
         }
         // An io::Error's source() skips the error it wraps: look inside.
         next = match cause.downcast_ref::<std::io::Error>() {
@@ -99,6 +99,19 @@ fn untrusted(error: reqwest::Error, url: &str) -> ClientError {
         };
     }
     ClientError::Transport(error)
+}
+
+/// Why TLS refused a server's certificate, and what would help.
+fn refusal(reason: &rustls::CertificateError) -> String {
+    use rustls::CertificateError as Refused;
+    match reason {
+        Refused::UnknownIssuer | Refused::BadSignature => "the server's certificate is not signed by a CA this client trusts; pass the CA that signed it with --cacert FILE (a blockgate server logs its CA's path when it starts: ca.pem in its state directory)".to_string(),
+        Refused::NotValidForName | Refused::NotValidForNameContext { .. } => "the server's certificate is not valid for the host name in the URL; use a name the certificate lists (blockgate's generated one lists localhost, 127.0.0.1, ::1 and the host's name), or give the server a certificate for this name (--tls-cert)".to_string(),
+        Refused::Expired | Refused::ExpiredContext { .. } => "the server's certificate has expired; the server needs a new one (--tls-cert, then SIGHUP)".to_string(),
+        Refused::NotValidYet | Refused::NotValidYetContext { .. } => "the server's certificate is not valid yet (check the clocks of both machines)".to_string(),
+        Refused::Revoked => "the server's certificate is revoked".to_string(),
+        other => format!("TLS refused the server's certificate ({other}); if its CA is not the system's, pass it with --cacert FILE"),
+    }
 }
 
 /// Up to `limit` bytes of a body; true as well if it had more.

@@ -169,7 +169,7 @@ async fn spawn(settings: &ExportSettings<'_>, socket: &Path) -> Result<Child> {
     // The whole node tree as a json: filename (ours, never a header's):
     // every format explicit, and a qcow2 without a backing says so.
     command.arg(format!("json:{}", settings.image.to_json()?));
-    launch(command, "qemu-nbd", &[socket], &settings.image.path, Tie::ToThisProcess).await
+    launch(command, "qemu-nbd", &[socket], &settings.image.path).await
 }
 
 /// A command and where to send the child it starts.
@@ -196,17 +196,6 @@ fn lasting_spawner() -> &'static std::sync::mpsc::Sender<SpawnRequest> {
     })
 }
 
-/// How a child is bound to its owner beyond `kill_on_drop`.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Tie {
-    /// Nothing more (the server stops its daemon itself, on every signal
-    /// it handles).
-    None,
-    /// A process group of its own, and started from [`lasting_spawner`]'s
-    /// thread (for `setpriv --pdeathsig`).
-    ToThisProcess,
-}
-
 /// True if an NBD server greets on `socket`; the probe says goodbye
 /// properly, so the server logs nothing.
 async fn answers_nbd(socket: &Path) -> bool {
@@ -215,27 +204,22 @@ async fn answers_nbd(socket: &Path) -> bool {
 }
 
 /// Spawns a qemu program (no shell, stderr logged and kept for the error
-/// message), waits until every one of `sockets` accepts connections, and
-/// makes the sockets of their directory mode 0600.
-async fn launch(mut command: Command, program: &'static str, sockets: &[&Path], image: &Path, tie: Tie) -> Result<Child> {
-    command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
-    let spawned = if tie == Tie::ToThisProcess {
-        command.process_group(0);
-        let (reply, child) = tokio::sync::oneshot::channel();
-        lasting_spawner()
-            .send((command, tokio::runtime::Handle::current(), reply))
-            .map_err(|_| failed("the thread that starts children is gone"))?;
-        child.await.map_err(|_| failed("the thread that starts children is gone"))?
-    } else {
-        command.spawn()
-    };
+/// message) in a process group of its own, from [`lasting_spawner`]'s
+/// thread (for `setpriv --pdeathsig`), waits until every one of `sockets`
+/// accepts connections, and makes the sockets of their directory mode
+/// 0600.
+async fn launch(mut command: Command, program: &'static str, sockets: &[&Path], image: &Path) -> Result<Child> {
+    command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true).process_group(0);
+    let (reply, child) = tokio::sync::oneshot::channel();
+    lasting_spawner()
+        .send((command, tokio::runtime::Handle::current(), reply))
+        .map_err(|_| failed("the thread that starts children is gone"))?;
+    let spawned = child.await.map_err(|_| failed("the thread that starts children is gone"))?;
     let mut child = match spawned {
         Ok(child) => child,
         Err(error) => {
-            let mut wanted = crate::packages::provider(program).await;
-            if tie == Tie::ToThisProcess {
-                wanted = format!("{wanted} and {} (setpriv)", crate::packages::provider("setpriv").await);
-            }
+            let wanted =
+                format!("{} and {} (setpriv)", crate::packages::provider(program).await, crate::packages::provider("setpriv").await);
             return Err(failed(format!("starting {program}: {error}; install {wanted}")));
         }
     };
@@ -260,7 +244,12 @@ async fn launch(mut command: Command, program: &'static str, sockets: &[&Path], 
                 // Let the stderr task catch the last words.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 let said = stderr_lines.lock().unwrap_or_else(PoisonError::into_inner).join("; ");
-                return Err(failed(format!("{program} exited ({status}) while opening {}: {said}", image.display())));
+                // 127: setpriv found no such program to run.
+                let missing = match status.code() {
+                    Some(127) => format!("; install {}", crate::packages::provider(program).await),
+                    _ => String::new(),
+                };
+                return Err(failed(format!("{program} exited ({status}) while opening {}: {said}{missing}", image.display())));
             }
             if tokio::time::Instant::now() > deadline {
                 return Err(failed(format!("{program} did not open {} within {START_TIMEOUT:?}", socket.display())));
@@ -441,13 +430,19 @@ fn blockdevs(layer: &ImageLayer, depth: usize, read_only: bool, nodes: &mut Vec<
 }
 
 /// `qemu-storage-daemon` with the image's block nodes (JSON, so no path
-/// needs quoting), the NBD server and the monitor.
+/// needs quoting), the NBD server and the monitor. Like qemu-nbd it runs
+/// in a process group of its own (a Ctrl-C at the server's terminal must
+/// not stop it under running transfers: the server stops it last) and
+/// under `setpriv --pdeathsig TERM`, so a server killed with SIGKILL (the
+/// OOM killer) leaves no daemon holding the image's lock; TERM, not KILL,
+/// so it still writes its qcow2 metadata and bitmaps back.
 async fn spawn_daemon(settings: &DaemonSettings<'_>, nbd_socket: &Path, qmp_socket: &Path) -> Result<Child> {
     let mut nodes = Vec::new();
     let top = blockdevs(settings.image, 0, settings.read_only, &mut nodes)?;
     debug_assert_eq!(top, StorageDaemon::NODE);
     let keyval_path = |path: &Path| path.to_string_lossy().replace(',', ",,");
-    let mut command = Command::new("qemu-storage-daemon");
+    let mut command = Command::new("setpriv");
+    command.args(["--pdeathsig", "TERM", "--", "qemu-storage-daemon"]);
     for node in nodes {
         command.arg("--blockdev").arg(node.to_string());
     }
@@ -462,7 +457,7 @@ async fn spawn_daemon(settings: &DaemonSettings<'_>, nbd_socket: &Path, qmp_sock
     // serves one client at a time, and a probe's connection could still
     // hold it when the real one arrives. Clients wait for it with
     // `Qmp::connect_when_ready`.
-    launch(command, "qemu-storage-daemon", &[nbd_socket], &settings.image.path, Tie::None).await
+    launch(command, "qemu-storage-daemon", &[nbd_socket], &settings.image.path).await
 }
 
 /// Creates an image file with qemu-img, readable by its owner only (disk
@@ -625,9 +620,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("nbd.sock");
         let missing = dir.path().join("no-such-dir/qemu-storage-daemon");
-        let error = launch(Command::new(&missing), "qemu-storage-daemon", &[&socket], dir.path(), Tie::None).await.unwrap_err();
+        let error = launch(Command::new(&missing), "qemu-storage-daemon", &[&socket], dir.path()).await.unwrap_err();
         let wanted = crate::packages::provider("qemu-storage-daemon").await;
         assert!(error.to_string().starts_with("starting qemu-storage-daemon: No such file or directory"), "{error}");
+        assert!(error.to_string().contains(&format!("; install {wanted}")), "{error}");
+        // Under setpriv, which starts but finds no program to run.
+        let mut command = Command::new("setpriv");
+        command.args(["--pdeathsig", "TERM", "--"]).arg(&missing);
+        let error = launch(command, "qemu-storage-daemon", &[&socket], dir.path()).await.unwrap_err();
         assert!(error.to_string().ends_with(&format!("; install {wanted}")), "{error}");
     }
 

@@ -439,9 +439,13 @@ impl Decoder {
                     trailer.frames, trailer.data_size, trailer.zero_size, read.0, read.1, read.2
                 )));
             }
-            if let (Some(expected), Some(hasher)) = (trailer.checksum, self.hasher.take()) {
+            if let Some(expected) = trailer.checksum {
+                // Carried but not checkable (an incremental's image is not
+                // all in the stream, or another algorithm): unchecked.
                 checksum = ChecksumCheck::Unchecked;
-                if expected.algorithm == ALGORITHM && expected.block_size == hasher.block_size() {
+                let hasher =
+                    self.hasher.take().filter(|hasher| expected.algorithm == ALGORITHM && expected.block_size == hasher.block_size());
+                if let Some(hasher) = hasher {
                     let actual = hasher.finish();
                     if !expected.checksum.eq_ignore_ascii_case(&actual) {
                         return Err(self.error(format!("checksum {actual} differs from the trailer's {}", expected.checksum)));

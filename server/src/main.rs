@@ -31,6 +31,9 @@ use tokio::signal::unix::{SignalKind, signal};
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // SIGHUP is handled (a certificate reload) from the first instant: its
+    // default action would end a server reloaded while it starts.
+    let hangups = signal(SignalKind::hangup());
     // Whatever this process and its qemu children create is private unless
     // made otherwise (the control and local sockets are 0660 by chmod).
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
@@ -55,7 +58,7 @@ async fn main() -> ExitCode {
         LogFormat::Json => logger.json().with_current_span(true).with_span_list(false).init(),
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
-    match run(args).await {
+    match run(args, hangups).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
@@ -64,7 +67,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<()> {
+async fn run(args: Args, hangups: std::io::Result<tokio::signal::unix::Signal>) -> Result<()> {
     let (cert, key) = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => (cert.clone(), key.clone()),
         _ => {
@@ -74,28 +77,21 @@ async fn run(args: Args) -> Result<()> {
         }
     };
     let certificate = tls::Certificate::load(&cert, &key)?;
-    tokio::spawn(reload_on_sighup(certificate.clone()));
+    tokio::spawn(reload_on_sighup(certificate.clone(), hangups));
     let tls = tls::server_config(certificate.clone())?;
-    let addresses = resolve_listen("--listen", &args.listen).await?;
-    let mut tcp_listeners = Vec::new();
-    for address in &addresses {
-        tcp_listeners.push(TcpListener::bind(address).await.with_context(|| format!("listening on {address}"))?);
-    }
+    let tcp_listeners = bind_all("--listen", &args.listen).await?;
     let mut control_listeners = Vec::new();
     if let (Some(listen), Some(client_ca)) = (&args.control_listen, &args.client_ca) {
         let control_tls = tls::client_certificate_config(certificate.clone(), client_ca)?;
-        for address in resolve_listen("--control-listen", listen).await? {
-            let tcp = TcpListener::bind(address).await.with_context(|| format!("--control-listen {address}"))?;
+        for (tcp, address) in bind_all("--control-listen", listen).await? {
             control_listeners.push((Listener::Tls(tcp, control_tls.clone()), address));
         }
     }
     let mut metrics_listeners = Vec::new();
     if let Some(listen) = &args.metrics_listen {
-        for address in resolve_listen("--metrics-listen", listen).await? {
-            metrics_listeners.push((TcpListener::bind(address).await.with_context(|| format!("--metrics-listen {address}"))?, address));
-        }
+        metrics_listeners = bind_all("--metrics-listen", listen).await?;
     }
-    let port = tcp_listeners[0].local_addr()?.port();
+    let port = tcp_listeners[0].1.port();
     let limits = Limits { max_readers: args.max_readers, max_writers: args.max_writers };
     let allow_dirs = Arc::new(allowed_directories(&args.allow_dirs)?);
     let backend = BackendSettings {
@@ -128,7 +124,7 @@ async fn run(args: Args) -> Result<()> {
     // orchestrator on the control socket, nor local software.
     let remote_budget = Budget::new(args.max_connections as usize, Some(args.max_connections_per_address as usize));
     let mut endpoints = Vec::new();
-    for (listener, address) in tcp_listeners.into_iter().zip(&addresses) {
+    for (listener, address) in tcp_listeners {
         endpoints.push(Endpoint {
             listener: Listener::Tls(listener, tls.clone()),
             router: routes::router(state.clone()),
@@ -171,8 +167,11 @@ async fn run(args: Args) -> Result<()> {
         shutdown_signal().await;
         http::health::begin_shutdown();
         if !shutdown_delay.is_zero() {
-            tracing::info!("draining: /healthz answers 503 for {shutdown_delay:?} before the listeners close");
-            tokio::time::sleep(shutdown_delay).await;
+            tracing::info!("draining: /healthz answers 503 for {shutdown_delay:?} before the listeners close (a second signal ends it)");
+            tokio::select! {
+                () = tokio::time::sleep(shutdown_delay) => {}
+                () = shutdown_signal() => {}
+            }
         }
     };
     http::serve(endpoints, connection_limits, shutdown).await;
@@ -241,6 +240,36 @@ async fn resolve_listen(flag: &str, listen: &str) -> Result<Vec<SocketAddr>> {
         anyhow::bail!("{flag} {listen:?}: the name resolves to no address");
     }
     Ok(addresses)
+}
+
+/// Binds every address `listen` names, each listener with the address it
+/// really has. With port 0, every address gets the port the first one
+/// got. An address this host does not have (`::1` where IPv6 is off, for
+/// `localhost`) is skipped with a warning while another one binds.
+async fn bind_all(flag: &str, listen: &str) -> Result<Vec<(TcpListener, SocketAddr)>> {
+    let mut bound: Vec<(TcpListener, SocketAddr)> = Vec::new();
+    let mut missing = Vec::new();
+    for mut address in resolve_listen(flag, listen).await? {
+        if let (0, Some((_, first))) = (address.port(), bound.first()) {
+            address.set_port(first.port());
+        }
+        match TcpListener::bind(address).await {
+            Ok(listener) => {
+                let local = listener.local_addr()?;
+                bound.push((listener, local));
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::AddrNotAvailable => missing.push((address, error)),
+            Err(error) => return Err(error).with_context(|| format!("{flag} {address}")),
+        }
+    }
+    if bound.is_empty() {
+        let (address, error) = missing.into_iter().next().expect("resolve_listen returns an address");
+        return Err(error).with_context(|| format!("{flag} {address}"));
+    }
+    for (address, error) in missing {
+        tracing::warn!("{flag} {listen}: not listening on {address}, which this host does not have ({error})");
+    }
+    Ok(bound)
 }
 
 /// The `--allow-dir` directories, resolved once so that a ticket's path is
@@ -322,8 +351,8 @@ async fn stop_all(tickets: &Tickets) {
 /// Reads the TLS certificate and key again at every SIGHUP (certificate
 /// rotation without dropping transfers); a failed reload keeps the ones
 /// in use and says why.
-async fn reload_on_sighup(certificate: Arc<tls::Certificate>) {
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+async fn reload_on_sighup(certificate: Arc<tls::Certificate>, hangups: std::io::Result<tokio::signal::unix::Signal>) {
+    let Ok(mut hangups) = hangups else {
         return tracing::warn!("no SIGHUP handler: the TLS certificate cannot be reloaded");
     };
     while hangups.recv().await.is_some() {

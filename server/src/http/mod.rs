@@ -178,6 +178,11 @@ impl Serving {
                 let tcp = CuttableTcp { inner: tcp, cut: cut.clone() };
                 let mut tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
+                    // Connected and closed before a handshake: a TCP
+                    // health check, not a failed client.
+                    Ok(Err(error)) if error.kind() == io::ErrorKind::UnexpectedEof => {
+                        return tracing::debug!(%peer, "connection closed before a TLS handshake");
+                    }
                     Ok(Err(error)) => return handshake_failed(peer, &error.to_string()),
                     Err(_) => return handshake_failed(peer, "timed out"),
                 };

@@ -228,7 +228,13 @@ async fn ticket_guessing_and_failed_handshakes_show_at_warn_with_the_client() {
         let mut answer = Vec::new();
         let _ = tokio::io::AsyncReadExt::read_to_end(&mut plain, &mut answer).await;
     }
-    let log = std::fs::read_to_string(dir.path().join(format!("server-{}.log", server.port))).unwrap();
+    let log_path = dir.path().join(format!("server-{}.log", server.port));
+    // The server logs a failed handshake after it closed the connection.
+    wait_until("the three handshake warnings", async || {
+        std::fs::read_to_string(&log_path).unwrap_or_default().matches("TLS handshake failed").count() >= 3
+    })
+    .await;
+    let log = std::fs::read_to_string(&log_path).unwrap();
     let refusals: Vec<&str> = log.lines().filter(|line| line.contains("WARN") && line.contains("refused for its ticket")).collect();
     assert_eq!(refusals.len(), 20, "at most 20 a minute: {log}");
     assert!(refusals.iter().all(|line| line.contains("client=127.0.0.1:")), "{refusals:?}");
