@@ -153,6 +153,7 @@ pub async fn serve(endpoints: Vec<Endpoint>, limits: ConnectionLimits, shutdown:
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
         tracing::warn!("requests still running after {SHUTDOWN_GRACE:?}; dropping them");
     }
+    lingered().await;
 }
 
 impl Serving {
@@ -361,8 +362,61 @@ impl Drop for CuttableTcp {
             // warns of the blocking close a non-zero linger causes.
             #[allow(deprecated)]
             let _ = self.inner.set_linger(Some(Duration::ZERO));
+            return;
         }
+        linger(&self.inner);
     }
+}
+
+/// Time a connection that ended well may take to read what was sent to
+/// it before its socket closes.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Connections lingering now, and a wake-up when one is done.
+static LINGERING: (std::sync::atomic::AtomicUsize, tokio::sync::Notify) =
+    (std::sync::atomic::AtomicUsize::new(0), tokio::sync::Notify::const_new());
+
+/// Closes a connection that ended well the way nginx's lingering close
+/// does: the write side first (its last bytes and a FIN), then reading
+/// and dropping what the client still sends (an HTTP/2 WINDOW_UPDATE, a
+/// GOAWAY) until it closes too, for at most [`LINGER`]. A socket closed
+/// with unread input is reset instead, and a reset makes the client's
+/// kernel drop the end of the response it had not read yet: a download
+/// that completed on the server would fail at the client.
+fn linger(tcp: &TcpStream) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    // A second descriptor keeps the socket open once this one closes.
+    let Ok(duplicate) = std::os::fd::AsFd::as_fd(tcp).try_clone_to_owned() else { return };
+    let std = std::net::TcpStream::from(duplicate);
+    if std.set_nonblocking(true).is_err() {
+        return;
+    }
+    let _entered = runtime.enter();
+    let Ok(mut socket) = TcpStream::from_std(std) else { return };
+    LINGERING.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    runtime.spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _ = socket.shutdown().await;
+        let mut sink = [0u8; 4096];
+        let _ = tokio::time::timeout(LINGER, async { while matches!(socket.read(&mut sink).await, Ok(read) if read > 0) {} }).await;
+        drop(socket);
+        LINGERING.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        LINGERING.1.notify_waiters();
+    });
+}
+
+/// Waits (at most [`LINGER`]) for the lingering connections to close.
+async fn lingered() {
+    let _ = tokio::time::timeout(LINGER, async {
+        loop {
+            let notified = LINGERING.1.notified();
+            if LINGERING.0.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    })
+    .await;
 }
 
 impl AsyncRead for CuttableTcp {
