@@ -20,6 +20,7 @@ pub mod health;
 pub mod json_line;
 pub mod routes;
 pub mod tls;
+pub mod turns;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -47,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use crate::http::connections::{Budget, Busy, Closing, Slot};
+use crate::http::turns::{Turn, Turns};
 use crate::transfer::ConnectionCut;
 
 /// Time a client has to finish its TLS handshake.
@@ -168,8 +170,12 @@ impl Serving {
         let service = hyper::service::service_fn({
             let (cut, router, slot, peer) = (cut.clone(), self.router, Arc::new(slot), peer.clone());
             let send_timeout = self.limits.send_timeout;
-            move |request| {
-                let sending = Sending { busy: slot.activity.begin(), cut: cut.clone(), timeout: send_timeout, peer: peer.clone() };
+            let turns = Arc::new(Turns::default());
+            move |request: Request<Incoming>| {
+                // HTTP/2 responses of one connection send their data in
+                // turns (see `turns`); HTTP/1 has one at a time anyway.
+                let turn = (request.version() == Version::HTTP_2).then(|| turns.join());
+                let sending = Sending { busy: slot.activity.begin(), cut: cut.clone(), timeout: send_timeout, peer: peer.clone(), turn };
                 respond(router.clone(), sending, request)
             }
         });
@@ -218,12 +224,14 @@ fn handshake_failed(peer: std::net::SocketAddr, reason: &str) {
 }
 
 /// What a response needs on its way out: its connection kept busy, the
-/// connection's [`ConnectionCut`], the send timeout, and the client.
+/// connection's [`ConnectionCut`], the send timeout, the client, and
+/// (HTTP/2) its place in the connection's [`Turns`].
 struct Sending {
     busy: Busy,
     cut: ConnectionCut,
     timeout: Duration,
     peer: Peer,
+    turn: Option<Turn>,
 }
 
 /// Routes one request, with its connection's [`ConnectionCut`] at hand,
@@ -243,7 +251,8 @@ async fn respond(router: Router, sending: Sending, mut request: Request<Incoming
 /// connection; an HTTP/1 connection is cut off (HTTP/2 resets the stream
 /// when it next moves, or the idle connection goes). An HTTP/1 body that
 /// fails cuts its connection off too (HTTP/2 resets just the stream,
-/// which is explicit already).
+/// which is explicit already). Over HTTP/2 it sends data only while it
+/// holds its connection's turn ([`Turns`]).
 struct Outgoing {
     state: Arc<Mutex<OutgoingState>>,
     /// Set for HTTP/1, whose connection goes with a failed or stalled body.
@@ -252,6 +261,8 @@ struct Outgoing {
     done: CancellationToken,
     timeout: Duration,
     watched: bool,
+    /// HTTP/2: the turn to hold while sending, given up at the end.
+    turn: Option<Turn>,
 }
 
 struct OutgoingState {
@@ -265,12 +276,14 @@ struct OutgoingState {
 impl Outgoing {
     fn new(body: Body, sending: Sending, http1: bool) -> Outgoing {
         let state = OutgoingState { body: Some((body, sending.busy)), handed_out: None };
+        let turn = if http1 { None } else { sending.turn };
         Outgoing {
             state: Arc::new(Mutex::new(state)),
             cut: http1.then_some(sending.cut),
             done: CancellationToken::new(),
             timeout: sending.timeout,
             watched: false,
+            turn,
         }
     }
 
@@ -308,6 +321,9 @@ impl http_body::Body for Outgoing {
     type Error = axum::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        if let Some(turn) = &mut self.turn {
+            std::task::ready!(turn.poll_hold(cx));
+        }
         let mut state = self.state.lock();
         state.handed_out = None;
         let Some((body, _)) = &mut state.body else {
@@ -325,6 +341,16 @@ impl http_body::Body for Outgoing {
             _ => {}
         }
         drop(state);
+        if let Some(turn) = &mut self.turn {
+            match &polled {
+                Poll::Pending => {}
+                Poll::Ready(Some(Ok(frame))) if more => turn.sent(frame.data_ref().map_or(0, |data| data.len() as u64)),
+                // The last data is out (or the body failed): the next
+                // response may start while hyper still sends this one's
+                // last chunk.
+                Poll::Ready(_) => turn.release(),
+            }
+        }
         if matches!(polled, Poll::Ready(Some(Ok(_)))) && more && !self.watched {
             self.watched = true;
             tokio::spawn(Outgoing::watch(self.state.clone(), self.timeout, self.done.clone(), self.cut.clone()));

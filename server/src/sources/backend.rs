@@ -107,11 +107,35 @@ struct Slot {
     daemon_exits: u64,
 }
 
+/// A place in the pool. The open connection is looked up under a lock
+/// that is never held across an await; only opening one waits, on an
+/// async lock of its own. (One async lock around both let a request
+/// whose future is not being polled, such as a response body that hyper
+/// does not ask for data, hold every request using the slot: tokio's
+/// locks are fair, so the lock is handed to the first waiter even before
+/// that waiter runs again.)
+#[derive(Default)]
+struct SlotCell {
+    slot: parking_lot::Mutex<Option<Slot>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl SlotCell {
+    fn holding(slot: Slot) -> SlotCell {
+        SlotCell { slot: parking_lot::Mutex::new(Some(slot)), connecting: tokio::sync::Mutex::new(()) }
+    }
+
+    /// The slot's connection, if it is open.
+    fn live(&self) -> Option<Client> {
+        self.slot.lock().as_ref().filter(|slot| !slot.client.is_closed()).map(|slot| slot.client.clone())
+    }
+}
+
 /// An NBD export and connections to it.
 pub struct Backend {
     address: Address,
     options: ConnectOptions,
-    slots: Vec<tokio::sync::Mutex<Option<Slot>>>,
+    slots: Vec<SlotCell>,
     next_slot: AtomicUsize,
     request_timeout: Duration,
     size: u64,
@@ -309,8 +333,8 @@ impl Backend {
         }
         let export_read_only = first.is_read_only();
         let size = first.size();
-        let mut slots: Vec<_> = (1..settings.connections).map(|_| tokio::sync::Mutex::new(None)).collect();
-        slots.insert(0, tokio::sync::Mutex::new(Some(Slot { client: first, daemon_exits: 0 })));
+        let mut slots: Vec<_> = (1..settings.connections).map(|_| SlotCell::default()).collect();
+        slots.insert(0, SlotCell::holding(Slot { client: first, daemon_exits: 0 }));
         Ok(Backend {
             target: address.to_string(),
             identity: address.to_string(),
@@ -431,18 +455,23 @@ impl Backend {
     /// A live connection, reconnecting a broken one.
     async fn client(&self) -> Result<Client, blockgate_nbd::Error> {
         let index = self.next_slot.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-        let mut slot = self.slots[index].lock().await;
-        match slot.as_ref() {
-            Some(open) if !open.client.is_closed() => return Ok(open.client.clone()),
-            Some(closed) => self.notice_closed(closed),
-            None => {}
+        let cell = &self.slots[index];
+        if let Some(client) = cell.live() {
+            return Ok(client);
+        }
+        let _connecting = cell.connecting.lock().await;
+        if let Some(client) = cell.live() {
+            return Ok(client);
+        }
+        if let Some(closed) = cell.slot.lock().take() {
+            self.notice_closed(&closed);
         }
         let daemon_exits = self.daemon_exits();
         let client = Client::connect(&self.address, &self.options).await?;
         if client.size() != self.size {
             return Err(blockgate_nbd::Error::Protocol(format!("the export changed size from {} to {} bytes", self.size, client.size())));
         }
-        *slot = Some(Slot { client: client.clone(), daemon_exits });
+        *cell.slot.lock() = Some(Slot { client: client.clone(), daemon_exits });
         Ok(client)
     }
 
@@ -501,9 +530,10 @@ impl Backend {
     /// ledger.
     async fn notice_breaks(&self) {
         self.notice_restart();
-        for slot in &self.slots {
+        for cell in &self.slots {
             // Taken out, so that one closed connection counts once.
-            if let Some(closed) = slot.lock().await.take_if(|slot| slot.client.is_closed()) {
+            let closed = cell.slot.lock().take_if(|slot| slot.client.is_closed());
+            if let Some(closed) = closed {
                 self.notice_closed(&closed);
             }
         }
@@ -588,9 +618,8 @@ impl Backend {
         if multi_conn {
             return Ok(());
         }
-        for slot in &self.slots {
-            let other = slot.lock().await.as_ref().map(|slot| slot.client.clone());
-            if let Some(other) = other.filter(|other| !other.is_closed()) {
+        for cell in &self.slots {
+            if let Some(other) = cell.live() {
                 self.within_timeout(&other, async |client| client.flush().await).await?;
             }
         }
@@ -605,8 +634,9 @@ impl Backend {
     /// Closes the connections and stops the qemu-storage-daemon, if this
     /// backend owns one.
     pub async fn stop(&self) {
-        for slot in &self.slots {
-            if let Some(slot) = slot.lock().await.take() {
+        for cell in &self.slots {
+            let slot = cell.slot.lock().take();
+            if let Some(slot) = slot {
                 slot.client.disconnect().await;
             }
         }
