@@ -97,6 +97,10 @@ impl Turn {
             state.holder = Some((self.id, now));
             self.handoff = None;
             self.sent = 0;
+            // The next in line is first now: it sets its own handoff timer.
+            if let Some((_, waker)) = state.waiting.front() {
+                waker.wake_by_ref();
+            }
             return Poll::Ready(());
         }
         match state.waiting.iter_mut().find(|(id, _)| *id == self.id) {
@@ -193,6 +197,24 @@ mod tests {
         assert!(hold(&mut reader).is_pending(), "the old holder waits in line");
         waiting.release();
         assert!(hold(&mut reader).is_ready());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_body_in_line_gets_the_turn_when_the_ones_before_it_stop_asking() {
+        let turns = Arc::new(Turns::default());
+        let (mut first, mut second, mut third) = (turns.join(), turns.join(), turns.join());
+        assert!(hold(&mut first).is_ready());
+        assert!(hold(&mut second).is_pending());
+        assert!(hold(&mut third).is_pending(), "not first in line: no handoff timer of its own yet");
+        let started = Instant::now();
+        let third = tokio::spawn(async move {
+            poll_fn(|cx| third.poll_hold(cx)).await;
+            started.elapsed()
+        });
+        poll_fn(|cx| second.poll_hold(cx)).await;
+        assert_eq!(started.elapsed(), HANDOFF);
+        let took = tokio::time::timeout(10 * HANDOFF, third).await.expect("the third never took the turn").unwrap();
+        assert_eq!(took, 2 * HANDOFF, "woken when it became first, it took the turn from the idle second");
     }
 
     #[tokio::test(start_paused = true)]
