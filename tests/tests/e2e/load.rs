@@ -373,24 +373,15 @@ async fn an_http2_response_nobody_reads_loses_its_slot() {
         assert!(started.elapsed() < Duration::from_secs(6), "the unread responses still hold their slots");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // The first was cut; the second, which waited for its turn (HTTP/2
-    // responses of a connection send in turns), may be read whole now.
-    // Neither ends cleanly short.
-    let mut cut = 0;
     for response in held {
         let mut response = response;
-        let mut received = 0u64;
         let ended = loop {
             match response.chunk().await {
-                Ok(Some(chunk)) => received += chunk.len() as u64,
+                Ok(Some(_)) => continue,
                 Ok(None) => break Ok(()),
                 Err(error) => break Err(error),
             }
         };
-        match ended {
-            Err(_) => cut += 1,
-            Ok(()) => assert_eq!(received, 64 * MIB, "a response that ends cleanly is whole"),
-        }
+        assert!(ended.is_err(), "a cut response fails, it never ends as if complete");
     }
-    assert!(cut >= 1, "the stalled response was cut");
 }
