@@ -156,9 +156,13 @@ async fn http2_responses_of_one_connection_go_out_in_turns() {
     for stream in streams {
         ends.push(stream.await.unwrap());
     }
+    // In turns, the first ends after about a quarter of all the bytes;
+    // interleaved, every stream ends near the end. A loaded machine may
+    // hand a turn on early (a body not polled for 50 ms), so the bound
+    // is three quarters.
     let first = *ends.iter().min().unwrap();
     assert!(
-        first < 2 * LENGTH,
+        first < 3 * LENGTH,
         "the first stream ended after {first} of {} bytes (ends at {ends:?}): the streams were interleaved",
         4 * LENGTH
     );
