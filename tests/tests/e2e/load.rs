@@ -324,8 +324,13 @@ async fn readers_that_take_nothing_lose_their_slot_and_slow_but_moving_ones_keep
     let stalled: Vec<_> = (0..7).map(|_| slow_reader(&server, "/images/disk", 1, 6.0)).collect();
     let client = server.client();
     let ninth = || client.get(server.image_url("disk")).header("range", "bytes=0-4095").send();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(ninth().await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE, "the eight slots are taken");
+    // The eight readers are Python processes: on a loaded machine they
+    // take a moment to start, so wait until they hold every slot.
+    let started = Instant::now();
+    while ninth().await.unwrap().status() != StatusCode::SERVICE_UNAVAILABLE {
+        assert!(started.elapsed() < Duration::from_secs(3), "the eight slots are never all taken");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Within the send timeout (and the time their buffers take to fill),
     // the seven slots held by readers taking nothing are free.
     let started = Instant::now();
