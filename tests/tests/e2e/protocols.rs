@@ -97,11 +97,11 @@ async fn qemu_pulls_an_image_through_its_https_driver_every_time() {
 /// that would report another one that finished in the same call: sending
 /// the responses of a connection in turns (`http::turns`) ended the stalls
 /// at the end of a pull, but the first 8 reads, on 8 new connections, still
-/// stall in about 1 pull of 7 with the debug build (1 of 15 release), and
+/// stall in about 1 pull of 10 with the debug build (1 of 15 release), and
 /// nginx does too when its first byte comes as late as ours (README, known
 /// limits). Run it with `--run-ignored all`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "QEMU 10.0's https driver still stalls in about 1 pull of 7 (first 8 reads); see the README's known limits"]
+#[ignore = "QEMU 10.0's https driver still stalls in about 1 pull of 10 (first 8 reads); see the README's known limits"]
 async fn qemu_pulls_an_image_through_its_https_driver_in_its_default_mode_every_time() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.raw");
