@@ -566,13 +566,14 @@ def peer_measures(table, services, workloads, runs, out):
     part = os.path.join(os.path.dirname(out), "eighth.raw")
     with open(workloads.dense, "rb") as source, open(part, "wb") as target:
         target.write(source.read(eighth))
+    # The commands are made after each restart: a new server has a new port.
     for label, commands in (
-        ("downloads", [["curl", "-sSf", "-o", "/dev/null", "--cacert", ca, services.url("dense")] for _ in range(8)]),
-        ("uploads", [["curl", "-sSf", "-o", "/dev/null", "--cacert", ca, "-T", part, "-H",
-                      f"Content-Range: bytes {n * eighth}-{(n + 1) * eighth - 1}/*", services.url("upload")] for n in range(8)]),
+        ("downloads", lambda: [["curl", "-sSf", "-o", "/dev/null", "--cacert", ca, services.url("dense")] for _ in range(8)]),
+        ("uploads", lambda: [["curl", "-sSf", "-o", "/dev/null", "--cacert", ca, "-T", part, "-H",
+                              f"Content-Range: bytes {n * eighth}-{(n + 1) * eighth - 1}/*", services.url("upload")] for n in range(8)]),
     ):
         services.restart_blockgate()
-        transfers = [subprocess.Popen(command) for command in commands]
+        transfers = [subprocess.Popen(command) for command in commands()]
         if any(transfer.wait() != 0 for transfer in transfers):
             sys.exit(f"bench: one of the concurrent {label} failed")
         peak = proc_status(services.blockgate.pid, "VmHWM") / 1024
