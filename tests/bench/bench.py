@@ -308,16 +308,18 @@ def main():
     os.makedirs(args.work, exist_ok=True)
     workloads = Workloads(args.work)
     table = Table()
-    if args.only_vm:
-        workloads.make_dense()
-        vm_measures(table, args.runs, args.work, workloads.dense, BIN)
-    else:
-        workloads.make()
-        run_all(table, workloads, args)
-
-    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
-    print(f"\nblockgate benchmark, medians of {args.runs} runs, {os.cpu_count()} cores ({cpu}), loopback, warm page cache\n")
-    table.print()
+    try:
+        if args.only_vm:
+            workloads.make_dense()
+            vm_measures(table, args.runs, args.work, workloads.dense, BIN)
+        else:
+            workloads.make()
+            run_all(table, workloads, args)
+    finally:
+        # What was measured is printed even when a later measure fails.
+        cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
+        print(f"\nblockgate benchmark, medians of {args.runs} runs, {os.cpu_count()} cores ({cpu}), loopback, warm page cache\n")
+        table.print()
 
 
 def run_all(table, workloads, args):
