@@ -5,23 +5,31 @@
 //!
 //! Writing is a handful of encoders. Reading is [`Decoder`], a sans-I/O
 //! state machine: the caller appends received bytes to a buffer and takes
-//! [`Event`]s out until the decoder needs more. It never buffers more than
-//! [`DATA_SEGMENT`] bytes of a data frame, checks every rule of the reader
-//! section (with the frame number, offset and reason in each error), and
-//! only hands out a data segment once it knows the frame is well formed up
-//! to that point, so nothing after a bad frame is ever applied.
+//! [`Event`]s out until the decoder needs more. It hands a data frame out
+//! in pieces of at most [`DATA_PIECE`] bytes as they arrive, so a reader
+//! can write while the rest of the frame is on its way, checks every rule
+//! of the reader section (with the frame number, offset and reason in
+//! each error), and only hands out a piece once it knows the frame is
+//! well formed up to that point, so nothing after a bad frame is ever
+//! applied. The trailer's checksum is checked against a blkhash the
+//! reader computes from the events ([`Ending::verify`]): hashing is the
+//! costliest part of reading a stream, and a reader can spread it over
+//! its cores.
 
 use std::fmt;
 
 use bytes::{Buf, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
-use crate::blkhash::{ALGORITHM, BlockHasher, DEFAULT_BLOCK_SIZE};
+use crate::blkhash::{ALGORITHM, DEFAULT_BLOCK_SIZE};
 
 /// Length of every frame header.
 pub const HEADER_LEN: usize = 40;
-/// Largest data frame a writer emits, and the most of one a reader holds.
+/// Largest data frame a writer emits.
 pub const DATA_SEGMENT: u64 = 8 << 20;
+/// Most bytes of a data frame in one [`Event::Data`], and so the most of
+/// one the decoder holds.
+pub const DATA_PIECE: u64 = 256 << 10;
 /// Largest `meta` or trailer JSON accepted.
 pub const MAX_JSON_FRAME: u64 = 1 << 20;
 /// Media type of the stream.
@@ -139,7 +147,7 @@ pub fn json_frame<T: Serialize>(kind: Kind, payload: &T) -> Bytes {
 pub enum Event {
     /// The stream's metadata (always first).
     Meta(Meta),
-    /// Data to write at `offset`; a frame longer than [`DATA_SEGMENT`]
+    /// Data to write at `offset`; a frame longer than [`DATA_PIECE`]
     /// arrives as several events.
     Data {
         /// Image offset.
@@ -154,8 +162,56 @@ pub enum Event {
         /// Length.
         length: u64,
     },
-    /// The valid end of the stream.
-    End(Summary),
+    /// The end of a well-formed stream, its checksum still to check.
+    End(Ending),
+}
+
+/// The end of a well-formed stream: what it carried, and the checksum its
+/// trailer claims, to check against the one the reader computed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ending {
+    frames: u64,
+    data_size: u64,
+    zero_size: u64,
+    incremental: bool,
+    checksum: Option<Checksum>,
+    /// The stop frame's number and offset, for the error.
+    frame: u64,
+    offset: u64,
+}
+
+impl Ending {
+    /// True when the trailer carries a checksum a reader can check: the
+    /// blkhash ([`ALGORITHM`], [`DEFAULT_BLOCK_SIZE`]) of a full stream.
+    pub fn checkable(&self) -> bool {
+        !self.incremental
+            && self.checksum.as_ref().is_some_and(|checksum| checksum.algorithm == ALGORITHM && checksum.block_size == DEFAULT_BLOCK_SIZE)
+    }
+
+    /// The stream's summary, once the trailer's checksum is checked
+    /// against `computed`: the blkhash ([`ALGORITHM`],
+    /// [`DEFAULT_BLOCK_SIZE`]) of the data and zero events in order, which
+    /// a reader must give when [`Ending::checkable`]. A checksum that
+    /// differs rejects the stream at its stop frame.
+    pub fn verify(self, computed: Option<&str>) -> Result<Summary, StreamError> {
+        let check = match (&self.checksum, computed) {
+            (None, _) => ChecksumCheck::None,
+            (Some(expected), Some(actual)) if self.checkable() => {
+                if !expected.checksum.eq_ignore_ascii_case(actual) {
+                    return Err(StreamError {
+                        frame: self.frame,
+                        offset: self.offset,
+                        reason: format!("checksum {actual} differs from the trailer's {}", expected.checksum),
+                    });
+                }
+                ChecksumCheck::Verified
+            }
+            // Carried but not checkable (an incremental's image is not all
+            // in the stream, or another algorithm): unchecked.
+            (Some(_), _) => ChecksumCheck::Unchecked,
+        };
+        Ok(Summary::new(self.frames, self.data_size, self.zero_size, check))
+    }
 }
 
 /// What a complete stream carried.
@@ -241,8 +297,6 @@ pub struct Decoder {
     frames: u64,
     data_size: u64,
     zero_size: u64,
-    /// blkhash of a full stream, as read.
-    hasher: Option<BlockHasher>,
 }
 
 impl Decoder {
@@ -258,7 +312,6 @@ impl Decoder {
             frames: 0,
             data_size: 0,
             zero_size: 0,
-            hasher: None,
         }
     }
 
@@ -300,7 +353,7 @@ impl Decoder {
                     };
                 }
                 State::Data { offset, remaining } => {
-                    let segment = remaining.min(DATA_SEGMENT);
+                    let segment = remaining.min(DATA_PIECE);
                     let last = segment == remaining;
                     let needed = segment + if last { 2 } else { 0 };
                     if (buffer.len() as u64) < needed {
@@ -315,9 +368,6 @@ impl Decoder {
                         self.state = State::Header;
                     } else {
                         self.state = State::Data { offset: offset + segment, remaining: remaining - segment };
-                    }
-                    if let Some(hasher) = &mut self.hasher {
-                        hasher.update(&data);
                     }
                     return Ok(Some(Event::Data { offset, data }));
                 }
@@ -390,9 +440,6 @@ impl Decoder {
                 self.position = end;
                 if kind == Kind::Zero {
                     self.zero_size += length;
-                    if let Some(hasher) = &mut self.hasher {
-                        hasher.zero(length);
-                    }
                     return Ok(Some(Event::Zero { offset: start, length }));
                 }
                 if self.data_size + length > meta.data_size {
@@ -412,9 +459,6 @@ impl Decoder {
                 self.error(format!("virtual-size {} is larger than the target image ({} bytes)", meta.virtual_size, self.target_size))
             );
         }
-        if !meta.incremental {
-            self.hasher = Some(BlockHasher::new(DEFAULT_BLOCK_SIZE));
-        }
         self.meta = Some(meta.clone());
         self.state = State::Header;
         Ok(Event::Meta(meta))
@@ -429,7 +473,7 @@ impl Decoder {
         if !meta.incremental && self.position != meta.virtual_size {
             return Err(self.error(format!("a full stream must tile the image, but it ends at {} of {}", self.position, meta.virtual_size)));
         }
-        let mut checksum = ChecksumCheck::None;
+        let mut checksum = None;
         if let Some(trailer) = trailer {
             let trailer: Trailer = serde_json::from_slice(trailer).map_err(|error| self.error(format!("invalid trailer JSON: {error}")))?;
             let read = (self.frames, self.data_size, self.zero_size);
@@ -439,23 +483,18 @@ impl Decoder {
                     trailer.frames, trailer.data_size, trailer.zero_size, read.0, read.1, read.2
                 )));
             }
-            if let Some(expected) = trailer.checksum {
-                // Carried but not checkable (an incremental's image is not
-                // all in the stream, or another algorithm): unchecked.
-                checksum = ChecksumCheck::Unchecked;
-                let hasher =
-                    self.hasher.take().filter(|hasher| expected.algorithm == ALGORITHM && expected.block_size == hasher.block_size());
-                if let Some(hasher) = hasher {
-                    let actual = hasher.finish();
-                    if !expected.checksum.eq_ignore_ascii_case(&actual) {
-                        return Err(self.error(format!("checksum {actual} differs from the trailer's {}", expected.checksum)));
-                    }
-                    checksum = ChecksumCheck::Verified;
-                }
-            }
+            checksum = trailer.checksum;
         }
         self.state = State::Done;
-        Ok(Event::End(Summary::new(self.frames, self.data_size, self.zero_size, checksum)))
+        Ok(Event::End(Ending {
+            frames: self.frames,
+            data_size: self.data_size,
+            zero_size: self.zero_size,
+            incremental: meta.incremental,
+            checksum,
+            frame: self.frame,
+            offset: self.frame_start,
+        }))
     }
 }
 
@@ -485,6 +524,7 @@ pub fn parse_header(raw: &[u8]) -> Result<(Kind, u64, u64), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blkhash::BlockHasher;
     use proptest::prelude::*;
 
     /// A stream as (kind, start, length) with data bytes derived from the
@@ -559,23 +599,28 @@ mod tests {
         })
     }
 
-    /// Decodes `input` fed in chunks of `chunk` bytes; the events, or the
-    /// error and the events applied before it.
+    /// Decodes `input` fed in chunks of `chunk` bytes, hashing the events
+    /// as a reader does; the events, or the error and the events applied
+    /// before it.
     fn decode(input: &[u8], chunk: usize, target_size: u64) -> (Vec<Event>, Result<Summary, StreamError>) {
         let mut decoder = Decoder::new(target_size);
         let mut buffer = BytesMut::new();
         let mut events = Vec::new();
+        let mut hasher = BlockHasher::new(DEFAULT_BLOCK_SIZE);
+        let mut ending = None;
         for piece in input.chunks(chunk.max(1)) {
             buffer.extend_from_slice(piece);
             loop {
                 match decoder.decode(&mut buffer) {
-                    Ok(Some(Event::End(summary))) => {
-                        if let Err(error) = decoder.finish(&buffer) {
-                            return (events, Err(error));
+                    Ok(Some(Event::End(end))) => ending = Some(end),
+                    Ok(Some(event)) => {
+                        match &event {
+                            Event::Data { data, .. } => hasher.update(data),
+                            Event::Zero { length, .. } => hasher.zero(*length),
+                            _ => {}
                         }
-                        events.push(Event::End(summary.clone()));
+                        events.push(event);
                     }
-                    Ok(Some(event)) => events.push(event),
                     Ok(None) => break,
                     Err(error) => return (events, Err(error)),
                 }
@@ -584,13 +629,9 @@ mod tests {
         if let Err(error) = decoder.finish(&buffer) {
             return (events, Err(error));
         }
-        match events.last() {
-            Some(Event::End(summary)) => {
-                let summary = summary.clone();
-                (events, Ok(summary))
-            }
-            _ => unreachable!("finish succeeded without an End"),
-        }
+        let ending = ending.expect("finish succeeded without an End");
+        let computed = ending.checkable().then(|| hasher.finish());
+        (events, ending.verify(computed.as_deref()))
     }
 
     /// Reassembles data events into (offset, bytes) per contiguous run.
@@ -636,15 +677,15 @@ mod tests {
     }
 
     #[test]
-    fn large_data_frames_arrive_in_bounded_segments() {
-        let size = DATA_SEGMENT * 2 + 5;
+    fn large_data_frames_arrive_in_bounded_pieces() {
+        let size = DATA_PIECE * 2 + 5;
         let plan = Plan { virtual_size: size, incremental: false, frames: vec![(Kind::Data, 0, size)] };
         let (events, result) = decode(&encode(&plan, true), 1 << 20, size);
         let summary = result.unwrap();
         assert_eq!((summary.checksum, summary.verified), (ChecksumCheck::Verified, Some(true)));
         let lengths: Vec<usize> =
             events.iter().filter_map(|e| if let Event::Data { data, .. } = e { Some(data.len()) } else { None }).collect();
-        assert_eq!(lengths, vec![DATA_SEGMENT as usize, DATA_SEGMENT as usize, 5]);
+        assert_eq!(lengths, vec![DATA_PIECE as usize, DATA_PIECE as usize, 5]);
     }
 
     proptest! {

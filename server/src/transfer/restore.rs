@@ -1,6 +1,9 @@
 //! The sparse stream in (`PUT ?format=sparse`): frames are decoded as the
-//! body arrives (at most one 8 MiB data segment held), data goes out as
-//! pipelined WRITEs and zero frames as WRITE_ZEROES. A full stream's zero
+//! body arrives, data goes out as pipelined WRITEs of at most
+//! [`DATA_PIECE`] bytes as soon as each piece is in, and zero frames as
+//! WRITE_ZEROES. A full stream is hashed on the blocking pool while it is
+//! written ([`ParallelHasher`]), and its trailer's checksum checked at the
+//! end. A full stream's zero
 //! frames cost nothing when the target already reads as zeros throughout.
 //! A bad frame stops everything after it; the error names the frame and
 //! how much was applied before it, because storage cannot undo what landed.
@@ -15,8 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, BodyDataStream};
+use blockgate_protocol::blkhash::{Algorithm, DEFAULT_BLOCK_SIZE};
 use blockgate_protocol::checkpoint::Restored;
-use blockgate_protocol::sparse::{Decoder, Event, Meta};
+use blockgate_protocol::sparse::{DATA_PIECE, Decoder, Event, Meta};
 use blockgate_protocol::{ByteRange, ZeroState};
 use bytes::BytesMut;
 use futures::TryStreamExt;
@@ -24,8 +28,12 @@ use futures::TryStreamExt;
 use crate::error::ApiError;
 use crate::sources::backend::{Backend, REQUEST_SIZE};
 use crate::transfer::extents::extents;
+use crate::transfer::hashing::ParallelHasher;
 use crate::transfer::restore_record;
-use crate::transfer::{Applied, Hold, Pipeline, WriteFailure, discard_rest, next_frame};
+use crate::transfer::{Applied, Hold, Piece, Pipeline, WriteFailure, discard_rest, next_frame};
+
+// A data event is one write.
+const _: () = assert!(DATA_PIECE as usize <= REQUEST_SIZE);
 
 /// How a restore writes.
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +65,7 @@ pub async fn restore(backend: Arc<Backend>, body: Body, settings: RestoreSetting
     let mut checkpoint = None;
     let mut disk = None;
     let mut tail = None;
+    let mut hasher = None;
     loop {
         let event = match decoder.decode(&mut buffer) {
             Ok(Some(event)) => event,
@@ -93,6 +102,9 @@ pub async fn restore(backend: Arc<Backend>, body: Body, settings: RestoreSetting
                 }
                 checkpoint = meta.checkpoint;
                 disk = meta.disk;
+                if !meta.incremental {
+                    hasher = Some(ParallelHasher::new(Algorithm::Blake2b, DEFAULT_BLOCK_SIZE));
+                }
                 // Zeros are skipped on a target that reads as zeros, unless
                 // it lost writes (lost data reads as zeros too, and only
                 // writing those ranges again makes a flush succeed), or it
@@ -103,24 +115,28 @@ pub async fn restore(backend: Arc<Backend>, body: Body, settings: RestoreSetting
                     && reads_as_zeros(&backend).await?;
                 Ok(())
             }
-            Event::Data { offset, data } => {
-                let mut result = Ok(());
-                for at in (0..data.len()).step_by(REQUEST_SIZE) {
-                    let piece = data.slice(at..data.len().min(at + REQUEST_SIZE));
-                    result = pipeline.write(&backend, offset + at as u64, piece).await;
-                    if result.is_err() {
-                        break;
-                    }
-                }
-                result
-            }
-            Event::Zero { .. } if skip_zero_frames => Ok(()),
-            Event::Zero { offset, length } => pipeline.zero(&backend, offset, length, may_deallocate).await,
-            Event::End(summary) => {
-                let end = decoder.finish(&buffer);
-                if let Err(error) = end {
-                    return Err(rejected(pipeline.fail(ApiError::BadRequest(error.to_string())).await));
-                }
+            Event::Data { offset, data } => match hash(&mut hasher, Piece::Data(data.clone())).await {
+                Ok(()) => pipeline.write(&backend, offset, data).await,
+                Err(error) => Err(error),
+            },
+            Event::Zero { offset, length } => match hash(&mut hasher, Piece::Zeros(length)).await {
+                Ok(()) if skip_zero_frames => Ok(()),
+                Ok(()) => pipeline.zero(&backend, offset, length, may_deallocate).await,
+                Err(error) => Err(error),
+            },
+            Event::End(ending) => {
+                let computed = match hasher.take() {
+                    Some(hasher) if ending.checkable() => match hasher.finish().await {
+                        Ok(checksum) => Some(checksum),
+                        Err(error) => return Err(rejected(pipeline.fail(error).await)),
+                    },
+                    _ => None,
+                };
+                let end = decoder.finish(&buffer).and_then(|()| ending.verify(computed.as_deref()));
+                let summary = match end {
+                    Ok(summary) => summary,
+                    Err(error) => return Err(rejected(pipeline.fail(ApiError::BadRequest(error.to_string())).await)),
+                };
                 // The stream is whole only if the body ends here: bytes
                 // that arrive after `stop`, however late, are refused.
                 if !input_done {
@@ -151,6 +167,14 @@ pub async fn restore(backend: Arc<Backend>, body: Body, settings: RestoreSetting
             discard_rest(frames);
             return Err(rejected(pipeline.fail(error).await));
         }
+    }
+}
+
+/// Adds a piece of a full stream to its checksum.
+async fn hash(hasher: &mut Option<ParallelHasher>, piece: Piece) -> Result<(), ApiError> {
+    match hasher {
+        Some(hasher) => hasher.push(piece).await,
+        None => Ok(()),
     }
 }
 
