@@ -57,9 +57,12 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Largest request head (HTTP/1 read buffer, HTTP/2 header list).
 const MAX_HEADER_BYTES: usize = 64 << 10;
-/// HTTP/2 flow-control windows: large enough that one stream can fill a
-/// fast link without waiting for WINDOW_UPDATEs.
-const H2_STREAM_WINDOW: u32 = 4 << 20;
+/// HTTP/2 flow-control windows: what a client may send ahead of what the
+/// server has taken in. The stream window is also what an upload may hold
+/// in the server's memory besides its writes in flight: 4 MiB made eight
+/// concurrent HTTP/2 uploads peak at 84 MiB of RSS, 1 MiB at 48 MiB
+/// (HTTP/1.1: 32 MiB). 1 MiB a round trip still fills 1 GB/s at 1 ms.
+const H2_STREAM_WINDOW: u32 = 1 << 20;
 const H2_CONNECTION_WINDOW: u32 = 16 << 20;
 
 /// A bound socket.
