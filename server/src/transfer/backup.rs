@@ -5,7 +5,8 @@
 //! `meta` frame needs the data size up front, so the extents are walked
 //! twice (cheap: no data is read the first time) rather than held in
 //! memory. Data is read pipelined; the full stream's blkhash is computed
-//! from the frames as they go out (on every core) and sent in the trailer.
+//! from the frames as they go out (on every core) and sent in the trailer,
+//! unless the client asked for none.
 //! A failure after the first byte aborts the body without a `stop` frame.
 
 use std::sync::Arc;
@@ -36,6 +37,9 @@ pub struct Scope {
     pub checkpoint: Option<String>,
     /// The VM disk the stream is of (`VM-UUID/TARGET`).
     pub disk: Option<String>,
+    /// Leave the blkhash out of a full stream's trailer (`checksum=n`):
+    /// hashing costs more CPU than the rest of the stream.
+    pub without_checksum: bool,
 }
 
 /// A range the stream carries as one frame.
@@ -146,7 +150,7 @@ pub async fn backup_body(backend: Arc<Backend>, scope: Scope) -> Result<Body, Ap
     let outputs = started(outputs).await?;
     let state = Frames {
         outputs,
-        hasher: (!incremental).then(|| ParallelHasher::new(Algorithm::Blake2b, DEFAULT_BLOCK_SIZE)),
+        hasher: (!incremental && !scope.without_checksum).then(|| ParallelHasher::new(Algorithm::Blake2b, DEFAULT_BLOCK_SIZE)),
         frames: 0,
         data_size: 0,
         zero_size: 0,

@@ -138,6 +138,41 @@ fn dir_raw(image: &Path) -> std::path::PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checksum_n_leaves_the_trailer_hash_out_and_the_stream_still_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    let restored = dir.path().join("restored.qcow2");
+    create_image(&image, "qcow2", "10M");
+    create_image(&restored, "qcow2", "10M");
+    qemu_io(&image, "qcow2", &["write -P 0x51 0 1M", "write -P 0x52 5M 3M"]);
+    let images = [format!("disk={}", image.display()), format!("dst={}", restored.display())];
+    let server = Server::start(dir.path(), &images).await;
+    let client = server.client();
+    let hashed = get_stream(&client, format!("{}?format=sparse", server.image_url("disk"))).await;
+    let plain = get_stream(&client, format!("{}?format=sparse&checksum=n", server.image_url("disk"))).await;
+    let trailer = |stream: &[u8]| -> Value {
+        let stop = *frame_headers(stream).last().unwrap();
+        serde_json::from_slice(stream[stop + 40..].strip_suffix(b"\r\n").unwrap()).unwrap()
+    };
+    assert!(trailer(&hashed)["checksum"].is_object());
+    let counts = trailer(&plain);
+    assert!(counts.get("checksum").is_none(), "checksum=n: {counts}");
+    assert_eq!((counts["frames"].clone(), counts["data-size"].clone()), (trailer(&hashed)["frames"].clone(), (4 * MIB).into()));
+    let stop = |stream: &[u8]| *frame_headers(stream).last().unwrap();
+    assert_eq!(plain[..stop(&plain)], hashed[..stop(&hashed)], "only the trailer differs");
+
+    let (status, summary) = put_stream(&client, format!("{}?format=sparse", server.image_url("dst")), plain).await;
+    assert_eq!(status, StatusCode::OK, "{summary}");
+    let summary: Value = serde_json::from_str(&summary).unwrap();
+    assert_eq!((summary["checksum"].as_str(), summary.get("verified")), (Some("none"), None), "{summary}");
+    let response = client.get(format!("{}?format=sparse&checksum=no", server.image_url("disk"))).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert!(response.text().await.unwrap().contains("checksum=n"));
+    drop(server);
+    run("qemu-img", &["compare", image.to_str().unwrap(), restored.to_str().unwrap()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checksums_follow_the_blkhash_definition_and_the_stream_trailer() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.qcow2");

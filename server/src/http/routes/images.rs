@@ -94,7 +94,8 @@ pub async fn get(
     let map = dirty::parse(&params)?;
     if transfer_format(&params)? == Format::Sparse {
         let map = dirty::for_ticket(&ticket, map, true)?;
-        return sparse_get(operation, map, &headers, close, connection).await;
+        let without_checksum = !flag(&params, "checksum", true)?;
+        return sparse_get(operation, map, without_checksum, &headers, close, connection).await;
     }
     if map.since.is_some() || map.checkpoint.is_some() {
         return Err(ApiError::BadRequest("since= and checkpoint= apply to format=sparse and to extents, not to raw data".into()));
@@ -123,11 +124,12 @@ pub async fn get(
     Ok(response)
 }
 
-/// `GET ?format=sparse[&context=zero|dirty][&since=ID][&checkpoint=ID2]`:
+/// `GET ?format=sparse[&context=zero|dirty][&since=ID][&checkpoint=ID2][&checksum=n]`:
 /// a full or incremental backup.
 async fn sparse_get(
     operation: Operation,
     map: MapRequest,
+    without_checksum: bool,
     headers: &HeaderMap,
     close: bool,
     connection: Option<ConnectionCut>,
@@ -144,6 +146,7 @@ async fn sparse_get(
         since: map.since,
         checkpoint: map.checkpoint,
         disk: ticket.backend.backup_point().map(|point| point.disk.clone()),
+        without_checksum,
     };
     let body = cancelable(backup_body(backend, scope), &ticket).await?;
     let mut response = Response::new(guard_body(body, operation, None, connection));
