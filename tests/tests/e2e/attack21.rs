@@ -134,6 +134,26 @@ async fn a_stream_of_tiny_frames_restores_in_bounded_memory() {
     }
 }
 
+/// `checksum=` is a sparse-stream parameter: on a raw GET a bad value was
+/// ignored (200 with the data), where `since=` on a raw GET is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checksum_parameter_is_checked_wherever_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    create_image(&image, "raw", "1M");
+    let server = Server::start(dir.path(), &[format!("disk={}", image.display())]).await;
+    let client = server.client();
+    for query in ["?checksum=nope", "?checksum=n", "?format=raw&checksum=y", "?format=sparse&checksum=Y", "?format=sparse&checksum="] {
+        let response = client.get(format!("{}{query}", server.image_url("disk"))).send().await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {}", &text[..text.len().min(200)]);
+        assert!(text.contains("checksum"), "{query}: {text}");
+    }
+    let explicit = get_stream(&client, format!("{}?format=sparse&checksum=y", server.image_url("disk"))).await;
+    assert!(String::from_utf8_lossy(&explicit).contains("\"checksum\":{"), "checksum=y carries the checksum");
+}
+
 /// Concurrent full restores: what each holds while its stream is hashed.
 /// The hasher gathers four 4 MiB blocks (BLAKE2b hashes them side by side)
 /// while the four before are hashed: up to 36 MiB a restore, about 20 MiB

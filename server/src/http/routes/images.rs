@@ -100,6 +100,11 @@ pub async fn get(
     if map.since.is_some() || map.checkpoint.is_some() {
         return Err(ApiError::BadRequest("since= and checkpoint= apply to format=sparse and to extents, not to raw data".into()));
     }
+    if let Some(value) = params.get("checksum") {
+        return Err(ApiError::BadRequest(format!(
+            "checksum={value:?} applies to format=sparse, not to raw data (GET .../checksum computes an image's checksum)"
+        )));
+    }
     let size = ticket.backend.size();
     let (status, range) = match headers.get(header::RANGE) {
         None => (StatusCode::OK, ByteRange { start: 0, end: size }),
