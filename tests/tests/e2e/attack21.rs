@@ -156,8 +156,9 @@ async fn the_checksum_parameter_is_checked_wherever_it_is_given() {
 
 /// Concurrent full restores: what each holds while its stream is hashed.
 /// The hasher gathers four 4 MiB blocks (BLAKE2b hashes them side by side)
-/// while the four before are hashed: up to 36 MiB a restore, about 20 MiB
-/// measured (the 8 MiB frame the decoder held before was about 10 MiB).
+/// while the four before are hashed: up to 36 MiB a restore (36 MiB
+/// measured for one restore alone, whatever its frame sizes; the 8 MiB
+/// frame the decoder held before cost about 10 MiB).
 /// Bounded by buffers, not by the image: this guards that bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_full_restores_hold_bounded_memory() {
@@ -189,4 +190,41 @@ async fn concurrent_full_restores_hold_bounded_memory() {
     let grown = peak_rss_kib(server.pid()).saturating_sub(before);
     eprintln!("{count} concurrent full restores of {} MiB: the server grew by {} MiB", size >> 20, grown >> 10);
     assert!(grown < count * (40 << 10), "{count} concurrent restores grew the server by {} MiB", grown >> 10);
+}
+
+/// An 8 MiB data frame that trickles in a byte at a time, then stalls: the
+/// pieces that arrived are written as they come (the decoder holds at most
+/// one), the stall is a 400 after the body timeout that says what was
+/// applied, and the target is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_frame_that_stalls_is_refused_after_the_body_timeout_saying_what_was_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 16 * MIB;
+    let target = dir.path().join("t.raw");
+    create_image(&target, "raw", &size.to_string());
+    let server = Server::try_start(dir.path(), &[format!("t={}", target.display())], &["--body-timeout", "2"]).await.unwrap();
+    let (sender, mut receiver) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let body = futures::stream::poll_fn(move |context| receiver.poll_recv(context));
+    let request = server.client().put(server.image_url("t") + "?format=sparse").body(reqwest::Body::wrap_stream(body)).send();
+    let response = tokio::spawn(request);
+    let mut head = meta_frame(&json!({"virtual-size": size, "data-size": 8 * MIB}));
+    head.extend(frame("data", 0, 8 * MIB, &[]));
+    sender.send(Ok(head)).await.unwrap();
+    for _ in 0..2000 {
+        sender.send(Ok(vec![0x61])).await.unwrap();
+    }
+    sender.send(Ok(vec![0x61; 300 << 10])).await.unwrap();
+    let stalled = std::time::Instant::now();
+    let response = response.await.unwrap().unwrap();
+    let waited = stalled.elapsed();
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    drop(sender);
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    assert!(waited < std::time::Duration::from_secs(10), "refused after {waited:?}");
+    for said in ["stalled", "262144 bytes of data", "applied before it"] {
+        assert!(text.contains(said), "the refusal says {said:?}: {text}");
+    }
+    let (status, text) = raw_put_to(&server, "t", 0, &[1u8]).await;
+    assert_eq!(status, StatusCode::OK, "the target is free after the stall: {text}");
 }
