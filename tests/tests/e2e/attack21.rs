@@ -228,3 +228,42 @@ async fn a_trickled_frame_that_stalls_is_refused_after_the_body_timeout_saying_w
     let (status, text) = raw_put_to(&server, "t", 0, &[1u8]).await;
     assert_eq!(status, StatusCode::OK, "the target is free after the stall: {text}");
 }
+
+/// Open finding: the body timeout is per stall, so a client that sends a
+/// byte every second (under `--body-timeout`) holds its restore, the
+/// target's claim and what the restore has gathered (up to 36 MiB of
+/// hash batches since the restore hashes on the blocking pool) for as
+/// long as it likes. Needs a policy (a least average rate, or a deadline
+/// per body); run with `--run-ignored all`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "open finding: a body trickled at 1 byte/s is never cut (the body timeout is per stall)"]
+async fn a_restore_trickled_at_one_byte_a_second_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 16 * MIB;
+    let target = dir.path().join("t.raw");
+    create_image(&target, "raw", &size.to_string());
+    let server = Server::try_start(dir.path(), &[format!("t={}", target.display())], &["--body-timeout", "2"]).await.unwrap();
+    let (sender, mut receiver) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let body = futures::stream::poll_fn(move |context| receiver.poll_recv(context));
+    let request = server.client().put(server.image_url("t") + "?format=sparse").body(reqwest::Body::wrap_stream(body)).send();
+    let mut response = tokio::spawn(request);
+    let mut head = meta_frame(&json!({"virtual-size": size, "data-size": 8 * MIB}));
+    head.extend(frame("data", 0, 8 * MIB, &[]));
+    sender.send(Ok(head)).await.unwrap();
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(12) {
+        tokio::select! {
+            answer = &mut response => {
+                let response = answer.unwrap().unwrap();
+                assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+                return;
+            }
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {
+                if sender.send(Ok(vec![0x61])).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    panic!("a restore trickled at 1 byte/s ran for {:?} with --body-timeout 2", started.elapsed());
+}
