@@ -1,9 +1,9 @@
-//! A local raw or qcow2 image file, reached the way imageio's
-//! client does it: through a qemu-nbd child on a private socket and our NBD
-//! client. Downloads create the file (raw, qcow2, or a qcow2 overlay on the
-//! previous backup); uploads open it read-only in the format they are told
-//! (never probed) and list its data and zero
-//! ranges so holes travel as zero requests, not bytes.
+//! A local image in a format qemu must read (qcow2), reached the way
+//! imageio's client does it: through a qemu-nbd child on a private socket
+//! and our NBD client. Downloads create the file (or a qcow2 overlay on
+//! the previous backup); uploads open it read-only in the format they are
+//! told (never probed) and list its data and zero ranges so holes travel
+//! as zero requests, not bytes.
 
 use std::path::Path;
 
@@ -13,26 +13,16 @@ use blockgate_nbd::qemu::{self, ExportSettings, QemuNbd};
 use blockgate_nbd::{Address, BASE_ALLOCATION, Client, ConnectOptions, ZeroFlags};
 use bytes::Bytes;
 
+use super::Run;
 use crate::error::Result;
 
 /// Local connections to the child; the transfer pipelines on them.
 const CONNECTIONS: u32 = 4;
 
 /// A local image exported by our own qemu-nbd.
-pub struct LocalImage {
+pub struct NbdImage {
     qemu: QemuNbd,
     nbd: Client,
-}
-
-/// A run of bytes that are all data or all zeros.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Run {
-    /// First byte.
-    pub start: u64,
-    /// Length.
-    pub length: u64,
-    /// Reads as zeros.
-    pub zero: bool,
 }
 
 /// The links of a file this program made: its own, or the `--backing`
@@ -41,16 +31,16 @@ fn made_here() -> LinkPolicy {
     LinkPolicy { anywhere: true, ..LinkPolicy::default() }
 }
 
-impl LocalImage {
+impl NbdImage {
     /// Creates `path` (`raw` or `qcow2`) of `size` bytes and opens it.
-    pub async fn create(path: &Path, format: &str, size: u64) -> Result<LocalImage> {
+    pub async fn create(path: &Path, format: &str, size: u64) -> Result<NbdImage> {
         qemu::create_image(path, format, size).await?;
         Self::open(path, format, false, made_here()).await
     }
 
     /// Creates `path` as a qcow2 overlay of `backing` (a file the user
     /// named) and opens it.
-    pub async fn create_overlay(path: &Path, backing: &Path) -> Result<LocalImage> {
+    pub async fn create_overlay(path: &Path, backing: &Path) -> Result<NbdImage> {
         qemu::create_overlay(path, backing).await?;
         Self::open(path, "qcow2", false, made_here()).await
     }
@@ -61,7 +51,7 @@ impl LocalImage {
     /// a backing or data file is refused unless `follow_links`, and then
     /// they are followed only directly in its own directory (as `blockgate
     /// download` makes a chain), never to a hidden file.
-    pub async fn open_read_only(path: &Path, format: &str, follow_links: bool) -> Result<LocalImage> {
+    pub async fn open_read_only(path: &Path, format: &str, follow_links: bool) -> Result<NbdImage> {
         let real = std::fs::canonicalize(path).map_err(|error| qemu::QemuError::new(format!("{}: {error}", path.display())))?;
         let directories = if follow_links { real.parent().map(Path::to_path_buf).into_iter().collect() } else { Vec::new() };
         let rule = if follow_links {
@@ -73,7 +63,7 @@ impl LocalImage {
     }
 
     /// Opens `path`, following its links where `policy` allows.
-    async fn open(path: &Path, format: &str, read_only: bool, policy: LinkPolicy) -> Result<LocalImage> {
+    async fn open(path: &Path, format: &str, read_only: bool, policy: LinkPolicy) -> Result<NbdImage> {
         let path = std::fs::canonicalize(path).map_err(|error| qemu::QemuError::new(format!("{}: {error}", path.display())))?;
         let format = format.to_string();
         let chain = tokio::task::spawn_blocking(move || qcow2::resolve(&path, &format, &policy))
@@ -95,7 +85,7 @@ impl LocalImage {
         };
         let options = ConnectOptions { meta_contexts: vec![BASE_ALLOCATION.to_string()], ..Default::default() };
         let nbd = Client::connect(&Address::unix(qemu.socket(), ""), &options).await?;
-        Ok(LocalImage { qemu, nbd })
+        Ok(NbdImage { qemu, nbd })
     }
 
     /// Virtual size.
