@@ -1,7 +1,8 @@
 //! [`ImageClient`]: one image on a blockgate (or imageio) server, over
 //! HTTPS with reqwest and rustls. Each call is one HTTP request, retried
 //! by the [`RetryPolicy`] when that is safe; reads check that exactly the
-//! asked bytes arrived, so a short body is never taken for data. Nothing
+//! asked bytes arrived, of the asked range (its `Content-Range`), so a
+//! short body or another range is never taken for data. Nothing
 //! the server sends is trusted further than checked: JSON and error
 //! bodies are read up to a bound, extents must follow each other without
 //! gaps or empty ones, a sparse stream must end with its `stop` frame, and
@@ -195,6 +196,7 @@ impl ImageClient {
         }
         let range = format!("bytes={}-{}", offset, offset + length - 1);
         let response = self.send(self.http.get(&self.url).header(RANGE, range)).await?;
+        check_range(&response, offset, length)?;
         let body = response.bytes_stream().map_err(ClientError::from);
         Ok(stream::try_unfold((Box::pin(body), 0u64), move |(mut body, got)| async move {
             match body.next().await {
@@ -212,29 +214,51 @@ impl ImageClient {
         }))
     }
 
-    /// `length` bytes at `offset`, whole. A body cut off half-way is read
-    /// on from its last byte (a flaky backend costs a retry, not the
-    /// transfer), within the retry policy's attempts.
-    pub async fn read(&self, offset: u64, length: u64) -> Result<Bytes> {
-        let mut buffer = BytesMut::with_capacity(length as usize);
-        let mut attempt = 1;
-        loop {
-            let at = offset + buffer.len() as u64;
-            let failure = match self.read_stream(at, length - buffer.len() as u64).await {
-                Ok(body) => {
-                    let mut body = std::pin::pin!(body);
-                    loop {
-                        match body.next().await {
-                            Some(Ok(chunk)) => buffer.extend_from_slice(&chunk),
-                            Some(Err(error)) => break error,
-                            None => return Ok(buffer.freeze()),
-                        }
-                    }
+    /// `length` bytes at `offset`, as they arrive and in order. A body cut
+    /// off half-way is read on from its last byte (a flaky backend costs a
+    /// retry, not the transfer), within the retry policy's attempts; the
+    /// stream fails if they run out, and never yields a byte past the range.
+    pub fn read_resuming(&self, offset: u64, length: u64) -> impl Stream<Item = Result<Bytes>> + use<> {
+        let end = offset + length;
+        stream::try_unfold((self.clone(), offset, None, 1), move |(this, at, mut body, mut attempt)| async move {
+            loop {
+                if at == end {
+                    return Ok(None);
                 }
-                Err(error) => error,
-            };
-            self.retry.pause(&format!("GET at offset {at}"), failure, &mut attempt).await?;
-        }
+                let failure = match body.take() {
+                    None => match this.read_stream(at, end - at).await {
+                        Ok(opened) => {
+                            body = Some(Box::pin(opened));
+                            continue;
+                        }
+                        Err(error) => error,
+                    },
+                    Some(mut opened) => match opened.next().await {
+                        Some(Ok(chunk)) => {
+                            let at = at + chunk.len() as u64;
+                            return Ok(Some((chunk, (this, at, Some(opened), attempt))));
+                        }
+                        Some(Err(error)) => error,
+                        // read_stream fails a body that ends short first.
+                        None => ClientError::ShortRead { offset: at, expected: end - at, got: 0 },
+                    },
+                };
+                this.retry.pause(&format!("GET at offset {at}"), failure, &mut attempt).await?;
+            }
+        })
+    }
+
+    /// `length` bytes at `offset`, whole, resumed as [`Self::read_resuming`] does.
+    pub async fn read(&self, offset: u64, length: u64) -> Result<Bytes> {
+        let buffer = BytesMut::with_capacity(length as usize);
+        let buffer = self
+            .read_resuming(offset, length)
+            .try_fold(buffer, |mut buffer, chunk| async move {
+                buffer.extend_from_slice(&chunk);
+                Ok(buffer)
+            })
+            .await?;
+        Ok(buffer.freeze())
     }
 
     /// Writes `data` at `offset`; retried (a PUT of a range is idempotent).
@@ -334,5 +358,21 @@ impl ImageClient {
         check_id(id).map_err(ClientError::Invalid)?;
         self.send(self.http.delete(format!("{}/checkpoints/{id}", self.url))).await?;
         Ok(())
+    }
+}
+
+/// A ranged GET's answer is the range asked for: its `Content-Range`
+/// names it, or, without one (a 200), the read starts at 0 and the body
+/// is the image from its start. Bytes of another range would be written
+/// where they do not belong.
+fn check_range(response: &Response, offset: u64, length: u64) -> Result<()> {
+    let asked = format!("bytes {}-{}/", offset, offset + length - 1);
+    match response.headers().get(CONTENT_RANGE) {
+        Some(answered) if answered.to_str().is_ok_and(|answered| answered.starts_with(&asked)) => Ok(()),
+        None if offset == 0 => Ok(()),
+        answered => Err(ClientError::Protocol(format!(
+            "a GET of {asked}* was answered with {}",
+            answered.map_or_else(|| "no Content-Range".to_string(), |value| format!("Content-Range {:?}", value))
+        ))),
     }
 }

@@ -5,8 +5,9 @@
 //! reads and writes, zero, flush, checksum, the sparse stream,
 //! checkpoints), retried
 //! with backoff when that is safe. [`transfer`] moves whole images between
-//! a local raw or qcow2 file ([`LocalImage`], through a local qemu-nbd)
-//! and a server on several connections, following extents.
+//! a local raw or qcow2 file ([`LocalImage`]: a raw file read and written
+//! directly, a qcow2 through a local qemu-nbd) and a server on several
+//! connections, following extents.
 //! [`ControlClient`] speaks to the server's control API (tickets,
 //! metrics), on its unix socket or over TLS with a client certificate,
 //! as the [`ControlArgs`] flags say.

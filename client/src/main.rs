@@ -390,14 +390,18 @@ impl PartialFile {
         Ok(PartialFile { temporary, target: target.to_path_buf(), committed: false })
     }
 
-    /// Gives the complete file its name; never replaces a file that
+    /// Gives the complete file its name, on stable storage like the
+    /// file's data (the directory is synced); never replaces a file that
     /// appeared there meanwhile.
     fn commit(mut self) -> Result<()> {
         std::fs::hard_link(&self.temporary, &self.target)
             .with_context(|| format!("naming the download {} (from {})", self.target.display(), self.temporary.display()))?;
         let _ = std::fs::remove_file(&self.temporary);
         self.committed = true;
-        Ok(())
+        let directory = self.target.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::File::open(directory)
+            .and_then(|directory| directory.sync_all())
+            .with_context(|| format!("syncing {}", directory.display()))
     }
 }
 

@@ -405,3 +405,59 @@ async fn a_restore_passes_zero_tail_and_a_size_refusal_exits_2() {
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(count(&fake.seen(), "PUT /images/disk?format=sparse&force=n&zero_tail=y"), 1, "{:?}", fake.seen());
 }
+
+/// Extents that say the whole image is data, so a download reads it.
+fn all_data(target: &str) -> Option<Response> {
+    target.contains("/extents").then(|| format!(r#"[{{"start":0,"length":{SIZE},"zero":false,"hole":false}}]"#).into_response())
+}
+
+/// A ranged GET's answer: `body`, said to be bytes `start`-`end`.
+fn ranged(start: u64, end: u64, body: Vec<u8>) -> Option<Response> {
+    Some((StatusCode::PARTIAL_CONTENT, [("content-range", format!("bytes {start}-{end}/{SIZE}"))], body).into_response())
+}
+
+/// Downloads from `fake` into a fresh raw file: the output, and whether a
+/// file (under its name, or a partial one beside it) was left behind.
+async fn download_raw(fake: &Fake) -> (Output, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("disk.raw");
+    let (output, _) = fake.run(&["download", "--progress", "none", &fake.url(), target.to_str().unwrap()], Stdio::null(), SECONDS).await;
+    let left = std::fs::read_dir(dir.path()).unwrap().map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    (output, left)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_whose_server_sends_fewer_or_more_bytes_than_asked_leaves_no_file() {
+    for (what, length) in [("fewer", SIZE - 1), ("more", SIZE + 1)] {
+        // Every ranged GET (the one-byte size probes too) is answered with
+        // the whole image's Content-Range and `length` bytes.
+        let fake = Fake::start(SIZE, move |method, target, _| match (method.as_str(), target) {
+            ("GET", "/images/disk") => ranged(0, SIZE - 1, vec![0x5a; length as usize]),
+            _ => all_data(target),
+        })
+        .await;
+        let (output, left) = download_raw(&fake).await;
+        assert_eq!(output.status.code(), Some(1), "{what}: {}", stderr(&output));
+        assert!(stderr(&output).contains("short read") || stderr(&output).contains("Content-Range"), "{what}: {}", stderr(&output));
+        assert_eq!(left, Vec::<String>::new(), "{what}: no file is left, under its name or as a partial one");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_whose_server_answers_another_range_fails() {
+    // Half the image each time, always said to start at 0: the resumed
+    // read of the second half gets the first half again.
+    let fake = Fake::start(SIZE, |method, target, _| match (method.as_str(), target) {
+        ("GET", "/images/disk") => ranged(0, SIZE - 1, random_bytes((SIZE / 2) as usize, 9)),
+        _ => all_data(target),
+    })
+    .await;
+    let (output, left) = download_raw(&fake).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains(&format!("a GET of bytes {}-{}/* was answered with Content-Range", SIZE / 2, SIZE - 1)),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(left, Vec::<String>::new());
+}

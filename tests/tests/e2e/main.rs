@@ -12,6 +12,7 @@ mod backup;
 mod checkpoints;
 mod cli;
 mod cli_hostile;
+mod cli_raw;
 mod cli_safety;
 mod common;
 mod data;
