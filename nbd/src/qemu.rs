@@ -1,7 +1,7 @@
 //! qemu's tools for local images: `qemu-img` to create and inspect files;
 //! a qemu-nbd child exporting one on a private unix socket
 //! (`-t -e N --discard=unmap -A`, `-B` for a bitmap), which the CLI uses
-//! for local files of any format; and a qemu-storage-daemon child with an
+//! for local qcow2 files (it reads and writes raw files itself); and a qemu-storage-daemon child with an
 //! NBD server and a QMP monitor on private sockets, which the server uses
 //! for the images it owns (exports and bitmaps are managed live over
 //! [`crate::qmp`]). Children are started without a shell or `--fork`, so
