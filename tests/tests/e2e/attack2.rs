@@ -245,24 +245,35 @@ async fn read_image(server: &Server) -> Vec<u8> {
     server.client().get(server.image_url("disk")).send().await.unwrap().bytes().await.unwrap().to_vec()
 }
 
-/// A local file whose name is not UTF-8 (Latin-1 `é`): qemu-nbd gets its
-/// nodes as a `json:` name, which cannot carry the name as it is, and a
-/// lossy copy would name another file. The upload is refused, saying so,
-/// and writes nothing.
+/// A local file whose name is not UTF-8 (Latin-1 `é`). A qcow2 goes
+/// through qemu-nbd, which gets its nodes as a `json:` name that cannot
+/// carry the name as it is, and a lossy copy would name another file: the
+/// upload is refused, saying so, and writes nothing. A raw file the CLI
+/// opens itself, by its very name: it is uploaded exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attack2_cli_upload_of_a_file_whose_name_is_not_utf8_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let root = std::fs::canonicalize(dir.path()).unwrap();
     let server = Server::try_start(&root, &[format!("disk={},size=1M,format=raw", root.join("disk.raw").display())], &[]).await.unwrap();
-    let mut name = b"caf".to_vec();
-    name.extend_from_slice(b"\xe9.raw");
-    let local = root.join(OsStr::from_bytes(&name));
-    let data = random_bytes(MIB as usize, 7);
-    std::fs::write(&local, &data).unwrap();
-    let (code, stderr) = upload(&server, &local, &[]);
+    let latin1 = |suffix: &str| {
+        let mut name = b"caf\xe9".to_vec();
+        name.extend_from_slice(suffix.as_bytes());
+        root.join(OsStr::from_bytes(&name))
+    };
+    let qcow2 = latin1(".qcow2");
+    let created = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&qcow2).arg("1M").status().unwrap();
+    assert!(created.success());
+    let (code, stderr) = upload(&server, &qcow2, &[]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("not UTF-8"), "{stderr}");
     assert!(read_image(&server).await.iter().all(|&byte| byte == 0), "nothing was written");
+
+    let raw = latin1(".raw");
+    let data = random_bytes(MIB as usize, 7);
+    std::fs::write(&raw, &data).unwrap();
+    let (code, stderr) = upload(&server, &raw, &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(read_image(&server).await == data, "the raw file itself was uploaded");
 }
 
 /// The same bytes turned into a bypass: a directory (an unpacked archive)
