@@ -461,3 +461,25 @@ async fn a_download_whose_server_answers_another_range_fails() {
     );
     assert_eq!(left, Vec::<String>::new());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_of_one_data_extent_of_an_enormous_image_stays_in_bounded_memory() {
+    // 2^62 bytes, all said to be data: tmpfs takes a sparse file that
+    // large, so the download reaches its jobs. Its reads are refused.
+    const HUGE: u64 = 1 << 62;
+    let fake = Fake::start(HUGE, |method, target, _| match (method.as_str(), target) {
+        ("GET", "/images/disk/extents?context=zero") => {
+            Some(format!(r#"[{{"start":0,"length":{HUGE},"zero":false,"hole":false}}]"#).into_response())
+        }
+        ("GET", "/images/disk") => None,
+        _ => None,
+    })
+    .await;
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let target = dir.path().join("disk.raw");
+    let (output, peak) = fake.run(&["download", "--progress", "none", &fake.url(), target.to_str().unwrap()], Stdio::null(), SECONDS).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("Content-Range"), "{}", stderr(&output));
+    assert!(peak < 256 << 20, "peak {} MiB", peak >> 20);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no file is left");
+}
