@@ -103,6 +103,15 @@ impl RawFile {
                 runs.push(Run { start: data, length: hole - data, zero: false });
                 offset = hole;
             }
+            // A file that shrank reads as a hole past its new end: those
+            // bytes would be sent as zeros, the upload called complete.
+            let end = lseek(this.file.as_raw_fd(), 0, Whence::SeekEnd)? as u64;
+            if end < this.size {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("it ends at byte {end} of {}: did it shrink while it was read?", this.size),
+                ));
+            }
             Ok(runs)
         })
         .await
@@ -250,6 +259,17 @@ mod tests {
         );
         assert_eq!(runs.iter().map(|run| run.length).sum::<u64>(), size, "the runs cover the file: {runs:?}");
         let error = raw.read(size - 10, 20).await.unwrap_err().to_string();
+        assert!(error.contains("disk.raw") && error.contains("did it shrink"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_file_that_shrank_after_it_was_opened_is_an_error_not_a_hole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
+        let raw = RawFile::open(&path).await.unwrap();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(4096).unwrap();
+        let error = raw.runs().await.map(|runs| format!("{runs:?}")).unwrap_err().to_string();
         assert!(error.contains("disk.raw") && error.contains("did it shrink"), "{error}");
     }
 }
