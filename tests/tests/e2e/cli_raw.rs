@@ -228,3 +228,24 @@ async fn a_raw_download_killed_midway_leaves_nothing_under_its_name() {
     assert_eq!(partial(dir.path()), Vec::<String>::new());
     assert!(std::fs::read(&target).unwrap() == std::fs::read(&small).unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_to_a_dangling_link_fails_at_once_and_creates_nothing_through_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, _) = sparse_source(dir.path());
+    let server = Server::start(dir.path(), &[format!("src={},ro", source.display())]).await;
+    let nowhere = dir.path().join("nowhere.raw");
+    let link = dir.path().join("link.raw");
+    std::os::unix::fs::symlink(&nowhere, &link).unwrap();
+    let download = blockgate(&server)
+        .args(["download", "--progress", "json", &server.image_url("src"), link.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let output = within(download, Duration::from_secs(60));
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("link.raw exists; choose a new file"), "refused before any transfer: {}", stderr(&output));
+    assert!(!stderr(&output).contains("data_bytes"), "nothing was downloaded: {}", stderr(&output));
+    assert!(!nowhere.exists() && link.symlink_metadata().unwrap().is_symlink(), "the link and its target are untouched");
+}
