@@ -47,6 +47,11 @@ impl RawFile {
         let path = Arc::new(path.to_path_buf());
         let made = path.clone();
         blocking(move || {
+            // Past i64::MAX set_len's own error says only "out of range
+            // integral type conversion attempted".
+            if i64::try_from(size).is_err() {
+                return Err(std::io::Error::new(std::io::ErrorKind::FileTooLarge, format!("{size} bytes are more than a file can hold")));
+            }
             let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&*made)?;
             let direct = file.set_len(size).and_then(|()| reopened_direct(&file));
             let direct = match direct {

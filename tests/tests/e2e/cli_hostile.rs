@@ -483,3 +483,17 @@ async fn a_download_of_one_data_extent_of_an_enormous_image_stays_in_bounded_mem
     assert!(peak < 256 << 20, "peak {} MiB", peak >> 20);
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no file is left");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_of_an_image_larger_than_a_file_can_be_says_so() {
+    for size in [u64::MAX, i64::MAX as u64 + 1] {
+        let fake = Fake::start(size, |_, _, _| None).await;
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let target = dir.path().join("disk.raw");
+        let (output, _) =
+            fake.run(&["download", "--progress", "none", &fake.url(), target.to_str().unwrap()], Stdio::null(), SECONDS).await;
+        assert_eq!(output.status.code(), Some(1), "{size}: {}", stderr(&output));
+        assert!(stderr(&output).contains(&format!("{size} bytes are more than a file can hold")), "{size}: {}", stderr(&output));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{size}: no file is left");
+    }
+}
