@@ -53,14 +53,11 @@ impl RawFile {
                 return Err(std::io::Error::new(std::io::ErrorKind::FileTooLarge, format!("{size} bytes are more than a file can hold")));
             }
             let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&*made)?;
-            let direct = file.set_len(size).and_then(|()| reopened_direct(&file));
-            let direct = match direct {
-                Ok(direct) => direct,
-                Err(error) => {
-                    let _ = std::fs::remove_file(&*made);
-                    return Err(error);
-                }
-            };
+            if let Err(error) = file.set_len(size) {
+                let _ = std::fs::remove_file(&*made);
+                return Err(error);
+            }
+            let direct = reopened_direct(&file);
             Ok(RawFile { file: Arc::new(file), direct: direct.map(Arc::new), path: made, size, writable: true })
         })
         .await
@@ -199,20 +196,20 @@ impl RawFile {
 }
 
 /// `file` opened again (the same inode, through /proc/self/fd) for
-/// writes that bypass the page cache, or `None` where its file system
-/// refuses `O_DIRECT`.
-fn reopened_direct(file: &File) -> std::io::Result<Option<File>> {
+/// writes that bypass the page cache, or `None` where that cannot be: a
+/// file system that refuses `O_DIRECT` (EINVAL), no /proc (a chroot or
+/// a sandbox without it: ENOENT). Either way the page cache still works.
+fn reopened_direct(file: &File) -> Option<File> {
     let reopened = std::fs::OpenOptions::new()
         .write(true)
         .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
         .open(format!("/proc/self/fd/{}", file.as_raw_fd()));
     match reopened {
-        Ok(direct) => Ok(Some(direct)),
-        Err(error) if error.raw_os_error() == Some(Errno::EINVAL as i32) => {
-            tracing::warn!(%error, "direct I/O refused; writing through the page cache");
-            Ok(None)
+        Ok(direct) => Some(direct),
+        Err(error) => {
+            tracing::warn!(%error, "no direct I/O; writing through the page cache");
+            None
         }
-        Err(error) => Err(error),
     }
 }
 

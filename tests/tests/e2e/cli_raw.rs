@@ -249,3 +249,33 @@ async fn a_download_to_a_dangling_link_fails_at_once_and_creates_nothing_through
     assert!(!stderr(&output).contains("data_bytes"), "nothing was downloaded: {}", stderr(&output));
     assert!(!nowhere.exists() && link.symlink_metadata().unwrap().is_symlink(), "the link and its target are untouched");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_without_proc_mounted_goes_through_the_page_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, content) = sparse_source(dir.path());
+    let server = Server::start(dir.path(), &[format!("src={},ro", source.display())]).await;
+    let copy = dir.path().join("copy.raw");
+    // A mount namespace of its own where /proc is gone (a chroot or a
+    // sandbox without it): /proc/self/fd cannot reopen the file.
+    let Ok(download) = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", "umount -l /proc && exec \"$@\"", "sh"])
+        .arg(binary("blockgate"))
+        .arg("--cacert")
+        .arg(server.ca())
+        .args(["download", "--progress", "json", &server.image_url("src"), copy.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("skipped: no unshare");
+        return;
+    };
+    let output = within(download, Duration::from_secs(60));
+    if stderr(&output).contains("umount") || stderr(&output).contains("unshare") {
+        eprintln!("skipped: cannot unmount /proc here: {}", stderr(&output));
+        return;
+    }
+    stats(&output);
+    assert!(std::fs::read(&copy).unwrap() == content, "the copy holds the image");
+}
