@@ -497,3 +497,21 @@ async fn a_download_of_an_image_larger_than_a_file_can_be_says_so() {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{size}: no file is left");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_to_plain_http_is_not_followed() {
+    // A plain-TCP listener where the redirect points: nothing may reach it.
+    let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    plain.set_nonblocking(true).unwrap();
+    let location = format!("http://127.0.0.1:{}/images/disk", plain.local_addr().unwrap().port());
+    let fake = Fake::start(SIZE, move |method, target, _| match (method.as_str(), target) {
+        ("GET", "/images/disk") => Some((StatusCode::FOUND, [("location", location.clone())]).into_response()),
+        _ => all_data(target),
+    })
+    .await;
+    let (output, left) = download_raw(&fake).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("302"), "{}", stderr(&output));
+    assert!(plain.accept().is_err(), "the CLI followed the redirect to plain HTTP: {}", stderr(&output));
+    assert_eq!(left, Vec::<String>::new());
+}
