@@ -76,7 +76,10 @@ impl ImageClient {
         if !url.starts_with("https://") {
             return Err(ClientError::Invalid(format!("{url:?} is not an https:// image URL")));
         }
+        // No redirects: one would take the image's bytes (a range read, a
+        // PUT's body) to wherever the server says, plain http:// too.
         let builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .use_rustls_tls()
             .http1_only()
             .pool_max_idle_per_host(connections)
@@ -97,6 +100,7 @@ impl ImageClient {
             .ok_or_else(|| ClientError::Invalid(format!("{url:?} is not an image URL")))?;
         let http = reqwest::Client::builder()
             .unix_socket(socket)
+            .redirect(reqwest::redirect::Policy::none())
             .http1_only()
             .pool_max_idle_per_host(connections)
             .read_timeout(Duration::from_secs(120))

@@ -380,7 +380,9 @@ struct PartialFile {
 
 impl PartialFile {
     fn new(target: &Path) -> Result<PartialFile> {
-        if target.exists() {
+        // lstat: a dangling symlink is there too (the final link would
+        // fail on it, after the whole transfer).
+        if target.symlink_metadata().is_ok() {
             bail!("{} exists; choose a new file", target.display());
         }
         let name = target.file_name().with_context(|| format!("{} is not a file name", target.display()))?;

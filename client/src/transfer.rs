@@ -103,12 +103,14 @@ enum Job {
     },
 }
 
-fn split(run: Run, zero_job: fn(u64, u64) -> Job) -> Vec<Job> {
-    if run.zero {
-        return vec![zero_job(run.start, run.length)];
-    }
+/// The jobs of a run, made as they are taken: a data run the server
+/// says spans 2^62 bytes is 2^39 requests, never held at once.
+fn split(run: Run, zero_job: fn(u64, u64) -> Job) -> impl Iterator<Item = Job> {
     let end = run.start + run.length;
-    (run.start..end).step_by(CHUNK as usize).map(|offset| Job::Data { offset, length: (end - offset).min(CHUNK) }).collect()
+    let zero = run.zero.then(|| zero_job(run.start, run.length));
+    let data = (!run.zero)
+        .then(|| (run.start..end).step_by(CHUNK as usize).map(move |offset| Job::Data { offset, length: (end - offset).min(CHUNK) }));
+    zero.into_iter().chain(data.into_iter().flatten())
 }
 
 struct Tally {
@@ -230,7 +232,8 @@ pub async fn download_incremental(client: &ImageClient, local: &LocalImage, scop
             let run = Run { start: extent.start, length: extent.length, zero: extent.flags.zero };
             split(run, |offset, length| Job::Zero { offset, length })
         } else {
-            vec![Job::Skip { length: extent.length }]
+            // Clean: one job that only counts.
+            split(Run { start: extent.start, length: extent.length, zero: true }, |_, length| Job::Skip { length })
         }
     });
     download_jobs(client, local, size, options, jobs).await
@@ -242,13 +245,13 @@ async fn download_jobs(
     local: &LocalImage,
     size: u64,
     options: &TransferOptions,
-    jobs: impl futures::Stream<Item = Result<Vec<Job>>>,
+    jobs: impl futures::Stream<Item = Result<impl Iterator<Item = Job>>>,
 ) -> Result<Stats> {
     let started = Instant::now();
     check_sizes(size, local.size())?;
     let connections = connections_for(client, options.connections, false).await?;
     let tally = Tally::new(size, options.progress.clone());
-    let jobs = jobs.map_ok(|jobs| stream::iter(jobs.into_iter().map(Ok))).try_flatten();
+    let jobs = jobs.map_ok(|jobs| stream::iter(jobs.map(Ok))).try_flatten();
     let spare = SparePieces::default();
     run_jobs(jobs, connections, &tally, |job| fetch(client, local, &spare, job)).await?;
     Ok(tally.stats(started))

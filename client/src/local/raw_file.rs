@@ -47,15 +47,17 @@ impl RawFile {
         let path = Arc::new(path.to_path_buf());
         let made = path.clone();
         blocking(move || {
+            // Past i64::MAX set_len's own error says only "out of range
+            // integral type conversion attempted".
+            if i64::try_from(size).is_err() {
+                return Err(std::io::Error::new(std::io::ErrorKind::FileTooLarge, format!("{size} bytes are more than a file can hold")));
+            }
             let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&*made)?;
-            let direct = file.set_len(size).and_then(|()| reopened_direct(&file));
-            let direct = match direct {
-                Ok(direct) => direct,
-                Err(error) => {
-                    let _ = std::fs::remove_file(&*made);
-                    return Err(error);
-                }
-            };
+            if let Err(error) = file.set_len(size) {
+                let _ = std::fs::remove_file(&*made);
+                return Err(error);
+            }
+            let direct = reopened_direct(&file);
             Ok(RawFile { file: Arc::new(file), direct: direct.map(Arc::new), path: made, size, writable: true })
         })
         .await
@@ -102,6 +104,15 @@ impl RawFile {
                 let hole = this.seek(data, Whence::SeekHole)?;
                 runs.push(Run { start: data, length: hole - data, zero: false });
                 offset = hole;
+            }
+            // A file that shrank reads as a hole past its new end: those
+            // bytes would be sent as zeros, the upload called complete.
+            let end = lseek(this.file.as_raw_fd(), 0, Whence::SeekEnd)? as u64;
+            if end < this.size {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("it ends at byte {end} of {}: did it shrink while it was read?", this.size),
+                ));
             }
             Ok(runs)
         })
@@ -185,20 +196,20 @@ impl RawFile {
 }
 
 /// `file` opened again (the same inode, through /proc/self/fd) for
-/// writes that bypass the page cache, or `None` where its file system
-/// refuses `O_DIRECT`.
-fn reopened_direct(file: &File) -> std::io::Result<Option<File>> {
+/// writes that bypass the page cache, or `None` where that cannot be: a
+/// file system that refuses `O_DIRECT` (EINVAL), no /proc (a chroot or
+/// a sandbox without it: ENOENT). Either way the page cache still works.
+fn reopened_direct(file: &File) -> Option<File> {
     let reopened = std::fs::OpenOptions::new()
         .write(true)
         .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
         .open(format!("/proc/self/fd/{}", file.as_raw_fd()));
     match reopened {
-        Ok(direct) => Ok(Some(direct)),
-        Err(error) if error.raw_os_error() == Some(Errno::EINVAL as i32) => {
-            tracing::warn!(%error, "direct I/O refused; writing through the page cache");
-            Ok(None)
+        Ok(direct) => Some(direct),
+        Err(error) => {
+            tracing::warn!(%error, "no direct I/O; writing through the page cache");
+            None
         }
-        Err(error) => Err(error),
     }
 }
 
@@ -250,6 +261,17 @@ mod tests {
         );
         assert_eq!(runs.iter().map(|run| run.length).sum::<u64>(), size, "the runs cover the file: {runs:?}");
         let error = raw.read(size - 10, 20).await.unwrap_err().to_string();
+        assert!(error.contains("disk.raw") && error.contains("did it shrink"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_file_that_shrank_after_it_was_opened_is_an_error_not_a_hole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
+        let raw = RawFile::open(&path).await.unwrap();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(4096).unwrap();
+        let error = raw.runs().await.map(|runs| format!("{runs:?}")).unwrap_err().to_string();
         assert!(error.contains("disk.raw") && error.contains("did it shrink"), "{error}");
     }
 }

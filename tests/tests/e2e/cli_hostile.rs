@@ -461,3 +461,57 @@ async fn a_download_whose_server_answers_another_range_fails() {
     );
     assert_eq!(left, Vec::<String>::new());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_of_one_data_extent_of_an_enormous_image_stays_in_bounded_memory() {
+    // 2^62 bytes, all said to be data: tmpfs takes a sparse file that
+    // large, so the download reaches its jobs. Its reads are refused.
+    const HUGE: u64 = 1 << 62;
+    let fake = Fake::start(HUGE, |method, target, _| match (method.as_str(), target) {
+        ("GET", "/images/disk/extents?context=zero") => {
+            Some(format!(r#"[{{"start":0,"length":{HUGE},"zero":false,"hole":false}}]"#).into_response())
+        }
+        ("GET", "/images/disk") => None,
+        _ => None,
+    })
+    .await;
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let target = dir.path().join("disk.raw");
+    let (output, peak) = fake.run(&["download", "--progress", "none", &fake.url(), target.to_str().unwrap()], Stdio::null(), SECONDS).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("Content-Range"), "{}", stderr(&output));
+    assert!(peak < 256 << 20, "peak {} MiB", peak >> 20);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no file is left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_of_an_image_larger_than_a_file_can_be_says_so() {
+    for size in [u64::MAX, i64::MAX as u64 + 1] {
+        let fake = Fake::start(size, |_, _, _| None).await;
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let target = dir.path().join("disk.raw");
+        let (output, _) =
+            fake.run(&["download", "--progress", "none", &fake.url(), target.to_str().unwrap()], Stdio::null(), SECONDS).await;
+        assert_eq!(output.status.code(), Some(1), "{size}: {}", stderr(&output));
+        assert!(stderr(&output).contains(&format!("{size} bytes are more than a file can hold")), "{size}: {}", stderr(&output));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{size}: no file is left");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_to_plain_http_is_not_followed() {
+    // A plain-TCP listener where the redirect points: nothing may reach it.
+    let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    plain.set_nonblocking(true).unwrap();
+    let location = format!("http://127.0.0.1:{}/images/disk", plain.local_addr().unwrap().port());
+    let fake = Fake::start(SIZE, move |method, target, _| match (method.as_str(), target) {
+        ("GET", "/images/disk") => Some((StatusCode::FOUND, [("location", location.clone())]).into_response()),
+        _ => all_data(target),
+    })
+    .await;
+    let (output, left) = download_raw(&fake).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("302"), "{}", stderr(&output));
+    assert!(plain.accept().is_err(), "the CLI followed the redirect to plain HTTP: {}", stderr(&output));
+    assert_eq!(left, Vec::<String>::new());
+}

@@ -228,3 +228,101 @@ async fn a_raw_download_killed_midway_leaves_nothing_under_its_name() {
     assert_eq!(partial(dir.path()), Vec::<String>::new());
     assert!(std::fs::read(&target).unwrap() == std::fs::read(&small).unwrap());
 }
+
+/// A small ext4 file system (direct I/O, unlike tmpfs, honours alignment)
+/// mounted on a loop device, unmounted when dropped; `None` where this
+/// process may not mount.
+struct SmallExt4 {
+    mount: tempfile::TempDir,
+}
+
+impl SmallExt4 {
+    fn make(dir: &Path, size: &str) -> Option<SmallExt4> {
+        let image = dir.join("small.ext4");
+        let made = Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image).arg(size).status().ok()?.success();
+        let mount = tempfile::tempdir().unwrap();
+        let mounted = made && Command::new("mount").args(["-o", "loop"]).arg(&image).arg(mount.path()).status().ok()?.success();
+        mounted.then_some(SmallExt4 { mount })
+    }
+}
+
+impl Drop for SmallExt4 {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.mount.path()).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_larger_than_the_free_space_fails_naming_enospc_and_leaves_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(small) = SmallExt4::make(dir.path(), "16M") else {
+        eprintln!("skipped: cannot mount a loop file system here");
+        return;
+    };
+    let source = dir.path().join("source.raw");
+    std::fs::write(&source, random_bytes(32 * MIB as usize, 5)).unwrap();
+    let server = Server::start(dir.path(), &[format!("src={},ro", source.display())]).await;
+    let copy = small.mount.path().join("copy.raw");
+    let download = blockgate(&server)
+        .args(["download", "--progress", "none", &server.image_url("src"), copy.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let output = within(download, Duration::from_secs(60));
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("No space left on device") && stderr(&output).contains("copy.raw"), "{}", stderr(&output));
+    let left: Vec<_> = std::fs::read_dir(small.mount.path()).unwrap().map(|entry| entry.unwrap().file_name()).collect();
+    assert!(left.iter().all(|name| name == "lost+found"), "no file is left: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_to_a_dangling_link_fails_at_once_and_creates_nothing_through_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, _) = sparse_source(dir.path());
+    let server = Server::start(dir.path(), &[format!("src={},ro", source.display())]).await;
+    let nowhere = dir.path().join("nowhere.raw");
+    let link = dir.path().join("link.raw");
+    std::os::unix::fs::symlink(&nowhere, &link).unwrap();
+    let download = blockgate(&server)
+        .args(["download", "--progress", "json", &server.image_url("src"), link.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let output = within(download, Duration::from_secs(60));
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("link.raw exists; choose a new file"), "refused before any transfer: {}", stderr(&output));
+    assert!(!stderr(&output).contains("data_bytes"), "nothing was downloaded: {}", stderr(&output));
+    assert!(!nowhere.exists() && link.symlink_metadata().unwrap().is_symlink(), "the link and its target are untouched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_without_proc_mounted_goes_through_the_page_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, content) = sparse_source(dir.path());
+    let server = Server::start(dir.path(), &[format!("src={},ro", source.display())]).await;
+    let copy = dir.path().join("copy.raw");
+    // A mount namespace of its own where /proc is gone (a chroot or a
+    // sandbox without it): /proc/self/fd cannot reopen the file.
+    let Ok(download) = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", "umount -l /proc && exec \"$@\"", "sh"])
+        .arg(binary("blockgate"))
+        .arg("--cacert")
+        .arg(server.ca())
+        .args(["download", "--progress", "json", &server.image_url("src"), copy.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("skipped: no unshare");
+        return;
+    };
+    let output = within(download, Duration::from_secs(60));
+    if stderr(&output).contains("umount") || stderr(&output).contains("unshare") {
+        eprintln!("skipped: cannot unmount /proc here: {}", stderr(&output));
+        return;
+    }
+    stats(&output);
+    assert!(std::fs::read(&copy).unwrap() == content, "the copy holds the image");
+}
