@@ -3,8 +3,8 @@
 //! [`DATA_PIECE`] bytes as soon as each piece is in, and zero frames as
 //! WRITE_ZEROES. A full stream is hashed on the blocking pool while it is
 //! written ([`ParallelHasher`]), and its trailer's checksum checked at the
-//! end. A full stream's zero
-//! frames cost nothing when the target already reads as zeros throughout.
+//! end. A full stream's zero frames cost nothing when the target already
+//! reads as zeros throughout.
 //! A bad frame stops everything after it; the error names the frame and
 //! how much was applied before it, because storage cannot undo what landed.
 //! An incremental that does not continue the target's chain is refused
