@@ -192,17 +192,17 @@ async fn concurrent_full_restores_hold_bounded_memory() {
     assert!(grown < count * (40 << 10), "{count} concurrent restores grew the server by {} MiB", grown >> 10);
 }
 
-/// An 8 MiB data frame that trickles in a byte at a time, then stalls: the
-/// pieces that arrived are written as they come (the decoder holds at most
-/// one), the stall is a 400 after the body timeout that says what was
-/// applied, and the target is free again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_trickled_frame_that_stalls_is_refused_after_the_body_timeout_saying_what_was_applied() {
-    let dir = tempfile::tempdir().unwrap();
+/// A server with a 16 MiB raw target `t` (`--body-timeout 2`) and a
+/// restore into it under way: its meta frame and the head of an 8 MiB
+/// data frame are sent; the rest of the body is whatever goes down the
+/// sender.
+async fn trickled_restore(
+    dir: &std::path::Path,
+) -> (Server, tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>, tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>) {
     let size = 16 * MIB;
-    let target = dir.path().join("t.raw");
+    let target = dir.join("t.raw");
     create_image(&target, "raw", &size.to_string());
-    let server = Server::try_start(dir.path(), &[format!("t={}", target.display())], &["--body-timeout", "2"]).await.unwrap();
+    let server = Server::try_start(dir, &[format!("t={}", target.display())], &["--body-timeout", "2"]).await.unwrap();
     let (sender, mut receiver) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
     let body = futures::stream::poll_fn(move |context| receiver.poll_recv(context));
     let request = server.client().put(server.image_url("t") + "?format=sparse").body(reqwest::Body::wrap_stream(body)).send();
@@ -210,6 +210,17 @@ async fn a_trickled_frame_that_stalls_is_refused_after_the_body_timeout_saying_w
     let mut head = meta_frame(&json!({"virtual-size": size, "data-size": 8 * MIB}));
     head.extend(frame("data", 0, 8 * MIB, &[]));
     sender.send(Ok(head)).await.unwrap();
+    (server, sender, response)
+}
+
+/// An 8 MiB data frame that trickles in a byte at a time, then stalls: the
+/// pieces that arrived are written as they come (the decoder holds at most
+/// one), the stall is a 400 after the body timeout that says what was
+/// applied, and the target is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_frame_that_stalls_is_refused_after_the_body_timeout_saying_what_was_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, sender, response) = trickled_restore(dir.path()).await;
     for _ in 0..2000 {
         sender.send(Ok(vec![0x61])).await.unwrap();
     }
@@ -239,17 +250,7 @@ async fn a_trickled_frame_that_stalls_is_refused_after_the_body_timeout_saying_w
 #[ignore = "open finding: a body trickled at 1 byte/s is never cut (the body timeout is per stall)"]
 async fn a_restore_trickled_at_one_byte_a_second_is_cut_off() {
     let dir = tempfile::tempdir().unwrap();
-    let size = 16 * MIB;
-    let target = dir.path().join("t.raw");
-    create_image(&target, "raw", &size.to_string());
-    let server = Server::try_start(dir.path(), &[format!("t={}", target.display())], &["--body-timeout", "2"]).await.unwrap();
-    let (sender, mut receiver) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
-    let body = futures::stream::poll_fn(move |context| receiver.poll_recv(context));
-    let request = server.client().put(server.image_url("t") + "?format=sparse").body(reqwest::Body::wrap_stream(body)).send();
-    let mut response = tokio::spawn(request);
-    let mut head = meta_frame(&json!({"virtual-size": size, "data-size": 8 * MIB}));
-    head.extend(frame("data", 0, 8 * MIB, &[]));
-    sender.send(Ok(head)).await.unwrap();
+    let (_server, sender, mut response) = trickled_restore(dir.path()).await;
     let started = std::time::Instant::now();
     while started.elapsed() < std::time::Duration::from_secs(12) {
         tokio::select! {

@@ -44,6 +44,12 @@ fn within(mut child: Child, limit: Duration) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// The output of `command`, run with its output captured and killed if
+/// it runs past `limit`.
+fn run_within(command: &mut Command, limit: Duration) -> Output {
+    within(command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(), limit)
+}
+
 /// A 64 MiB raw image: data at 0-3 MiB and 40-41 MiB, holes elsewhere.
 fn sparse_source(dir: &Path) -> (PathBuf, Vec<u8>) {
     let path = dir.join("source.raw");
@@ -104,9 +110,8 @@ async fn an_upload_from_a_fifo_or_a_dangling_link_fails_at_once() {
     std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
     for (source, said) in [(&fifo, "is not a regular file or a block device"), (&dangling, "No such file or directory")] {
         // Nobody ever writes into the FIFO: opening it to read would wait.
-        let child =
-            blockgate(&server).args(["upload", source.to_str().unwrap(), &server.image_url("dst")]).stderr(Stdio::piped()).spawn().unwrap();
-        let output = within(child, Duration::from_secs(30));
+        let output =
+            run_within(blockgate(&server).args(["upload", source.to_str().unwrap(), &server.image_url("dst")]), Duration::from_secs(30));
         assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
         assert!(stderr(&output).contains(said) && stderr(&output).contains(source.to_str().unwrap()), "{}", stderr(&output));
     }
@@ -263,13 +268,10 @@ async fn a_download_larger_than_the_free_space_fails_naming_enospc_and_leaves_no
     std::fs::write(&source, random_bytes(32 * MIB as usize, 5)).unwrap();
     let server = Server::start(dir.path(), &[format!("src={},ro", source.display())]).await;
     let copy = small.mount.path().join("copy.raw");
-    let download = blockgate(&server)
-        .args(["download", "--progress", "none", &server.image_url("src"), copy.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let output = within(download, Duration::from_secs(60));
+    let output = run_within(
+        blockgate(&server).args(["download", "--progress", "none", &server.image_url("src"), copy.to_str().unwrap()]),
+        Duration::from_secs(60),
+    );
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     assert!(stderr(&output).contains("No space left on device") && stderr(&output).contains("copy.raw"), "{}", stderr(&output));
     let left: Vec<_> = std::fs::read_dir(small.mount.path()).unwrap().map(|entry| entry.unwrap().file_name()).collect();
@@ -284,13 +286,10 @@ async fn a_download_to_a_dangling_link_fails_at_once_and_creates_nothing_through
     let nowhere = dir.path().join("nowhere.raw");
     let link = dir.path().join("link.raw");
     std::os::unix::fs::symlink(&nowhere, &link).unwrap();
-    let download = blockgate(&server)
-        .args(["download", "--progress", "json", &server.image_url("src"), link.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let output = within(download, Duration::from_secs(60));
+    let output = run_within(
+        blockgate(&server).args(["download", "--progress", "json", &server.image_url("src"), link.to_str().unwrap()]),
+        Duration::from_secs(60),
+    );
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     assert!(stderr(&output).contains("link.raw exists; choose a new file"), "refused before any transfer: {}", stderr(&output));
     assert!(!stderr(&output).contains("data_bytes"), "nothing was downloaded: {}", stderr(&output));
