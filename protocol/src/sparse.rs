@@ -7,7 +7,9 @@
 //! state machine: the caller appends received bytes to a buffer and takes
 //! [`Event`]s out until the decoder needs more. It hands a data frame out
 //! in pieces of at most [`DATA_PIECE`] bytes as they arrive, so a reader
-//! can write while the rest of the frame is on its way, checks every rule
+//! can write while the rest of the frame is on its way; a reader may also
+//! gather a piece itself, in memory of its choosing, and hand it in
+//! ([`Decoder::piece_wanted`]), which spares a copy. It checks every rule
 //! of the reader section (with the frame number, offset and reason in
 //! each error), and only hands out a piece once it knows the frame is
 //! well formed up to that point, so nothing after a bad frame is ever
@@ -279,9 +281,19 @@ impl fmt::Display for StreamError {
 
 enum State {
     Header,
-    Meta { length: u64 },
-    Data { offset: u64, remaining: u64 },
-    Trailer { length: u64 },
+    Meta {
+        length: u64,
+    },
+    /// Inside a data frame; `gathered` is the next piece when the caller
+    /// handed it in.
+    Data {
+        offset: u64,
+        remaining: u64,
+        gathered: Option<Bytes>,
+    },
+    Trailer {
+        length: u64,
+    },
     Done,
 }
 
@@ -352,14 +364,15 @@ impl Decoder {
                         self.finish_stream(Some(&payload)).map(Some)
                     };
                 }
-                State::Data { offset, remaining } => {
+                State::Data { offset, remaining, ref mut gathered } => {
                     let segment = remaining.min(DATA_PIECE);
                     let last = segment == remaining;
-                    let needed = segment + if last { 2 } else { 0 };
+                    let in_buffer = if gathered.is_some() { 0 } else { segment };
+                    let needed = in_buffer + if last { 2 } else { 0 };
                     if (buffer.len() as u64) < needed {
                         return Ok(None);
                     }
-                    let data = buffer.split_to(segment as usize).freeze();
+                    let data = gathered.take().unwrap_or_else(|| buffer.split_to(segment as usize).freeze());
                     if last {
                         if &buffer[..2] != CRLF {
                             return Err(self.error("missing CR LF after the data"));
@@ -367,7 +380,7 @@ impl Decoder {
                         buffer.advance(2);
                         self.state = State::Header;
                     } else {
-                        self.state = State::Data { offset: offset + segment, remaining: remaining - segment };
+                        self.state = State::Data { offset: offset + segment, remaining: remaining - segment, gathered: None };
                     }
                     return Ok(Some(Event::Data { offset, data }));
                 }
@@ -378,6 +391,35 @@ impl Decoder {
                     return Err(self.error(format!("{} bytes after the stop frame", buffer.len())));
                 }
             }
+        }
+    }
+
+    /// The length of the next data piece, when the decoder waits for one.
+    /// The caller may then gather that piece itself: the bytes the buffer
+    /// holds (they begin it; take them out of it) and then input up to
+    /// that length, handed to [`Decoder::put_piece`] in place of being
+    /// appended to the buffer. Input after the piece goes to the buffer
+    /// as usual.
+    pub fn piece_wanted(&self) -> Option<usize> {
+        match self.state {
+            State::Data { remaining, gathered: None, .. } => Some(remaining.min(DATA_PIECE) as usize),
+            _ => None,
+        }
+    }
+
+    /// Takes the piece [`Decoder::piece_wanted`] asked for; its event then
+    /// comes out of [`Decoder::decode`] (the last piece of a frame once its
+    /// CR LF is in the buffer).
+    ///
+    /// # Panics
+    /// If no piece was wanted, or `piece` has another length: the caller
+    /// broke the contract, not the stream.
+    pub fn put_piece(&mut self, piece: Bytes) {
+        match &mut self.state {
+            State::Data { remaining, gathered: gathered @ None, .. } if piece.len() as u64 == (*remaining).min(DATA_PIECE) => {
+                *gathered = Some(piece);
+            }
+            _ => panic!("put_piece of {} bytes that the decoder did not ask for", piece.len()),
         }
     }
 
@@ -446,7 +488,7 @@ impl Decoder {
                     return Err(self.error(format!("data passes the data-size {} of the meta frame", meta.data_size)));
                 }
                 self.data_size += length;
-                self.state = State::Data { offset: start, remaining: length };
+                self.state = State::Data { offset: start, remaining: length, gathered: None };
                 Ok(None)
             }
         }
@@ -603,27 +645,53 @@ mod tests {
     /// as a reader does; the events, or the error and the events applied
     /// before it.
     fn decode(input: &[u8], chunk: usize, target_size: u64) -> (Vec<Event>, Result<Summary, StreamError>) {
+        decode_with(input, chunk, target_size, false)
+    }
+
+    /// [`decode`]; with `gather`, each data piece the decoder wants is
+    /// gathered outside its buffer and handed in, as the server's restore
+    /// does.
+    fn decode_with(input: &[u8], chunk: usize, target_size: u64, gather: bool) -> (Vec<Event>, Result<Summary, StreamError>) {
         let mut decoder = Decoder::new(target_size);
         let mut buffer = BytesMut::new();
+        let mut chunks = input.chunks(chunk.max(1));
         let mut events = Vec::new();
         let mut hasher = BlockHasher::new(DEFAULT_BLOCK_SIZE);
         let mut ending = None;
-        for piece in input.chunks(chunk.max(1)) {
-            buffer.extend_from_slice(piece);
-            loop {
-                match decoder.decode(&mut buffer) {
-                    Ok(Some(Event::End(end))) => ending = Some(end),
-                    Ok(Some(event)) => {
-                        match &event {
-                            Event::Data { data, .. } => hasher.update(data),
-                            Event::Zero { length, .. } => hasher.zero(*length),
-                            _ => {}
-                        }
-                        events.push(event);
-                    }
-                    Ok(None) => break,
-                    Err(error) => return (events, Err(error)),
+        let mut input_done = false;
+        loop {
+            if let Some(length) = decoder.piece_wanted().filter(|_| gather && !input_done) {
+                let buffered = buffer.len().min(length);
+                let mut piece = buffer[..buffered].to_vec();
+                buffer.advance(buffered);
+                while piece.len() < length {
+                    let Some(chunk) = chunks.next() else {
+                        input_done = true;
+                        break;
+                    };
+                    let taken = chunk.len().min(length - piece.len());
+                    piece.extend_from_slice(&chunk[..taken]);
+                    buffer.extend_from_slice(&chunk[taken..]);
                 }
+                if !input_done {
+                    decoder.put_piece(Bytes::from(piece));
+                }
+            }
+            match decoder.decode(&mut buffer) {
+                Ok(Some(Event::End(end))) => ending = Some(end),
+                Ok(Some(event)) => {
+                    match &event {
+                        Event::Data { data, .. } => hasher.update(data),
+                        Event::Zero { length, .. } => hasher.zero(*length),
+                        _ => {}
+                    }
+                    events.push(event);
+                }
+                Ok(None) => match chunks.next() {
+                    Some(chunk) => buffer.extend_from_slice(chunk),
+                    None => break,
+                },
+                Err(error) => return (events, Err(error)),
             }
         }
         if let Err(error) = decoder.finish(&buffer) {
@@ -706,6 +774,36 @@ mod tests {
             }
             let covered = image.iter().filter(|b| b.is_some()).count() as u64;
             prop_assert_eq!(covered, plan.frames.iter().map(|f| f.2).sum::<u64>());
+        }
+
+        /// A reader that gathers data pieces itself sees the same events
+        /// and the same verdict as one that buffers everything, on whole,
+        /// cut and corrupted streams alike.
+        #[test]
+        fn gathered_pieces_decode_as_buffered_ones(
+            plan in plans(),
+            chunk in 1usize..300_000,
+            trailer in any::<bool>(),
+            cut in any::<proptest::sample::Index>(),
+            flip in any::<Option<proptest::sample::Index>>(),
+            large in any::<Option<u16>>(),
+        ) {
+            let mut plan = plan;
+            // A frame of several pieces, the last one short.
+            if let Some(extra) = large {
+                let length = DATA_PIECE * 2 + u64::from(extra) + 1;
+                plan.frames.push((Kind::Data, plan.virtual_size, length));
+                plan.virtual_size += length;
+            }
+            let mut input = encode(&plan, trailer);
+            if let Some(flip) = flip {
+                let at = flip.index(input.len());
+                input[at] ^= 0x5a;
+            }
+            let cut = if cut.index(4) == 0 { cut.index(input.len()) } else { input.len() };
+            let buffered = decode_with(&input[..cut], chunk, plan.virtual_size, false);
+            let gathered = decode_with(&input[..cut], chunk, plan.virtual_size, true);
+            prop_assert_eq!(gathered, buffered);
         }
 
         #[test]

@@ -172,6 +172,47 @@ async fn checksum_n_leaves_the_trailer_hash_out_and_the_stream_still_restores() 
     run("qemu-img", &["compare", image.to_str().unwrap(), restored.to_str().unwrap()]);
 }
 
+/// `PUT ?format=sparse&checksum=n` does not hash the stream: a flipped
+/// byte that the default restore refuses lands, and the summary says the
+/// checksum was not checked. Everything else is still checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_with_checksum_n_skips_only_the_hash_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    let target = dir.path().join("target.raw");
+    create_image(&image, "qcow2", "10M");
+    create_image(&target, "raw", "10M");
+    qemu_io(&image, "qcow2", &["write -P 0x51 0 1M", "write -P 0x52 5M 3M"]);
+    let server = Server::start(dir.path(), &[format!("disk={}", image.display()), format!("dst={}", target.display())]).await;
+    let client = server.client();
+    let stream = get_stream(&client, format!("{}?format=sparse", server.image_url("disk"))).await;
+    let headers = frame_headers(&stream);
+    assert_eq!(&stream[headers[1]..headers[1] + 4], b"data");
+    let mut flipped = stream.clone();
+    flipped[headers[1] + 40 + 7] ^= 0xff;
+    let dst = server.image_url("dst");
+
+    let (status, message) = put_stream(&client, format!("{dst}?format=sparse"), flipped.clone()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{message}");
+    assert!(message.contains("checksum"), "{message}");
+    let (status, summary) = put_stream(&client, format!("{dst}?format=sparse&checksum=n"), flipped.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{summary}");
+    let summary: Value = serde_json::from_str(&summary).unwrap();
+    assert_eq!((summary["checksum"].as_str(), summary["verified"].as_bool()), (Some("unchecked"), Some(false)), "{summary}");
+    assert_eq!(summary["data-size"], 4 * MIB, "{summary}");
+    let restored = std::fs::read(&target).unwrap();
+    assert_eq!((restored[7], restored[8], restored[5 * MIB as usize]), (0x51 ^ 0xff, 0x51, 0x52));
+
+    let mut cut = stream.clone();
+    cut.truncate(*headers.last().unwrap());
+    let (status, message) = put_stream(&client, format!("{dst}?format=sparse&checksum=n"), cut).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{message}");
+    assert!(message.contains("truncated"), "{message}");
+    let response = client.put(format!("{dst}?checksum=n")).body(vec![0u8; 4096]).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert!(response.text().await.unwrap().contains("applies to format=sparse"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checksums_follow_the_blkhash_definition_and_the_stream_trailer() {
     let dir = tempfile::tempdir().unwrap();

@@ -174,6 +174,8 @@ struct PutPlan {
     force: bool,
     /// Zero what a smaller full stream leaves of the target.
     zero_tail: bool,
+    /// Check a full stream's trailer checksum against the data.
+    verify_checksum: bool,
     format: Format,
     /// The target, held for this write or restore.
     claim: restore_record::Claim,
@@ -193,11 +195,12 @@ pub async fn put(
             return Err(error);
         }
     };
-    let PutPlan { operation, start, expected, flush, force, zero_tail, format, claim } = plan;
+    let PutPlan { operation, start, expected, flush, force, zero_tail, verify_checksum, format, claim } = plan;
     let ticket = operation.ticket().clone();
     let hold: Hold = Arc::new(claim);
     if format == Format::Sparse {
-        let settings = RestoreSettings { may_deallocate: ticket.sparse, flush, force, zero_tail, body_timeout: state.body_timeout };
+        let settings =
+            RestoreSettings { may_deallocate: ticket.sparse, flush, force, zero_tail, verify_checksum, body_timeout: state.body_timeout };
         let restored = cancelable(restore(ticket.backend.clone(), body, settings, hold), &ticket).await?;
         return Ok(JsonLine(restored).into_response());
     }
@@ -240,11 +243,15 @@ fn plan_put(state: &AppState, id: &str, params: &Params, headers: &HeaderMap) ->
         if headers.contains_key(header::CONTENT_RANGE) {
             return Err(ApiError::BadRequest("Content-Range does not apply to format=sparse; frames carry their offsets".into()));
         }
+        let verify_checksum = flag(params, "checksum", true)?;
         let claim = restore_record::begin_restore(&ticket.backend)?;
-        return Ok(PutPlan { operation, start: 0, expected: None, flush, force, zero_tail, format, claim });
+        return Ok(PutPlan { operation, start: 0, expected: None, flush, force, zero_tail, verify_checksum, format, claim });
     }
     if zero_tail {
         return Err(ApiError::BadRequest("zero_tail=y applies to format=sparse; zero the rest of a raw upload with PATCH zero".into()));
+    }
+    if let Some(value) = params.get("checksum") {
+        return Err(ApiError::BadRequest(format!("checksum={value:?} applies to format=sparse, not to raw data")));
     }
     let size = ticket.backend.size();
     let content_range = match headers.get(header::CONTENT_RANGE) {
@@ -280,7 +287,7 @@ fn plan_put(state: &AppState, id: &str, params: &Params, headers: &HeaderMap) ->
         ));
     }
     let claim = restore_record::begin_write(&ticket.backend)?;
-    Ok(PutPlan { operation, start, expected, flush, force, zero_tail, format, claim })
+    Ok(PutPlan { operation, start, expected, flush, force, zero_tail, verify_checksum: true, format, claim })
 }
 
 /// Adds how much of a failed write landed to its message.
