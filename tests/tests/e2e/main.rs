@@ -5,6 +5,7 @@ mod attack;
 mod attack2;
 mod attack20;
 mod attack21;
+mod attack22;
 mod attack3;
 mod attack_qcow2;
 mod attack_vm;
