@@ -230,9 +230,10 @@ pub struct Summary {
     /// read as none).
     #[serde(default)]
     pub checksum: ChecksumCheck,
-    /// True when the trailer's checksum matched, false when it could not
-    /// be checked (another algorithm or block size); absent when the
-    /// stream carries none (an incremental never does).
+    /// True when the trailer's checksum matched, false when it was not
+    /// checked (another algorithm or block size, or the reader was asked
+    /// not to); absent when the stream carries none (an incremental never
+    /// does).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified: Option<bool>,
 }
@@ -243,8 +244,8 @@ pub struct Summary {
 pub enum ChecksumCheck {
     /// It matched the data applied.
     Verified,
-    /// Another algorithm or block size than the server computes: not
-    /// checked.
+    /// Not checked: another algorithm or block size than the server
+    /// computes, or the reader was asked not to (`checksum=n`).
     Unchecked,
     /// The stream carries no checksum (incrementals never do).
     #[default]

@@ -12,6 +12,7 @@ import argparse
 import http.client
 import json
 import os
+import resource
 import shutil
 import socket
 import ssl
@@ -150,6 +151,14 @@ class Services:
             self.spawn("qemu-nbd", "-t", "-e", "16", "-A", "-f", fmt, "-k", sock, *extra, path)
             self.sockets[name] = sock
             wait_for(lambda: os.path.exists(sock), f"qemu-nbd {name}")
+        # Storage that costs nothing, the size of the dense workload: it
+        # discards writes and reads as zeros, so a transfer through it
+        # measures HTTP and TLS alone.
+        sock = os.path.join(self.work, "null.sock")
+        size = os.path.getsize(self.w.dense)
+        self.spawn("qemu-nbd", "-t", "-e", "16", "-A", "-k", sock, "--image-opts", f"driver=null-co,size={size},read-zeroes=on")
+        self.sockets["null"] = sock
+        wait_for(lambda: os.path.exists(sock), "qemu-nbd null")
         self.state = os.path.join(self.work, "state")
         self.port = self.start_blockgate()
         self.ca = os.path.join(self.state, "ca.pem")
@@ -164,7 +173,7 @@ class Services:
         args = []
         for name, sock in self.sockets.items():
             spec = f"{name}=nbd+unix:///?socket={sock}"
-            if name != "upload":
+            if name not in ("upload", "null"):
                 spec += ",ro"
             if name == "incremental":
                 spec += ",bitmap=b1"
@@ -451,6 +460,14 @@ def peer_measures(table, services, workloads, runs, out):
         cpu = statistics.median(cpu)
         table.add(f"  server CPU per GiB (GET {label})", "-", None, cpu, None, f"<= {cpu_target} s", cpu <= cpu_target, "s")
     table.add("  dense GET, imageio's daemon (h1.1)", "-", None, imageio_get, None, "(info)", None, "s")
+    # The same GETs from storage that costs nothing (zeros the server sends
+    # from memory, no NBD read): HTTP and TLS alone against the ceiling.
+    null_h2, null_h2_cpu = server_cpu(lambda: curl_time(services.url("null"), ca))
+    null_h1, null_h1_cpu = server_cpu(lambda: curl_time(services.url("null"), ca, "--http1.1"))
+    null_h2, null_h1 = interleaved(runs, null_h2, null_h1)
+    for label, ours, cpu in (("h2", null_h2, null_h2_cpu), ("h1.1", null_h1, null_h1_cpu)):
+        table.add(f"  GET {label} of a null export (no storage)", "nbdcopy to null:", ceiling, ours, ceiling / ours, "(info)", None, "s")
+        table.add(f"  server CPU per GiB (GET {label}, null export)", "-", None, statistics.median(cpu), None, "(info)", None, "s")
 
     # Dense upload, one curl stream, against nbdcopy --flush from the same
     # local file; the PUT flushes too (its default).
@@ -466,6 +483,13 @@ def peer_measures(table, services, workloads, runs, out):
         cpu = statistics.median(cpu)
         table.add(f"  server CPU per GiB (PUT {label})", "-", None, cpu, None, "<= 0.7 s", cpu <= 0.7, "s")
     table.add("  dense PUT, imageio's daemon (h1.1)", "-", None, imageio_put, None, "(info)", None, "s")
+    # The same PUTs into storage that discards them: HTTP and TLS alone.
+    null_put, null_put_cpu = server_cpu(lambda: curl_time(services.url("null"), ca, *put_args))
+    null_put_h1, null_put_h1_cpu = server_cpu(lambda: curl_time(services.url("null"), ca, "--http1.1", *put_args))
+    null_put, null_put_h1 = interleaved(runs, null_put, null_put_h1)
+    for label, ours, cpu in (("h2", null_put, null_put_cpu), ("h1.1", null_put_h1, null_put_h1_cpu)):
+        table.add(f"  PUT {label} into a null export (no storage)", "nbdcopy --flush", ceiling_up, ours, ceiling_up / ours, "(info)", None, "s")
+        table.add(f"  server CPU per GiB (PUT {label}, null export)", "-", None, statistics.median(cpu), None, "(info)", None, "s")
 
     # A restore as fast as a plain upload: the dense full stream PUT with
     # format=sparse against the plain PUT of the same bytes.
@@ -505,21 +529,42 @@ def peer_measures(table, services, workloads, runs, out):
             return timed("nbdcopy", *flush, f"nbd+unix:///?socket={services.sockets['dense']}", out)
         return measure
 
-    nbd_read, nbd_read_flushed, cli = interleaved(runs, nbdcopy_download(), nbdcopy_download("--flush"), cli_download)
+    # What bounds the CLI: the CPU that it, the server and qemu-nbd use
+    # together, as a share of the machine's cores over the transfer's time
+    # (near 100%: the cores are the limit), beside nbdcopy's own.
+    def cpu_share(measure):
+        shares = []
+
+        def run_once():
+            def used():
+                children = resource.getrusage(resource.RUSAGE_CHILDREN)
+                exports = [child.pid for child in services.children if child.args[0] == "qemu-nbd"]
+                return children.ru_utime + children.ru_stime + sum(cpu_seconds(pid) for pid in [services.blockgate.pid, *exports])
+            before = used()
+            wall = measure()
+            shares.append(100 * (used() - before) / (wall * os.cpu_count()))
+            return wall
+        return run_once, shares
+
+    nbdcopy_flushed, nbdcopy_down_share = cpu_share(nbdcopy_download("--flush"))
+    cli_measure, cli_down_share = cpu_share(cli_download)
+    nbd_read, nbd_read_flushed, cli = interleaved(runs, nbdcopy_download(), nbdcopy_flushed, cli_measure)
     table.add("CLI download vs nbdcopy, to local raw", "nbdcopy", nbd_read, cli, nbd_read / cli, "(info)", None, "s")
     table.add("CLI download vs nbdcopy --flush", "nbdcopy", nbd_read_flushed, cli, nbd_read_flushed / cli, ">= 0.7x", nbd_read_flushed / cli >= 0.7, "s")
+    table.add("  CPU of client, server and qemu-nbd, % of cores", "nbdcopy --flush", statistics.median(nbdcopy_down_share),
+              statistics.median(cli_down_share), None, "(info)", None, "%")
 
     def nbdcopy_upload(*flush):
         return lambda: timed("nbdcopy", *flush, workloads.dense, f"nbd+unix:///?socket={services.sockets['upload']}")
 
-    nbd_write, nbd_write_flushed, cli_up = interleaved(
-        runs,
-        nbdcopy_upload(),
-        nbdcopy_upload("--flush"),
-        lambda: timed(blockgate_cli, "upload", "--cacert", ca, "--progress", "none", workloads.dense, services.url("upload")),
-    )
+    nbdcopy_up_flushed, nbdcopy_up_share = cpu_share(nbdcopy_upload("--flush"))
+    cli_up_measure, cli_up_share = cpu_share(
+        lambda: timed(blockgate_cli, "upload", "--cacert", ca, "--progress", "none", workloads.dense, services.url("upload")))
+    nbd_write, nbd_write_flushed, cli_up = interleaved(runs, nbdcopy_upload(), nbdcopy_up_flushed, cli_up_measure)
     table.add("CLI upload vs nbdcopy, from local raw", "nbdcopy", nbd_write, cli_up, nbd_write / cli_up, "(info)", None, "s")
     table.add("CLI upload vs nbdcopy --flush", "nbdcopy", nbd_write_flushed, cli_up, nbd_write_flushed / cli_up, ">= 0.7x", nbd_write_flushed / cli_up >= 0.7, "s")
+    table.add("  CPU of client, server and qemu-nbd, % of cores", "nbdcopy --flush", statistics.median(nbdcopy_up_share),
+              statistics.median(cli_up_share), None, "(info)", None, "%")
 
     # imageio's client against its daemon, ours against ours.
     def imageio_client_download():

@@ -1,15 +1,16 @@
 //! The sparse stream in (`PUT ?format=sparse`): frames are decoded as the
-//! body arrives, data is gathered in pooled buffers and goes out as
+//! body arrives, data is gathered piece by piece and goes out as
 //! pipelined WRITEs of at most [`DATA_PIECE`] bytes as soon as each piece
-//! is in, and zero frames as WRITE_ZEROES. A full stream is hashed on the blocking pool while it is
-//! written ([`ParallelHasher`]), and its trailer's checksum checked at the
-//! end. A full stream's zero frames cost nothing when the target already
-//! reads as zeros throughout.
+//! is in, and zero frames as WRITE_ZEROES. A full stream is hashed on the
+//! blocking pool while it is written ([`ParallelHasher`]), and its
+//! trailer's checksum checked at the end, unless the client asked not to
+//! (`checksum=n`). A full stream's zero frames cost nothing when the
+//! target already reads as zeros throughout.
 //! A bad frame stops everything after it; the error names the frame and
 //! how much was applied before it, because storage cannot undo what landed.
 //! An incremental that does not continue the target's chain is refused
-//! before anything is written ([`crate::transfer::restore_record`]), and so is a
-//! stream whose `meta` frame does not fit the target: an incremental
+//! before anything is written ([`crate::transfer::restore_record`]), and so
+//! is a stream whose `meta` frame does not fit the target: an incremental
 //! without `since`, a full stream that names one, a size other than the
 //! target's. A smaller full stream would leave the target's old data past
 //! its end, so it is applied only with `zero_tail`, which zeroes the rest.
@@ -18,7 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, BodyDataStream};
-use blockgate_nbd::buffers;
 use blockgate_protocol::blkhash::{Algorithm, DEFAULT_BLOCK_SIZE};
 use blockgate_protocol::checkpoint::Restored;
 use blockgate_protocol::sparse::{DATA_PIECE, Decoder, Event, Meta};
@@ -183,12 +183,14 @@ pub async fn restore(backend: Arc<Backend>, body: Body, settings: RestoreSetting
 }
 
 /// Gathers the next `length` bytes of the body, a data piece, into a
-/// pooled buffer: first what `buffer` holds, then the body's chunks; the
-/// rest of the last chunk goes to `buffer`. Gathered in `buffer` itself,
-/// pieces kept it shared with the writes and the hash that held them, so
-/// every chunk after one reallocated and copied it (7% of a restore's
-/// CPU) and fresh memory faulted its pages in. `None` when the body ends
-/// first.
+/// buffer of its own: first what `buffer` holds, then the body's chunks;
+/// the rest of the last chunk goes to `buffer`. Gathered in `buffer`
+/// itself, pieces kept it shared with the writes and the hash that held
+/// them, so every chunk after one reallocated and copied it (7% of a
+/// restore's CPU). Not in the pooled read buffers: the hash holds up to
+/// 32 MiB of pieces, more than the pool keeps, and a short piece would
+/// hold a whole pooled buffer (a stream of 64 KiB frames held four times
+/// its data). `None` when the body ends first.
 async fn gather_piece(
     frames: &mut BodyDataStream,
     buffer: &mut BytesMut,
@@ -196,7 +198,7 @@ async fn gather_piece(
     timeout: Duration,
     received: &mut u64,
 ) -> Result<Option<Bytes>, ApiError> {
-    let mut piece = buffers::take(length);
+    let mut piece = Vec::with_capacity(length);
     let buffered = buffer.len().min(length);
     piece.extend_from_slice(&buffer[..buffered]);
     buffer.advance(buffered);
@@ -209,7 +211,7 @@ async fn gather_piece(
         piece.extend_from_slice(&chunk[..taken]);
         buffer.extend_from_slice(&chunk[taken..]);
     }
-    Ok(Some(buffers::freeze(piece)))
+    Ok(Some(Bytes::from(piece)))
 }
 
 /// Adds a piece of a full stream to its checksum.

@@ -128,14 +128,13 @@ async fn a_bad_crlf_after_a_gathered_piece_applies_nothing_of_it() {
     }
 }
 
-/// Open finding: a full stream of random data in 64 KiB data frames (a
-/// fragmented image's stream looks like this; a client may choose it).
-/// Each piece is gathered in its own pooled 256 KiB buffer, and the hasher
-/// holds pieces of `SMALL_PART` (64 KiB) and more as they are, two batches
-/// of 16 MiB of blocks, so every 64 KiB of data it holds keeps a 256 KiB
-/// buffer. Peak RSS growth, debug build, two runs each: before the pooled
-/// gathering 28-31 MiB; with it 43-53 MiB (8 MiB frames: 27-29 MiB), past
-/// the 36 MiB a restore is documented to hold (README, attack21).
+/// A full stream of random data in 64 KiB data frames (a fragmented
+/// image's stream looks like this; a client may choose it) costs no more
+/// memory than one of 8 MiB frames. The hasher holds pieces of 64 KiB and
+/// more as they are, up to two batches of 16 MiB of blocks: when each
+/// piece was gathered in its own pooled 256 KiB buffer, every 64 KiB it
+/// held kept 256 KiB, and the server grew by 43-53 MiB (8 MiB frames:
+/// 27-29 MiB), past the 40 MiB a restore may hold (attack21).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_of_64_kib_data_frames_holds_no_more_than_one_of_large_frames() {
     let size = 96 * MIB;
