@@ -444,6 +444,24 @@ def peer_measures(table, services, workloads, runs, out):
         cpu = []
         return run_once, cpu
 
+    def cpu_share(measure):
+        """A measure that also reports the CPU its client, the server and
+        the qemu-nbd exports used together, as a percentage of the
+        machine's cores over its wall time (near 100: the cores are what
+        bounds it)."""
+        shares = []
+
+        def run_once():
+            def used():
+                children = resource.getrusage(resource.RUSAGE_CHILDREN)
+                exports = [child.pid for child in services.children if child.args[0] == "qemu-nbd"]
+                return children.ru_utime + children.ru_stime + sum(cpu_seconds(pid) for pid in [services.blockgate.pid, *exports])
+            before = used()
+            wall = measure()
+            shares.append(100 * (used() - before) / (wall * os.cpu_count()))
+            return wall
+        return run_once, shares
+
     # The NBD ceilings, measured beside the HTTP transfers: nbdcopy reading
     # the export to null:, and writing a local raw file into it (flushed).
     ceiling_read = lambda: timed("nbdcopy", f"nbd+unix:///?socket={services.sockets['dense']}", "null:")
@@ -475,6 +493,8 @@ def peer_measures(table, services, workloads, runs, out):
     put_args = ("-T", workloads.dense, "-H", range_header)
     put, put_cpu = server_cpu(lambda: curl_time(services.url("upload"), ca, *put_args))
     put_h1, put_h1_cpu = server_cpu(lambda: curl_time(services.url("upload"), ca, "--http1.1", *put_args))
+    put_h1, put_h1_share = cpu_share(put_h1)
+    ceiling_write, ceiling_write_share = cpu_share(ceiling_write)
     ceiling_up, imageio_put, ours, ours_h1 = interleaved(
         runs, ceiling_write, lambda: curl_time(services.imageio_url("upload"), ca, *put_args), put, put_h1)
     for label, ours, cpu in (("h2", ours, put_cpu), ("h1.1", ours_h1, put_h1_cpu)):
@@ -482,6 +502,8 @@ def peer_measures(table, services, workloads, runs, out):
         table.add(f"dense PUT, curl {label}", "nbdcopy --flush", ceiling_up, ours, ratio, ">= 0.8x", ratio >= 0.8, "s")
         cpu = statistics.median(cpu)
         table.add(f"  server CPU per GiB (PUT {label})", "-", None, cpu, None, "<= 0.7 s", cpu <= 0.7, "s")
+    table.add("  CPU of client, server and qemu-nbd, % of cores (PUT h1.1)", "nbdcopy --flush", statistics.median(ceiling_write_share),
+              statistics.median(put_h1_share), None, "(info)", None, "%")
     table.add("  dense PUT, imageio's daemon (h1.1)", "-", None, imageio_put, None, "(info)", None, "s")
     # The same PUTs into storage that discards them: HTTP and TLS alone.
     null_put, null_put_cpu = server_cpu(lambda: curl_time(services.url("null"), ca, *put_args))
@@ -528,23 +550,6 @@ def peer_measures(table, services, workloads, runs, out):
             fresh_out()
             return timed("nbdcopy", *flush, f"nbd+unix:///?socket={services.sockets['dense']}", out)
         return measure
-
-    # What bounds the CLI: the CPU that it, the server and qemu-nbd use
-    # together, as a share of the machine's cores over the transfer's time
-    # (near 100%: the cores are the limit), beside nbdcopy's own.
-    def cpu_share(measure):
-        shares = []
-
-        def run_once():
-            def used():
-                children = resource.getrusage(resource.RUSAGE_CHILDREN)
-                exports = [child.pid for child in services.children if child.args[0] == "qemu-nbd"]
-                return children.ru_utime + children.ru_stime + sum(cpu_seconds(pid) for pid in [services.blockgate.pid, *exports])
-            before = used()
-            wall = measure()
-            shares.append(100 * (used() - before) / (wall * os.cpu_count()))
-            return wall
-        return run_once, shares
 
     nbdcopy_flushed, nbdcopy_down_share = cpu_share(nbdcopy_download("--flush"))
     cli_measure, cli_down_share = cpu_share(cli_download)
