@@ -9,7 +9,8 @@
 //! in pieces of at most [`DATA_PIECE`] bytes as they arrive, so a reader
 //! can write while the rest of the frame is on its way; a reader may also
 //! gather a piece itself, in memory of its choosing, and hand it in
-//! ([`Decoder::piece_wanted`]), which spares a copy. It checks every rule
+//! ([`Decoder::piece_wanted`]), so that pieces held after they are handed
+//! out do not pin the decoder's buffer. It checks every rule
 //! of the reader section (with the frame number, offset and reason in
 //! each error), and only hands out a piece once it knows the frame is
 //! well formed up to that point, so nothing after a bad frame is ever
