@@ -10,12 +10,6 @@ use serde_json::{Value, json};
 
 use crate::common::*;
 
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|line| line.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// `stream` with its trailer changed by `change`.
 fn with_trailer(stream: &[u8], change: impl FnOnce(&mut Value)) -> Vec<u8> {
     let at = stream.windows(22).rposition(|window| window == b"stop 0000000000000000 ").expect("a stop frame");

@@ -9,12 +9,6 @@ use crate::common::*;
 
 const PIECE: usize = 256 << 10;
 
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|line| line.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// PUTs `body` as a chunked body cut in `chunk`-byte pieces.
 async fn put_in_chunks(server: &Server, ticket: &str, query: &str, body: &[u8], chunk: usize) -> (StatusCode, String) {
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> = body.chunks(chunk).map(|c| Ok(c.to_vec())).collect();

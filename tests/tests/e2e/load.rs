@@ -20,12 +20,6 @@ fn load_seconds() -> u64 {
     std::env::var("BLOCKGATE_LOAD_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(30)
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|line| line.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 #[derive(Default)]
 struct Counts {
     gets: u64,

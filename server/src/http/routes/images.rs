@@ -100,11 +100,7 @@ pub async fn get(
     if map.since.is_some() || map.checkpoint.is_some() {
         return Err(ApiError::BadRequest("since= and checkpoint= apply to format=sparse and to extents, not to raw data".into()));
     }
-    if let Some(value) = params.get("checksum") {
-        return Err(ApiError::BadRequest(format!(
-            "checksum={value:?} applies to format=sparse, not to raw data (GET .../checksum computes an image's checksum)"
-        )));
-    }
+    refuse_checksum_on_raw(&params)?;
     let size = ticket.backend.size();
     let (status, range) = match headers.get(header::RANGE) {
         None => (StatusCode::OK, ByteRange { start: 0, end: size }),
@@ -250,9 +246,7 @@ fn plan_put(state: &AppState, id: &str, params: &Params, headers: &HeaderMap) ->
     if zero_tail {
         return Err(ApiError::BadRequest("zero_tail=y applies to format=sparse; zero the rest of a raw upload with PATCH zero".into()));
     }
-    if let Some(value) = params.get("checksum") {
-        return Err(ApiError::BadRequest(format!("checksum={value:?} applies to format=sparse, not to raw data")));
-    }
+    refuse_checksum_on_raw(params)?;
     let size = ticket.backend.size();
     let content_range = match headers.get(header::CONTENT_RANGE) {
         None => None,
@@ -288,6 +282,16 @@ fn plan_put(state: &AppState, id: &str, params: &Params, headers: &HeaderMap) ->
     }
     let claim = restore_record::begin_write(&ticket.backend)?;
     Ok(PutPlan { operation, start, expected, flush, force, zero_tail, verify_checksum: true, format, claim })
+}
+
+/// `checksum=` names the sparse stream's trailer hash: on raw data a 400.
+fn refuse_checksum_on_raw(params: &Params) -> ApiResult<()> {
+    match params.get("checksum") {
+        Some(value) => Err(ApiError::BadRequest(format!(
+            "checksum={value:?} applies to format=sparse, not to raw data (GET .../checksum computes an image's checksum)"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Adds how much of a failed write landed to its message.
